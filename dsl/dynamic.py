@@ -1,0 +1,91 @@
+"""Content-dependent selections: which regions `route` keeps, which tokens each
+`cluster` holds.  The dense evaluator and the runtime schedules both call these,
+so the compiled kernels and the reference agree by construction."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ir
+
+
+def region_ids(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> torch.Tensor:
+    """Row-major region index of each absolute position."""
+    ids = torch.zeros_like(positions)
+    for coord in regions:
+        c = positions % coord.mod if coord.mod is not None else positions
+        ids = ids * coord.size + torch.div(c, coord.div, rounding_mode="floor")
+    return ids
+
+
+def expand_kv_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat grouped key/value heads to the query head count (GQA)."""
+    if k.shape[1] == heads:
+        return k
+    return k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
+def route_selection(
+    node: ir.Route,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Selected key regions per query region: bool [batch, 1 or heads, regions, regions].
+
+    q [B, H, lq, D], k [B, Hk, lk, D].  Region queries/keys are means over the
+    tokens present; scores are q_r . k_r summed over heads when shared (the
+    full-dimension affinity of BiFormer).  Ties go to the lower region index.
+    """
+    n = math.prod(c.size for c in node.regions)
+    k = expand_kv_heads(k, q.shape[1])
+    if node.head is not None:
+        q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.detach().to(compute), k.detach().to(compute)
+    rq = region_ids(q_positions, node.regions)
+    rk = region_ids(k_positions, node.regions)
+    pooled_q = _region_means(q, rq, n)
+    pooled_k = _region_means(k, rk, n)
+    scores = torch.einsum("bhrd,bhsd->brs", pooled_q, pooled_k)  # sum over heads
+    present = torch.zeros(n, dtype=torch.bool)
+    present[rk] = True
+    scores = scores.masked_fill(~present[None, None, :], -math.inf)
+    ids = torch.arange(n)
+    if node.causal:
+        scores = scores.masked_fill(ids[None, None, :] > ids[None, :, None], -math.inf)
+    if node.own:
+        scores = scores.masked_fill((ids[None, :] == ids[:, None])[None] & present[None, None, :], math.inf)
+    # Stable descending order: equal scores keep the lower region first.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : node.topk]
+    picked = torch.gather(scores, -1, order) > -math.inf
+    selected = torch.zeros(scores.shape, dtype=torch.bool)
+    selected.scatter_(-1, order, picked)
+    return selected[:, None]
+
+
+def _region_means(x: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    b, h, _, d = x.shape
+    sums = torch.zeros(b, h, n, d, dtype=x.dtype)
+    sums.index_add_(2, ids, x)
+    counts = torch.bincount(ids, minlength=n).clamp(min=1).to(x.dtype)
+    return sums / counts[None, None, :, None]
+
+
+def cluster_members(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
+    """Each cluster's `size` nearest tokens by cosine similarity: bool [B, n, L].
+
+    x [B, L, D] for one head, centroids [n, D].  Ties go to the lower position.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = torch.nn.functional.normalize(x.detach().to(compute), dim=-1)
+    mu = torch.nn.functional.normalize(centroids.detach().to(compute), dim=-1)
+    sims = torch.einsum("bld,nd->bnl", x, mu)
+    take = min(size, x.shape[1])
+    order = torch.sort(sims, dim=-1, descending=True, stable=True).indices[..., :take]
+    members = torch.zeros(sims.shape, dtype=torch.bool)
+    members.scatter_(-1, order, True)
+    return members

@@ -1,0 +1,100 @@
+"""Errors raised for bad specs and bad bindings.
+
+Every error names where the problem is: a line, a column and a quoted excerpt
+with a caret, so that a user never has to read a Python traceback to find the
+mistake in their pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """A region of spec text (1-based lines and columns, end exclusive)."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+
+class MaskError(ValueError):
+    """Base class of every error maskc reports about a spec or its bindings."""
+
+    def __init__(
+        self,
+        message: str,
+        span: Span | None = None,
+        source: str | None = None,
+        filename: str | None = None,
+    ) -> None:
+        self.message = message
+        self.span = span
+        self.source = source
+        self.filename = filename
+        self.trace: list[str] = []
+        super().__init__(self._render())
+
+    @property
+    def line(self) -> int | None:
+        return self.span.line if self.span else None
+
+    @property
+    def column(self) -> int | None:
+        return self.span.column if self.span else None
+
+    def with_source(self, source: str, filename: str | None = None) -> MaskError:
+        """Attach the spec text (once known) so the message can quote it."""
+        if self.source is None:
+            self.source = source
+            self.filename = filename or self.filename
+            self.args = (self._render(),)
+        return self
+
+    def called_from(self, pattern: str, span: Span, filename: str | None) -> MaskError:
+        """Record a call site the error passed through (innermost first)."""
+        self.trace.append(f"in {pattern}() called at {filename or '<spec>'}:{span.line}:{span.column}")
+        self.args = (self._render(),)
+        return self
+
+    def _render(self) -> str:
+        return "\n".join([self._render_location(), *("  " + t for t in self.trace)])
+
+    def _render_location(self) -> str:
+        where = self.filename or "<spec>"
+        if self.span is None:
+            return f"{where}: {self.message}"
+        head = f"{where}:{self.span.line}:{self.span.column}: {self.message}"
+        if self.source is None:
+            return head
+        lines = self.source.splitlines() or [""]
+        if self.span.line > len(lines):
+            text = ""
+        else:
+            text = lines[self.span.line - 1]
+        width = 1
+        if self.span.end_line == self.span.line:
+            width = max(1, self.span.end_column - self.span.column)
+        width = min(width, max(1, len(text) - self.span.column + 1))
+        # Quote at most ~100 characters of a long line, centred on the problem.
+        start = max(0, self.span.column - 1 - 50)
+        text = text[start : start + 100]
+        column = self.span.column - start
+        width = min(width, 100 - column + 1)
+        gutter = f"{self.span.line:>4} | "
+        caret = " " * (len(gutter) + column - 1) + "^" * max(1, width)
+        return f"{head}\n{gutter}{text.expandtabs(1)}\n{caret}"
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class MaskSyntaxError(MaskError):
+    """The text does not follow the grammar."""
+
+
+class MaskTypeError(MaskError):
+    """The text parses but means nothing: unknown names, wrong arguments or sizes,
+    or call-time bindings (lengths, grid sizes, tensors) that do not fit."""

@@ -1,0 +1,319 @@
+"""The reference semantics: a vectorised dense evaluator of `ir` patterns.
+
+This module *defines* what every atom and modifier means (DESIGN §2); schedules
+and kernels are tested against it.  Predicates are evaluated on broadcast
+coordinate tensors: queries along dim -2, keys along dim -1, and a leading
+batch dim only where a runtime tensor varies per batch element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ir
+from .dynamic import cluster_members, expand_kv_heads, region_ids, route_selection
+from .errors import MaskTypeError
+from .random_blocks import draw
+from .spec import Instance
+
+
+@dataclass
+class Tensors:
+    """Call-time tensors and what is derived from them, shared by all heads."""
+
+    values: dict[str, torch.Tensor]
+    instance: Instance
+    batch: int | None = None
+    cache: dict = field(default_factory=dict)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.values:
+            raise MaskTypeError(f"tensor '{name}' is not bound: pass {name}=... when calling the pattern")
+        return self.values[name]
+
+
+def coordinate(positions: torch.Tensor, coord: ir.Coord) -> torch.Tensor:
+    c = positions % coord.mod if coord.mod is not None else positions
+    return torch.div(c, coord.div, rounding_mode="floor")
+
+
+def _pair(qp: torch.Tensor, kp: torch.Tensor, coord: ir.Coord) -> tuple[torch.Tensor, torch.Tensor]:
+    return coordinate(qp, coord)[:, None], coordinate(kp, coord)[None, :]
+
+
+def neighborhood_range(c: torch.Tensor, node: ir.Neighborhood) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(group, start, end) of the keys a query at axis coordinate c attends to,
+    in group coordinates (DESIGN §2.1)."""
+    w, d, s, length = node.window, node.dilation, node.stride, node.coord.size
+    group = c % d
+    gc = torch.div(c, d, rounding_mode="floor")
+    group_len = torch.div(length - group + d - 1, d, rounding_mode="floor")
+    if node.causal:
+        leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s - 1, group_len - 1)
+        start = torch.clamp(leader - w + 1, min=0)
+        end = torch.minimum(gc + 1, group_len)
+    else:
+        wl = w // 2
+        wr = w // 2 + (w % 2) - 1
+        leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s // 2, group_len - 1)
+        start = torch.clamp(leader - wl, min=0) + (leader + wr >= group_len).long() * (group_len - wr - leader - 1)
+        end = start + w
+    return group, start, end
+
+
+def mask(node: ir.Mask, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> torch.Tensor:
+    """Allowed pairs for query positions qp [nq] and key positions kp [nk]."""
+    if isinstance(node, ir.Const):
+        return torch.full((qp.numel(), kp.numel()), node.value, dtype=torch.bool)
+    if isinstance(node, ir.And):
+        out = mask(node.parts[0], qp, kp, t)
+        for part in node.parts[1:]:
+            out = out & mask(part, qp, kp, t)
+        return out
+    if isinstance(node, ir.Or):
+        out = mask(node.parts[0], qp, kp, t)
+        for part in node.parts[1:]:
+            out = out | mask(part, qp, kp, t)
+        return out
+    if isinstance(node, ir.Not):
+        return ~mask(node.part, qp, kp, t)
+    if isinstance(node, ir.Offset):
+        q, k = _pair(qp, kp, node.coord)
+        d = k - q
+        out = torch.ones(d.shape, dtype=torch.bool)
+        if node.lo is not None:
+            out &= d >= node.lo
+        if node.hi is not None:
+            out &= d <= node.hi
+        return out
+    if isinstance(node, ir.OffsetMod):
+        q, k = _pair(qp, kp, node.coord)
+        return (k - q) % node.modulus == node.residue
+    if isinstance(node, ir.PosSet):
+        c = coordinate(qp if node.side == "q" else kp, node.coord)
+        if node.modulus is not None:
+            c = c % node.modulus
+        inside = (c >= node.lo) & (c < node.hi)
+        shape = (qp.numel(), 1) if node.side == "q" else (1, kp.numel())
+        return inside.reshape(shape).expand(qp.numel(), kp.numel())
+    if isinstance(node, ir.Neighborhood):
+        q, k = _pair(qp, kp, node.coord)
+        group, start, end = neighborhood_range(q, node)
+        kg = torch.div(k, node.dilation, rounding_mode="floor")
+        return (k % node.dilation == group) & (kg >= start) & (kg < end)
+    if isinstance(node, ir.RandomBlocks):
+        q, k = _pair(qp, kp, node.coord)
+        rows = draw(q[:, 0], node.count, node.seed, node.head, node.lo, node.hi, node.skip)
+        out = torch.zeros((qp.numel(), kp.numel()), dtype=torch.bool)
+        for j in range(rows.shape[1]):
+            out |= rows[:, j : j + 1] == k
+        return out
+    if isinstance(node, ir.Segments):
+        return _segments(node, qp, kp, t)
+    if isinstance(node, ir.Route):
+        return _route(node, qp, kp, t)
+    if isinstance(node, ir.Cluster):
+        return _cluster(node, qp, kp, t)
+    raise TypeError(f"unknown pattern node {node!r}")
+
+
+def _segments(node: ir.Segments, qp, kp, t: Tensors) -> torch.Tensor:
+    ids = t.get(node.tensor)
+    n = node.coord.size
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[-1] != n or ids.is_floating_point() or ids.is_complex():
+        raise MaskTypeError(
+            f"tensor '{node.tensor}' must be integer ids of shape [batch, {n}] or [{n}], "
+            f"got {ids.dtype} {list(ids.shape)}"
+        )
+    ids = ids.cpu()
+    q = coordinate(qp, node.coord)
+    k = coordinate(kp, node.coord)
+    return ids[:, q][:, :, None] == ids[:, k][:, None, :]
+
+
+def _qk(t: Tensors, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    s = t.instance.sizes
+    q, k = t.get("q"), t.get("k")
+    if q.dim() != 4 or k.dim() != 4:
+        raise MaskTypeError(f"{what} needs q and k of shape [batch, heads, len, dim]")
+    if q.shape[2] != s.lq or k.shape[2] != s.lk or q.shape[1] != s.heads or s.heads % k.shape[1]:
+        raise MaskTypeError(
+            f"{what} needs q [batch, {s.heads}, {s.lq}, dim] and k [batch, heads dividing {s.heads}, "
+            f"{s.lk}, dim]; got q {list(q.shape)}, k {list(k.shape)}"
+        )
+    return q.cpu(), k.cpu()
+
+
+def _route(node: ir.Route, qp, kp, t: Tensors) -> torch.Tensor:
+    key = ("route", node)
+    if key not in t.cache:
+        q, k = _qk(t, "route")
+        s = t.instance.sizes
+        all_q = torch.arange(s.lq) + s.q_offset
+        t.cache[key] = route_selection(node, q, k, all_q, torch.arange(s.lk))[:, 0]
+    selected = t.cache[key]
+    rq = region_ids(qp, node.regions)
+    rk = region_ids(kp, node.regions)
+    return selected[:, rq][:, :, rk]
+
+
+def _cluster(node: ir.Cluster, qp, kp, t: Tensors) -> torch.Tensor:
+    key = ("cluster", node)
+    if key not in t.cache:
+        q, k = _qk(t, "cluster")
+        centroids = t.get("centroids").cpu()
+        if centroids.dim() != 3 or centroids.shape[0] != q.shape[1] or centroids.shape[1] != node.clusters:
+            raise MaskTypeError(
+                f"cluster({node.clusters}, ...) needs centroids of shape [{q.shape[1]}, {node.clusters}, dim], "
+                f"got {list(centroids.shape)}"
+            )
+        if centroids.shape[2] != q.shape[3]:
+            raise MaskTypeError(f"centroids have dim {centroids.shape[2]}, q has {q.shape[3]}")
+        k = expand_kv_heads(k, q.shape[1])
+        h = node.head
+        mq = cluster_members(q[:, h], centroids[h], node.size).float()
+        mk = cluster_members(k[:, h], centroids[h], node.size).float()
+        t.cache[key] = torch.einsum("bnq,bnk->bqk", mq, mk) > 0
+    allowed = t.cache[key]
+    s = t.instance.sizes
+    return allowed[:, qp - s.q_offset][:, :, kp]
+
+
+# ---------------------------------------------------------------- modifiers
+
+ScoreTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def modifier_terms(
+    mods: tuple[ir.Modifier, ...], qp: torch.Tensor, kp: torch.Tensor, t: Tensors
+) -> list[tuple[str, object]]:
+    """Each modifier as ("add", logits [.., nq, nk]) or ("softcap", c), in order."""
+    terms: list[tuple[str, object]] = []
+    for m in mods:
+        if isinstance(m, ir.Softcap):
+            terms.append(("softcap", m.cap))
+        else:
+            terms.append(("add", _additive(m, qp, kp, t)))
+    return terms
+
+
+def _additive(m: ir.Modifier, qp, kp, t: Tensors) -> torch.Tensor:
+    if isinstance(m, ir.Alibi):
+        q, k = _pair(qp, kp, m.coord)
+        if m.tensor is not None:
+            slopes = t.get(m.tensor)
+            heads = t.instance.sizes.heads
+            if slopes.shape != (heads,):
+                raise MaskTypeError(f"tensor '{m.tensor}' (ALiBi slopes) must have shape [{heads}], got {list(slopes.shape)}")
+            slope = slopes[m.head]
+        else:
+            slope = torch.tensor(m.slope, dtype=torch.float64)
+        return -slope * (k - q).abs().to(slope.dtype)
+    if isinstance(m, ir.Decay):
+        total = 0
+        for coord in m.coords:
+            q, k = _pair(qp, kp, coord)
+            total = total + (k - q).abs()
+        return m.log_gamma * total.to(torch.float64)
+    if isinstance(m, ir.Bias):
+        return _bias(m, qp, kp, t)
+    if isinstance(m, ir.Polyline):
+        return _polyline(m, qp, kp, t)
+    raise TypeError(f"unknown modifier {m!r}")
+
+
+def _bias(m: ir.Bias, qp, kp, t: Tensors) -> torch.Tensor:
+    table = t.get(m.tensor)
+    heads = t.instance.sizes.heads
+    n = len(m.coords)
+    if table.dim() != n + 1 or table.shape[0] not in (1, heads) or any(s % 2 == 0 for s in table.shape[1:]):
+        raise MaskTypeError(
+            f"tensor '{m.tensor}' (relative position bias) must have shape [heads or 1, "
+            f"{', '.join(f'2*r{i}+1' for i in range(n))}] (odd sizes), got {list(table.shape)}"
+        )
+    index: list[torch.Tensor] = []
+    for axis, coord in enumerate(m.coords):
+        reach = (table.shape[axis + 1] - 1) // 2
+        q, k = _pair(qp, kp, coord)
+        index.append(torch.clamp(k - q, -reach, reach) + reach)
+    head_table = table[m.head if table.shape[0] > 1 else 0]
+    return head_table[tuple(index)]
+
+
+def _polyline(m: ir.Polyline, qp, kp, t: Tensors) -> torch.Tensor:
+    ycoord, xcoord = m.coords
+    h, w = ycoord.size, xcoord.size
+    heads = t.instance.sizes.heads
+    decays = []
+    for name in (m.alpha, m.beta):
+        x = t.get(name)
+        if x.dim() != 4 or x.shape[1] not in (1, heads) or tuple(x.shape[2:]) != (h, w):
+            raise MaskTypeError(
+                f"tensor '{name}' (polyline decay) must have shape [batch, heads or 1, {h}, {w}], got {list(x.shape)}"
+            )
+        decays.append(x[:, m.head if x.shape[1] > 1 else 0])
+    alpha, beta = decays
+    row_sums = torch.cumsum(alpha, dim=-1)  # along x within each row
+    col_sums = torch.cumsum(beta, dim=-2)  # along y within each column
+    y1, y2 = _pair(qp, kp, ycoord)
+    x1, x2 = _pair(qp, kp, xcoord)
+    xlo, xhi = torch.minimum(x1, x2), torch.maximum(x1, x2)
+    ylo, yhi = torch.minimum(y1, y2), torch.maximum(y1, y2)
+    if m.path == "hv":  # along the query's row, then down the key's column
+        horizontal = row_sums[:, y1, xhi] - row_sums[:, y1, xlo]
+        vertical = col_sums[:, yhi, x2] - col_sums[:, ylo, x2]
+    else:  # along the query's column, then across the key's row
+        vertical = col_sums[:, yhi, x1] - col_sums[:, ylo, x1]
+        horizontal = row_sums[:, y2, xhi] - row_sums[:, y2, xlo]
+    return horizontal + vertical
+
+
+def apply_terms(scores: torch.Tensor, terms: list[tuple[str, object]]) -> torch.Tensor:
+    for kind, value in terms:
+        if kind == "softcap":
+            scores = value * torch.tanh(scores / value)
+        else:
+            scores = scores + value.to(scores.dtype)
+    return scores
+
+
+# ---------------------------------------------------------------- whole instances
+
+
+def positions(instance: Instance) -> tuple[torch.Tensor, torch.Tensor]:
+    s = instance.sizes
+    return torch.arange(s.lq, dtype=torch.int64) + s.q_offset, torch.arange(s.lk, dtype=torch.int64)
+
+
+def dense_mask(instance: Instance, tensors: Tensors, row_chunk: int = 4096) -> torch.Tensor:
+    """bool [heads, lq, lk], or [batch, heads, lq, lk] when tensors vary per batch."""
+    qp, kp = positions(instance)
+    per_group = []
+    for pattern in instance.patterns:
+        chunks = [mask(pattern.mask, qp[i : i + row_chunk], kp, tensors) for i in range(0, qp.numel(), row_chunk)]
+        per_group.append(torch.cat(chunks, dim=-2))
+    out = torch.stack([per_group[g] for g in instance.head_group], dim=-3)
+    if tensors.batch is not None and out.dim() == 3:
+        out = out.expand(tensors.batch, *out.shape)
+    elif out.dim() == 4 and tensors.batch is not None and out.shape[0] != tensors.batch:
+        out = out.expand(tensors.batch, *out.shape[1:])
+    return out
+
+
+def scores(instance: Instance, tensors: Tensors, logits: torch.Tensor) -> torch.Tensor:
+    """Apply every head's modifiers to raw logits [batch, heads, lq, lk]."""
+    qp, kp = positions(instance)
+    group_terms = [modifier_terms(p.modifiers, qp, kp, tensors) for p in instance.patterns]
+    if not any(group_terms):
+        return logits
+    heads = []
+    for h, g in enumerate(instance.head_group):
+        terms = [(kind, v.to(logits.device) if isinstance(v, torch.Tensor) else v) for kind, v in group_terms[g]]
+        heads.append(apply_terms(logits[:, h], terms))
+    return torch.stack(heads, dim=1)
+

@@ -1,0 +1,301 @@
+"""A checked spec: which pattern to run, its parameters, and what it needs at call time.
+
+`load` parses and checks at compile time; `Spec.instantiate` evaluates the
+pattern for concrete lengths, heads and grid sizes into one `ir.HeadPattern`
+per head, sharing identical heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from . import ast, ir
+from .errors import MaskSyntaxError, MaskTypeError, Span
+from .lower import BUILTIN_NAMES, Definition, Sizes, Unit, Walker, free_names
+from .parser import parse
+from .values import INT, Env, Unknown, type_name
+
+LibraryLookup = Callable[[str], "Definition | None"]
+
+
+class _Resolver:
+    """Looks names up in the spec's own definitions first, then the library."""
+
+    def __init__(self, local: dict[str, Definition], library: LibraryLookup | None, library_names) -> None:
+        self.local = local
+        self.library = library
+        self.library_names = library_names
+
+    def __call__(self, name: str) -> Definition | None:
+        if name in self.local:
+            return self.local[name]
+        return self.library(name) if self.library else None
+
+    def names(self) -> list[str]:
+        return [*self.local, *(self.library_names() if self.library_names else [])]
+
+
+@dataclass
+class Instance:
+    """A pattern evaluated for concrete sizes: one `HeadPattern` per head."""
+
+    sizes: Sizes
+    patterns: list[ir.HeadPattern]  # distinct patterns
+    head_group: list[int]  # head -> index into `patterns`
+
+    @property
+    def dynamic(self) -> bool:
+        return any(ir.is_dynamic(p.mask) for p in self.patterns)
+
+
+@dataclass
+class Spec:
+    """A parsed, checked pattern with its compile-time parameters fixed."""
+
+    name: str | None
+    body: ast.Body
+    definition: Definition | None
+    unit: Unit
+    resolver: _Resolver
+    params: dict[str, object]
+    call_params: list[str] = field(default_factory=list)
+    tensor_params: list[str] = field(default_factory=list)
+    size_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.definition is not None:
+            d = self.definition.node
+            self.tensor_params = [p.name for p in d.params if p.type == "tensor"]
+            self.call_params = [
+                p.name for p in d.params if p.type != "tensor" and p.default is None and p.name not in self.params
+            ]
+        self.size_names = self._size_names()
+        self._walk(None, None)  # compile-time checks
+
+    # ------------------------------------------------------------------ queries
+
+    def source_text(self) -> str:
+        return self.unit.source
+
+    def bindable(self) -> list[str]:
+        """Integer names a caller may (or must) bind: grid sizes, call-time parameters."""
+        return [*self.call_params, *(n for n in self.size_names if n not in self.call_params)]
+
+    def _size_names(self) -> list[str]:
+        names: list[str] = []
+        seen: set[str] = set()
+        pending: list[tuple[ast.PatternDef | None, ast.Body]] = [
+            (self.definition.node if self.definition else None, self.body)
+        ]
+        while pending:
+            d, body = pending.pop()
+            names.extend(n for n in free_names(d, body) if n not in names)
+            stack: list[object] = [body]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, ast.Call) and node.name not in seen:
+                    callee = self.resolver(node.name)
+                    if callee is not None:
+                        seen.add(node.name)
+                        pending.append((callee.node, callee.node.body))
+                stack.extend(ast.children(node))
+        return names
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _walk(self, sizes: Sizes | None, head: int | None) -> ir.HeadPattern:
+        walker = Walker(self.resolver, sizes, head)
+        if self.definition is None:
+            env_names = dict(walker.builtins())
+            for name in self.size_names:
+                env_names[name] = sizes.names[name] if sizes else INT
+            env = Env(env_names)
+            if sizes is not None:
+                self._require_sizes(sizes)
+        else:
+            given = {k: (v, Span(0, 0, 0, 0)) for k, v in self.params.items()}
+            if sizes is not None:
+                self._require_sizes(sizes)
+            env = walker.definition_env(
+                self.definition,
+                given,
+                self.definition.node.span,
+                missing=lambda p: sizes.names[p.name] if sizes else Unknown(p.type or "int"),
+            )
+        mask = walker.body(self.body, env, walker.top_frame(), self.unit)
+        return ir.HeadPattern(mask, tuple(walker.modifiers))
+
+    def _require_sizes(self, sizes: Sizes) -> None:
+        for name in self.bindable():
+            if name not in sizes.names:
+                kind = "parameter" if name in self.call_params else "grid size"
+                raise MaskTypeError(
+                    f"{kind} '{name}' is not bound: pass {name}=... when calling the pattern",
+                    self._name_span(name),
+                ).with_source(self.unit.source, self.unit.filename)
+
+    def _name_span(self, name: str) -> Span:
+        stack: list[object] = [self.definition.node if self.definition else self.body]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.Name, ast.Param)) and getattr(node, "name", getattr(node, "id", None)) == name:
+                return node.span
+            stack.extend(ast.children(node))
+        return self.body.span
+
+    def infer_sizes(self, lk: int, names: dict[str, int]) -> dict[str, int]:
+        """Fill in one missing grid size from lk and the others (h from lk // w)."""
+        missing = [n for n in self.size_names if n not in names and n not in self.call_params]
+        if len(missing) != 1:
+            return names
+        for sizes in self._grids():
+            if not any(isinstance(v, ast.Name) and v.id == missing[0] for v in sizes):
+                continue
+            known_product = 1
+            for v in sizes:
+                if isinstance(v, ast.IntLit):
+                    known_product *= v.value
+                elif isinstance(v, ast.Name) and v.id in names and isinstance(names[v.id], int):
+                    known_product *= names[v.id]
+                elif not (isinstance(v, ast.Name) and v.id == missing[0]):
+                    break
+            else:
+                if known_product > 0 and lk % known_product == 0:
+                    return {**names, missing[0]: lk // known_product}
+        return names
+
+    def _grids(self) -> Iterable[tuple]:
+        stack: list[object] = [self.body]
+        seen: set[str] = set()
+        while stack:
+            node = stack.pop()
+            if isinstance(node, ast.Body) and node.grid is not None:
+                yield node.grid
+            if isinstance(node, ast.OnGrid):
+                yield node.sizes
+            if isinstance(node, ast.Call) and node.name not in seen:
+                callee = self.resolver(node.name)
+                if callee is not None:
+                    seen.add(node.name)
+                    stack.append(callee.node.body)
+            stack.extend(ast.children(node))
+
+    def instantiate(
+        self,
+        lq: int,
+        lk: int | None = None,
+        *,
+        heads: int = 1,
+        q_offset: int | None = None,
+        sizes: dict[str, int] | None = None,
+    ) -> Instance:
+        """Evaluate the pattern for concrete sizes; raise `MaskTypeError` if they do not fit."""
+        lk = lq if lk is None else lk
+        for name, value in (("lq", lq), ("lk", lk), ("heads", heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MaskTypeError(f"{name} must be a positive integer, got {value!r}")
+        if q_offset is None:
+            q_offset = lk - lq
+        names = self.infer_sizes(lk, dict(sizes or {}))
+        for name, value in names.items():
+            if name not in self.bindable():
+                allowed = ", ".join(self.bindable()) or "none"
+                raise MaskTypeError(f"unknown binding '{name}' (this pattern binds: {allowed})")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MaskTypeError(f"binding '{name}' must be an integer, got {type_name(value)}")
+        s = Sizes(lq, lk, heads, q_offset, names)
+        patterns: list[ir.HeadPattern] = []
+        index: dict[ir.HeadPattern, int] = {}
+        groups: list[int] = []
+        for head in range(heads):
+            pattern = self._walk(s, head)
+            if pattern not in index:
+                index[pattern] = len(patterns)
+                patterns.append(pattern)
+            groups.append(index[pattern])
+        return Instance(s, patterns, groups)
+
+
+def load(
+    text: str,
+    *,
+    filename: str | None = None,
+    pattern: str | None = None,
+    params: dict[str, object] | None = None,
+    library: LibraryLookup | None = None,
+    library_names: Callable[[], list[str]] | None = None,
+) -> Spec:
+    """Parse and check spec text; pick the pattern to run; fix compile-time parameters."""
+    module = parse(text, filename)
+    unit = Unit(text, filename)
+    local: dict[str, Definition] = {}
+    for d in module.defs:
+        if d.name in local:
+            raise MaskTypeError(f"pattern '{d.name}' is defined twice", d.span).with_source(text, filename)
+        _check_params(d, unit)
+        local[d.name] = Definition(d, unit)
+    resolver = _Resolver(local, library, library_names)
+    params = dict(params or {})
+    definition: Definition | None
+    if pattern is not None:
+        if pattern not in local:
+            names = ", ".join(local) or "none"
+            raise MaskTypeError(f"the spec defines no pattern '{pattern}' (it defines: {names})")
+        definition, body = local[pattern], local[pattern].node.body
+    elif module.main is not None:
+        definition, body = None, module.main
+    elif len(module.defs) == 1:
+        definition, body = local[module.defs[0].name], module.defs[0].body
+    elif not module.defs:
+        raise MaskSyntaxError(
+            "the spec is empty: write a pattern such as 'causal & window(256)'", Span(1, 1, 1, 2)
+        ).with_source(text, filename)
+    else:
+        names = ", ".join(local)
+        raise MaskTypeError(
+            f"the spec defines several patterns ({names}); choose one with pattern=...",
+            module.defs[1].span,
+        ).with_source(text, filename)
+    _check_given_params(definition, params)
+    return Spec(
+        definition.node.name if definition else None,
+        body,
+        definition,
+        unit,
+        resolver,
+        params,
+    )
+
+
+def _check_params(d: ast.PatternDef, unit: Unit) -> None:
+    seen: set[str] = set()
+    for p in d.params:
+        if p.name in seen:
+            raise MaskTypeError(f"parameter '{p.name}' appears twice", p.span).with_source(unit.source, unit.filename)
+        if p.name in BUILTIN_NAMES:
+            raise MaskTypeError(
+                f"'{p.name}' is a built-in name and cannot be a parameter", p.span
+            ).with_source(unit.source, unit.filename)
+        if p.type == "tensor" and p.default is not None:
+            raise MaskTypeError(
+                f"tensor parameter '{p.name}' cannot have a default", p.span
+            ).with_source(unit.source, unit.filename)
+        seen.add(p.name)
+
+
+def _check_given_params(definition: Definition | None, params: dict[str, object]) -> None:
+    declared = {p.name: p for p in definition.node.params} if definition else {}
+    for name, value in params.items():
+        if name not in declared:
+            names = ", ".join(declared) or "none"
+            raise MaskTypeError(f"the pattern has no parameter '{name}' (its parameters: {names})")
+        p = declared[name]
+        if p.type == "tensor":
+            raise MaskTypeError(f"'{name}' is a tensor parameter: pass it when calling the pattern")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            if not (isinstance(value, bool) and (p.type == "bool" or isinstance(p.default, ast.BoolLit))):
+                raise MaskTypeError(f"parameter '{name}' must be a number or bool, got {value!r}")

@@ -1,0 +1,220 @@
+"""Typed evaluation of value expressions (integers, booleans, tuples, sets).
+
+One evaluator serves compile time and call time: names not yet known (grid
+sizes, `head`, `lq` at compile time) evaluate to `Unknown`, which carries its
+type so type errors are still found, and checks that need the number wait for
+call time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ast
+from .errors import MaskTypeError, Span
+
+INT_LIMIT = 2**62
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A value known only by its type until call time."""
+
+    type: str  # "int", "bool", "float"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A runtime tensor, passed by name at call time."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class RangeVal:
+    start: object
+    stop: object
+
+
+@dataclass(frozen=True)
+class ModSetVal:
+    """Positions p with lo <= p mod modulus < hi."""
+
+    modulus: object
+    lo: object
+    hi: object
+
+
+INT, BOOL = Unknown("int"), Unknown("bool")
+
+
+def type_name(value: object) -> str:
+    if isinstance(value, Unknown):
+        return value.type
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, TensorRef):
+        return "tensor"
+    if isinstance(value, tuple):
+        return "tuple"
+    if isinstance(value, RangeVal):
+        return "range"
+    if isinstance(value, ModSetVal):
+        return "position set"
+    return type(value).__name__
+
+
+def is_int(value: object) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or value == INT
+
+
+def is_bool(value: object) -> bool:
+    return isinstance(value, bool) or value == BOOL
+
+
+def is_number(value: object) -> bool:
+    return is_int(value) or isinstance(value, float) or value == Unknown("float")
+
+
+def known(*values: object) -> bool:
+    return not any(isinstance(v, Unknown) for v in values)
+
+
+class Env:
+    """Names visible while evaluating one definition's values."""
+
+    def __init__(self, names: dict[str, object]) -> None:
+        self.names = names
+
+    def lookup(self, node: ast.Name) -> object:
+        try:
+            return self.names[node.id]
+        except KeyError:
+            raise MaskTypeError(f"unknown name '{node.id}'", node.span) from None
+
+
+_BUILTIN_FUNCS = {"min": min, "max": max, "abs": abs}
+
+
+def evaluate(node: object, env: Env) -> object:
+    """Evaluate a value expression; raise `MaskTypeError` at the offending span."""
+    if isinstance(node, ast.IntLit):
+        return _checked(node.value, node.span)
+    if isinstance(node, ast.FloatLit):
+        return node.value
+    if isinstance(node, (ast.BoolLit, ast.StrLit)):
+        return node.value
+    if isinstance(node, ast.Name):
+        return env.lookup(node)
+    if isinstance(node, ast.Negate):
+        operand = evaluate(node.operand, env)
+        if isinstance(operand, float):
+            return -operand
+        _expect_int(operand, node.operand, "'-'")
+        return -operand if known(operand) else INT
+    if isinstance(node, ast.BinOp):
+        return _binop(node, env)
+    if isinstance(node, ast.Func):
+        return _func(node, env)
+    if isinstance(node, ast.Tuple):
+        return tuple(evaluate(item, env) for item in node.items)
+    if isinstance(node, ast.Range):
+        start, stop = evaluate(node.start, env), evaluate(node.stop, env)
+        _expect_int(start, node.start, "a range")
+        _expect_int(stop, node.stop, "a range")
+        return RangeVal(start, stop)
+    if isinstance(node, ast.ModEq):
+        modulus, residue = evaluate(node.modulus, env), evaluate(node.residue, env)
+        _expect_int(modulus, node.modulus, "'%'")
+        _expect_int(residue, node.residue, "'=='")
+        _expect_positive(modulus, node.modulus, "a modulus")
+        return ModSetVal(modulus, residue, residue + 1 if known(residue) else INT)
+    if isinstance(node, ast.ModIn):
+        values = [evaluate(v, env) for v in (node.modulus, node.start, node.stop)]
+        for value, sub in zip(values, (node.modulus, node.start, node.stop), strict=True):
+            _expect_int(value, sub, "'% m in a .. b'")
+        _expect_positive(values[0], node.modulus, "a modulus")
+        return ModSetVal(*values)
+    raise MaskTypeError(f"expected a value, found {type(node).__name__}", getattr(node, "span", None))
+
+
+def _checked(value: int, span: Span) -> int:
+    if abs(value) > INT_LIMIT:
+        raise MaskTypeError(f"the number {value} is too large (limit ±2**62)", span)
+    return value
+
+
+def _expect_int(value: object, node: object, where: str) -> None:
+    if not is_int(value):
+        raise MaskTypeError(f"{where} needs an integer, got {type_name(value)}", node.span)
+
+
+def _expect_positive(value: object, node: object, what: str) -> None:
+    if known(value) and value <= 0:
+        raise MaskTypeError(f"{what} must be positive, got {value}", node.span)
+
+
+_COMPARE = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def _binop(node: ast.BinOp, env: Env) -> object:
+    left, right = evaluate(node.left, env), evaluate(node.right, env)
+    if node.op in _COMPARE:
+        same_kind = (is_int(left) and is_int(right)) or (is_bool(left) and is_bool(right))
+        if not same_kind:
+            raise MaskTypeError(
+                f"cannot compare {type_name(left)} with {type_name(right)}",
+                node.span,
+            )
+        if not known(left, right):
+            return BOOL
+        return _COMPARE[node.op](left, right)
+    _expect_int(left, node.left, f"'{node.op}'")
+    _expect_int(right, node.right, f"'{node.op}'")
+    if node.op in ("//", "%") and known(right) and right == 0:
+        raise MaskTypeError(f"division by zero in '{node.op}'", node.right.span)
+    if not known(left, right):
+        return INT
+    if node.op == "+":
+        result = left + right
+    elif node.op == "-":
+        result = left - right
+    elif node.op == "*":
+        result = left * right
+    elif node.op == "//":
+        result = left // right
+    else:
+        result = left % right
+    return _checked(result, node.span)
+
+
+def _func(node: ast.Func, env: Env) -> object:
+    fn = _BUILTIN_FUNCS.get(node.name)
+    if fn is None:
+        raise MaskTypeError(
+            f"unknown function '{node.name}' (integer functions: min, max, abs)",
+            node.span,
+        )
+    args = [evaluate(a, env) for a in node.args]
+    for arg, sub in zip(args, node.args, strict=True):
+        _expect_int(arg, sub, f"{node.name}()")
+    if node.name == "abs" and len(args) != 1:
+        raise MaskTypeError(f"abs() takes 1 argument, got {len(args)}", node.span)
+    if node.name != "abs" and len(args) < 2:
+        raise MaskTypeError(f"{node.name}() takes at least 2 arguments, got {len(args)}", node.span)
+    if not known(*args):
+        return INT
+    return fn(*args) if node.name != "abs" else abs(args[0])

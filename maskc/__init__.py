@@ -1,0 +1,19 @@
+"""maskc: a compiler for attention sparsity patterns.
+
+Write a pattern once in a small language, get its exact dense mask, and run
+attention with it::
+
+    import maskc, torch
+    prog = maskc.compile("causal & window(256)")
+    q = k = v = torch.randn(1, 4, 1024, 64)
+    out = prog(q, k, v)
+
+See README.md for the language and DESIGN.md for its semantics.
+"""
+
+from maskc.dsl.errors import MaskError, MaskSyntaxError, MaskTypeError
+from maskc.program import Program, attention, compile
+
+__version__ = "0.1.0"
+
+__all__ = ["MaskError", "MaskSyntaxError", "MaskTypeError", "Program", "__version__", "attention", "compile"]

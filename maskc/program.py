@@ -1,0 +1,229 @@
+"""`maskc.compile` and `Program`: the public face of a compiled pattern."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from maskc import patterns as library
+from maskc.dsl import evaluate, printer
+from maskc.dsl.errors import MaskError, MaskTypeError
+from maskc.dsl.spec import Instance, Spec, load
+from maskc.runtime.reference import reference_attention
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Tensors that dynamic atoms read besides the pattern's own tensor parameters.
+_DYNAMIC_TENSORS = ("q", "k", "centroids")
+
+
+def _read_spec(spec: str | os.PathLike, pattern: str | None) -> tuple[str, str | None, str | None]:
+    """(text, filename, pattern) for spec text, a `.mask` path or a library name."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise MaskError(f"a spec is text, a .mask path or a library name, not {type(spec).__name__}")
+    stripped = spec.strip()
+    if _IDENTIFIER.fullmatch(stripped) and library.lookup(stripped) is not None:
+        definition = library.lookup(stripped)
+        if pattern is not None and pattern != stripped:
+            raise MaskError(f"'{stripped}' is a library pattern; pattern={pattern!r} does not apply")
+        return definition.unit.source, definition.unit.filename, stripped
+    if stripped.endswith(".mask") and "\n" not in stripped:
+        try:
+            return Path(stripped).read_text(), stripped, pattern
+        except OSError as e:
+            raise MaskError(f"cannot read spec file {stripped}: {e.strerror}") from None
+    return spec, None, pattern
+
+
+def compile(spec: str | os.PathLike, *, pattern: str | None = None, **params) -> Program:  # noqa: A001
+    """Parse and check a pattern; fix its parameters.
+
+    `spec` is spec text (``"causal & window(256)"``), a path to a ``.mask``
+    file, or the name of a library pattern (``"natten2d"``).  `pattern` picks
+    one definition of a file that has several; `params` override defaults.
+
+    Example::
+
+        >>> prog = maskc.compile("natten2d", k=7)
+        >>> prog.mask(3136, h=56, w=56).shape
+        torch.Size([1, 3136, 3136])
+    """
+    text, filename, pattern = _read_spec(spec, pattern)
+    checked = load(
+        text,
+        filename=filename,
+        pattern=pattern,
+        params=params,
+        library=library.lookup,
+        library_names=library.names,
+    )
+    return Program(checked)
+
+
+class Program:
+    """A checked pattern.  Call it like `scaled_dot_product_attention`."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+
+    # ------------------------------------------------------------ description
+
+    @property
+    def name(self) -> str | None:
+        return self.spec.name
+
+    @property
+    def params(self) -> dict[str, object]:
+        return dict(self.spec.params)
+
+    def source(self) -> str:
+        """The canonical text of the pattern that runs."""
+        if self.spec.definition is not None:
+            return printer.to_text(self.spec.definition.node)
+        return printer.to_text(self.spec.body)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.spec.params.items())
+        return f"Program({self.source()!r}{', ' + params if params else ''})"
+
+    # ------------------------------------------------------------ evaluation
+
+    def instantiate(
+        self,
+        lq: int,
+        lk: int | None = None,
+        *,
+        heads: int = 1,
+        q_offset: int | None = None,
+        **sizes: int,
+    ) -> Instance:
+        """The pattern evaluated per head for concrete lengths and grid sizes."""
+        return self.spec.instantiate(lq, lk, heads=heads, q_offset=q_offset, sizes=sizes)
+
+    def _split(self, bindings: dict) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        sizes, tensors = {}, {}
+        allowed_tensors = {*self.spec.tensor_params, *_DYNAMIC_TENSORS}
+        for name, value in bindings.items():
+            if isinstance(value, torch.Tensor):
+                if name not in allowed_tensors:
+                    names = ", ".join(sorted(allowed_tensors))
+                    raise MaskTypeError(f"unknown tensor binding '{name}' (this pattern takes: {names})")
+                tensors[name] = value
+            else:
+                sizes[name] = value
+        return sizes, tensors
+
+    def _prepare(self, lq, lk, heads, q_offset, batch, bindings) -> tuple[Instance, evaluate.Tensors]:
+        sizes, tensors = self._split(bindings)
+        instance = self.instantiate(lq, lk, heads=heads, q_offset=q_offset, **sizes)
+        return instance, evaluate.Tensors(tensors, instance, batch=_batch_of(tensors, batch))
+
+    def mask(
+        self,
+        lq: int,
+        lk: int | None = None,
+        *,
+        heads: int = 1,
+        batch: int | None = None,
+        q_offset: int | None = None,
+        **bindings,
+    ) -> torch.Tensor:
+        """The dense boolean mask: [heads, lq, lk], or [batch, heads, lq, lk] when
+        `batch` is given or a runtime tensor varies per batch element.
+
+        `bindings` give grid sizes (``h=56, w=56``), call-time parameters, and
+        tensors (``ids=...``, ``q=..., k=...`` for `route`/`cluster`).
+        """
+        instance, tensors = self._prepare(lq, lk, heads, q_offset, batch, bindings)
+        return evaluate.dense_mask(instance, tensors)
+
+    def reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        q_offset: int | None = None,
+        return_lse: bool = False,
+        **bindings,
+    ):
+        """Dense attention over the mask and modifiers (slow, exact, differentiable).
+
+        q [batch, heads, lq, dim], k and v [batch, kv_heads, lk, dim] with
+        kv_heads dividing heads.  Rows with no allowed key output 0.
+        """
+        check_qkv(q, k, v)
+        bindings = {"q": q, "k": k, **bindings}
+        instance, tensors = self._prepare(q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
+        allowed = evaluate.dense_mask(instance, tensors)
+        if allowed.dim() == 3:
+            allowed = allowed[None]
+
+        def score_mod(logits: torch.Tensor) -> torch.Tensor:
+            return evaluate.scores(instance, tensors, logits)
+
+        return reference_attention(q, k, v, allowed, score_mod, scale, return_lse)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
+        """Attention with this pattern (for now: the dense reference)."""
+        return self.reference(q, k, v, **kwargs)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Clear errors for tensors that cannot be attention inputs."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise MaskTypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise MaskTypeError(f"{name} must have shape [batch, heads, len, dim], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise MaskTypeError(f"{name} must be floating point, got {x.dtype}")
+    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise MaskTypeError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
+        raise MaskTypeError(
+            f"k and v must have the same number of heads, dividing q's: q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise MaskTypeError(f"k and v lengths differ: {k.shape[2]} vs {v.shape[2]}")
+    if q.shape[3] != k.shape[3]:
+        raise MaskTypeError(f"q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
+    if q.device != k.device or k.device != v.device:
+        raise MaskTypeError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+
+
+def _batch_of(tensors: dict[str, torch.Tensor], batch: int | None) -> int | None:
+    sizes = {t.shape[0] for name, t in tensors.items() if t.dim() >= 2 and name != "centroids"}
+    sizes.discard(1)
+    if batch is not None:
+        if sizes - {batch}:
+            raise MaskTypeError(f"batch={batch}, but the tensors have batch sizes {sorted(sizes)}")
+        return batch
+    if len(sizes) > 1:
+        raise MaskTypeError(f"the tensors disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, **params_and_bindings):
+    """One-shot attention: compile `spec` and run it.
+
+    Keyword arguments that name the pattern's parameters fix them; the rest
+    are bindings (grid sizes, tensors, `scale`, `q_offset`).
+    """
+    probe = compile(spec)
+    declared = {p.name for p in probe.spec.definition.node.params} if probe.spec.definition else set()
+    tensor_params = set(probe.spec.tensor_params)
+    params = {
+        k_: v_ for k_, v_ in params_and_bindings.items() if k_ in declared and k_ not in tensor_params
+    }
+    rest = {k_: v_ for k_, v_ in params_and_bindings.items() if k_ not in params}
+    program = compile(spec, **params) if params else probe
+    return program(q, k, v, **rest)
+
+
+__all__ = ["Program", "attention", "check_qkv", "compile"]

@@ -1,0 +1,1 @@
+"""Running patterns: dense reference attention (and, later, compiled kernels)."""

@@ -1,0 +1,54 @@
+"""Dense reference attention: SDPA over an explicit mask and modified logits.
+
+Slow and exact; every faster path is tested against it.  A query row with no
+allowed key outputs 0 and has finite gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat grouped key/value heads to the query head count (GQA/MQA)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """q [B, H, lq, D], k/v [B, Hk, lk, D]; mask broadcastable to [B, H, lq, lk].
+
+    Computes in float32 (float64 for float64 inputs) and returns q's dtype.
+    The log-sum-exp is -inf for rows with no allowed key.
+    """
+    heads = q.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qc = q.to(compute)
+    kc = expand_heads(k, heads).to(compute)
+    vc = expand_heads(v, heads).to(compute)
+    logits = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        logits = score_mod(logits)
+    mask = mask.to(logits.device)
+    logits = logits.masked_fill(~mask, -math.inf)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(logits - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    out = torch.matmul(weights / safe_total, vc).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(total > 0, torch.log(safe_total) + row_max, torch.full_like(total, -math.inf))
+    return out, lse.squeeze(-1)
