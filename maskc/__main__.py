@@ -1,0 +1,5 @@
+import sys
+
+from maskc.cli import main
+
+sys.exit(main())

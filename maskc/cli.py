@@ -1,0 +1,147 @@
+"""The `maskc` command: check, show and list patterns."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import maskc
+from maskc import patterns as library
+from maskc.dsl import evaluate, parse, printer
+from maskc.dsl.errors import MaskError
+from maskc.dsl.spec import load
+from maskc.picture import ascii_picture, reduce_mask, write_png
+
+
+def _parse_set(values: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise SystemExit(f"maskc: --set expects NAME=INTEGER, got {item!r}")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise SystemExit(f"maskc: --set {name} expects an integer, got {value!r}") from None
+    return out
+
+
+def _split_params(program_spec: str, values: dict[str, int]) -> tuple[dict, dict]:
+    """--set values naming a parameter fix it; the others are call-time sizes."""
+    probe = maskc.compile(program_spec)
+    d = probe.spec.definition
+    declared = {p.name for p in d.node.params} if d else set()
+    params = {k: v for k, v in values.items() if k in declared}
+    sizes = {k: v for k, v in values.items() if k not in declared}
+    return params, sizes
+
+
+def demo_tensors(program: maskc.Program, instance, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors for patterns that read data (segments, route, cluster)."""
+    from maskc.dsl import ir
+
+    s = instance.sizes
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for pattern in instance.patterns:
+        for node in ir.walk(pattern.mask):
+            if isinstance(node, ir.Segments):
+                n = node.coord.size
+                cuts = torch.sort(torch.randint(1, max(2, n), (3,), generator=g)).values
+                out[node.tensor] = torch.bucketize(torch.arange(n), cuts, right=True)[None]
+            if isinstance(node, (ir.Route, ir.Cluster)):
+                out.setdefault("q", torch.randn(1, s.heads, s.lq, 16, generator=g))
+                out.setdefault("k", torch.randn(1, s.heads, s.lk, 16, generator=g))
+            if isinstance(node, ir.Cluster):
+                out.setdefault("centroids", torch.randn(s.heads, node.clusters, 16, generator=g))
+    return out
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            print(f"{path}: cannot read: {e.strerror}", file=sys.stderr)
+            status = 1
+            continue
+        try:
+            module = parse(text, path)
+            kw = dict(filename=path, library=library.lookup, library_names=library.names)
+            for d in module.defs:
+                load(text, pattern=d.name, **kw)
+            if module.main is not None:
+                load(text, **kw)
+            count = len(module.defs) + (module.main is not None)
+            print(f"{path}: ok ({count} pattern{'s' if count != 1 else ''})")
+        except MaskError as e:
+            print(str(e), file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    try:
+        values = _parse_set(args.set)
+        params, sizes = _split_params(args.spec, values)
+        program = maskc.compile(args.spec, pattern=args.pattern, **params)
+        lk = args.lk or args.lq
+        instance = program.instantiate(args.lq, lk, heads=args.heads, **sizes)
+        data = demo_tensors(program, instance, args.seed)
+        tensors = evaluate.Tensors(data, instance)
+        reduced = reduce_mask(instance, tensors, max_cells=args.width)
+    except MaskError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(program.source().rstrip())
+    if data:
+        print(f"(random {', '.join(sorted(data))} with seed {args.seed})")
+    print(ascii_picture(reduced, args.lq, lk))
+    if args.png:
+        write_png(reduced, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_patterns(args: argparse.Namespace) -> int:
+    for name, definition in sorted(library.definitions().items()):
+        d = definition.node
+        params = ", ".join(printer.to_text(p) for p in d.params)
+        grid = f" on grid({printer._values(d.body.grid)})" if d.body.grid is not None else ""
+        print(f"{name}({params}){grid}    [{definition.unit.filename}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskc", description="A compiler for attention sparsity patterns.")
+    parser.add_argument("--version", action="version", version=f"maskc {maskc.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="check .mask files; exit 1 with a located error if any is wrong")
+    check.add_argument("files", nargs="+")
+    check.set_defaults(run=cmd_check)
+
+    show = sub.add_parser("show", help="draw a pattern's mask")
+    show.add_argument("spec", help="spec text, a .mask file, or a library pattern name")
+    show.add_argument("--lq", type=int, required=True, help="number of queries")
+    show.add_argument("--lk", type=int, help="number of keys (default: lq)")
+    show.add_argument("--heads", type=int, default=1)
+    show.add_argument("--pattern", help="which definition of a multi-pattern file")
+    show.add_argument("--set", action="append", default=[], metavar="NAME=INT", help="a parameter or grid size")
+    show.add_argument("--png", help="also write a PNG picture here")
+    show.add_argument("--width", type=int, default=64, help="characters across (default 64)")
+    show.add_argument("--seed", type=int, default=0, help="seed for random tensors of data-dependent patterns")
+    show.set_defaults(run=cmd_show)
+
+    pats = sub.add_parser("patterns", help="list the library's patterns and their parameters")
+    pats.set_defaults(run=cmd_patterns)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

@@ -1,0 +1,134 @@
+"""Pictures of masks: ASCII for terminals, PNG for documents.
+
+Large masks are reduced to one character per cell of positions; every
+picture says how much was reduced and whether it was sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from maskc.dsl import evaluate
+from maskc.dsl.spec import Instance
+
+# Dense evaluation beyond this many pairs samples positions instead.
+EXACT_PAIRS = 1 << 27
+SHADES = " .o#"
+
+
+@dataclass
+class Reduced:
+    """Fraction of allowed pairs per cell, one grid per distinct head pattern."""
+
+    fractions: list[torch.Tensor]  # [rows, cols] float per head group
+    groups: list[list[int]]  # heads in each group
+    cell: tuple[int, int]  # positions per cell (queries, keys)
+    sampled: bool
+
+
+def reduce_mask(instance: Instance, tensors: evaluate.Tensors, max_cells: int = 64) -> Reduced:
+    s = instance.sizes
+    cell_q = max(1, math.ceil(s.lq / max_cells))
+    cell_k = max(1, math.ceil(s.lk / max_cells))
+    cell = max(cell_q, cell_k)
+    cell_q = cell_k = cell
+    sampled = s.lq * s.lk > EXACT_PAIRS
+    qp_all, kp_all = evaluate.positions(instance)
+    if sampled:
+        per = 8
+        qp = _sample(qp_all, cell_q, per)
+        kp = _sample(kp_all, cell_k, per)
+    else:
+        qp, kp = qp_all, kp_all
+    rows, cols = math.ceil(s.lq / cell_q), math.ceil(s.lk / cell_k)
+    q_cells = torch.div(qp - s.q_offset, cell_q, rounding_mode="floor")
+    k_cells = torch.div(kp, cell_k, rounding_mode="floor")
+    fractions = []
+    for pattern in instance.patterns:
+        allowed = torch.zeros(rows, cols, dtype=torch.float64)
+        total = torch.zeros(rows, cols, dtype=torch.float64)
+        for start in range(0, qp.numel(), 2048):
+            m = evaluate.mask(pattern.mask, qp[start : start + 2048], kp, tensors)
+            m = m.double().mean(0) if m.dim() == 3 else m.double()
+            qc = q_cells[start : start + 2048]
+            index = (qc[:, None] * cols + k_cells[None, :]).reshape(-1)
+            allowed.view(-1).index_add_(0, index, m.reshape(-1))
+            total.view(-1).index_add_(0, index, torch.ones_like(m.reshape(-1)))
+        fractions.append(allowed / total.clamp(min=1))
+    groups = [[h for h, g in enumerate(instance.head_group) if g == i] for i in range(len(instance.patterns))]
+    return Reduced(fractions, groups, (cell_q, cell_k), sampled)
+
+
+def _sample(positions: torch.Tensor, cell: int, per: int) -> torch.Tensor:
+    if cell <= per:
+        return positions
+    first = positions[0]
+    cells = math.ceil(positions.numel() / cell)
+    offsets = torch.linspace(0, cell - 1, per).round().long()
+    picked = (torch.arange(cells)[:, None] * cell + offsets[None, :]).reshape(-1)
+    picked = picked[picked < positions.numel()]
+    return first + picked
+
+
+def shade(fraction: float) -> str:
+    if fraction <= 0:
+        return SHADES[0]
+    if fraction >= 1:
+        return SHADES[3]
+    return SHADES[1] if fraction < 0.5 else SHADES[2]
+
+
+def _ranges(heads: list[int]) -> str:
+    parts, start = [], heads[0]
+    for prev, cur in zip(heads, [*heads[1:], None], strict=True):
+        if cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(parts)
+
+
+def ascii_picture(reduced: Reduced, lq: int, lk: int) -> str:
+    cq, ck = reduced.cell
+    lines = []
+    if cq == 1 and ck == 1:
+        lines.append(f"mask {lq} x {lk} (queries down, keys across); '#' allowed, ' ' not")
+    else:
+        how = "sampled" if reduced.sampled else "exact"
+        lines.append(
+            f"mask {lq} x {lk} downsampled: each character is {cq} x {ck} positions ({how} fraction allowed: "
+            f"'#' all, 'o' half or more, '.' some, ' ' none)"
+        )
+    for fractions, heads in zip(reduced.fractions, reduced.groups, strict=True):
+        if len(reduced.groups) > 1:
+            lines.append(f"heads {_ranges(heads)}:")
+        border = "+" + "-" * fractions.shape[1] + "+"
+        lines.append(border)
+        for row in fractions.tolist():
+            lines.append("|" + "".join(shade(f) for f in row) + "|")
+        lines.append(border)
+    return "\n".join(lines)
+
+
+def write_png(reduced: Reduced, path: str, scale: int | None = None) -> None:
+    """One panel per distinct head pattern, allowed pairs dark."""
+    from PIL import Image
+
+    panels = []
+    for fractions in reduced.fractions:
+        rows, cols = fractions.shape
+        s = scale or max(1, 512 // max(rows, cols))
+        pixels = (255 * (1 - fractions)).round().clamp(0, 255).to(torch.uint8)
+        img = Image.fromarray(pixels.numpy(), mode="L").resize((cols * s, rows * s), Image.NEAREST)
+        panels.append(img)
+    gap = 8
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    height = max(p.height for p in panels)
+    canvas = Image.new("L", (width, height), 200)
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width + gap
+    canvas.save(path)
