@@ -1,9 +1,10 @@
 """The reference semantics: a vectorised dense evaluator of `ir` patterns.
 
 This module *defines* what every atom and modifier means (DESIGN §2); schedules
-and kernels are tested against it.  Predicates are evaluated on broadcast
-coordinate tensors: queries along dim -2, keys along dim -1, and a leading
-batch dim only where a runtime tensor varies per batch element.
+and kernels are tested against it.  Predicates are elementwise over two
+broadcastable tensors of absolute positions, `qp` and `kp` (for a dense mask
+`qp[:, None]` and `kp[None, :]`; for a batch of blocks `[n, bq, 1]` and
+`[n, 1, bk]`).  Atoms that read a runtime tensor add a leading batch dim.
 """
 
 from __future__ import annotations
@@ -41,33 +42,49 @@ def coordinate(positions: torch.Tensor, coord: ir.Coord) -> torch.Tensor:
 
 
 def _pair(qp: torch.Tensor, kp: torch.Tensor, coord: ir.Coord) -> tuple[torch.Tensor, torch.Tensor]:
-    return coordinate(qp, coord)[:, None], coordinate(kp, coord)[None, :]
+    return coordinate(qp, coord), coordinate(kp, coord)
+
+
+def _shape(qp: torch.Tensor, kp: torch.Tensor) -> torch.Size:
+    return torch.broadcast_shapes(qp.shape, kp.shape)
+
+
+def neighborhood_window(
+    gc: torch.Tensor, group_len: torch.Tensor, w: int, s: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[start, end) of the window of group coordinate gc in a group of
+    group_len positions (DESIGN §2.1); both are nondecreasing in gc."""
+    if causal:
+        leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s - 1, group_len - 1)
+        start = torch.clamp(leader - w + 1, min=0)
+        end = torch.minimum(gc + 1, group_len)
+        return start, end
+    wl = w // 2
+    wr = w // 2 + (w % 2) - 1
+    leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s // 2, group_len - 1)
+    start = torch.clamp(leader - wl, min=0) + (leader + wr >= group_len).long() * (group_len - wr - leader - 1)
+    return start, start + w
+
+
+def group_length(length: int, group: torch.Tensor, d: int) -> torch.Tensor:
+    """Positions of an axis of `length` that fall in dilation group `group`."""
+    return torch.div(length - group + d - 1, d, rounding_mode="floor")
 
 
 def neighborhood_range(c: torch.Tensor, node: ir.Neighborhood) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(group, start, end) of the keys a query at axis coordinate c attends to,
     in group coordinates (DESIGN §2.1)."""
-    w, d, s, length = node.window, node.dilation, node.stride, node.coord.size
+    d = node.dilation
     group = c % d
     gc = torch.div(c, d, rounding_mode="floor")
-    group_len = torch.div(length - group + d - 1, d, rounding_mode="floor")
-    if node.causal:
-        leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s - 1, group_len - 1)
-        start = torch.clamp(leader - w + 1, min=0)
-        end = torch.minimum(gc + 1, group_len)
-    else:
-        wl = w // 2
-        wr = w // 2 + (w % 2) - 1
-        leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s // 2, group_len - 1)
-        start = torch.clamp(leader - wl, min=0) + (leader + wr >= group_len).long() * (group_len - wr - leader - 1)
-        end = start + w
+    start, end = neighborhood_window(gc, group_length(node.coord.size, group, d), node.window, node.stride, node.causal)
     return group, start, end
 
 
 def mask(node: ir.Mask, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> torch.Tensor:
-    """Allowed pairs for query positions qp [nq] and key positions kp [nk]."""
+    """Allowed pairs for broadcastable query and key position tensors."""
     if isinstance(node, ir.Const):
-        return torch.full((qp.numel(), kp.numel()), node.value, dtype=torch.bool)
+        return torch.full(_shape(qp, kp), node.value, dtype=torch.bool)
     if isinstance(node, ir.And):
         out = mask(node.parts[0], qp, kp, t)
         for part in node.parts[1:]:
@@ -97,8 +114,7 @@ def mask(node: ir.Mask, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> torch
         if node.modulus is not None:
             c = c % node.modulus
         inside = (c >= node.lo) & (c < node.hi)
-        shape = (qp.numel(), 1) if node.side == "q" else (1, kp.numel())
-        return inside.reshape(shape).expand(qp.numel(), kp.numel())
+        return inside.expand(_shape(qp, kp))
     if isinstance(node, ir.Neighborhood):
         q, k = _pair(qp, kp, node.coord)
         group, start, end = neighborhood_range(q, node)
@@ -106,10 +122,11 @@ def mask(node: ir.Mask, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> torch
         return (k % node.dilation == group) & (kg >= start) & (kg < end)
     if isinstance(node, ir.RandomBlocks):
         q, k = _pair(qp, kp, node.coord)
-        rows = draw(q[:, 0], node.count, node.seed, node.head, node.lo, node.hi, node.skip)
-        out = torch.zeros((qp.numel(), kp.numel()), dtype=torch.bool)
-        for j in range(rows.shape[1]):
-            out |= rows[:, j : j + 1] == k
+        blocks, inverse = torch.unique(q, return_inverse=True)
+        rows = draw(blocks, node.count, node.seed, node.head, node.lo, node.hi, node.skip)[inverse]
+        out = torch.zeros(_shape(qp, kp), dtype=torch.bool)
+        for j in range(rows.shape[-1]):
+            out |= rows[..., j] == k
         return out
     if isinstance(node, ir.Segments):
         return _segments(node, qp, kp, t)
@@ -131,9 +148,8 @@ def _segments(node: ir.Segments, qp, kp, t: Tensors) -> torch.Tensor:
             f"got {ids.dtype} {list(ids.shape)}"
         )
     ids = ids.cpu()
-    q = coordinate(qp, node.coord)
-    k = coordinate(kp, node.coord)
-    return ids[:, q][:, :, None] == ids[:, k][:, None, :]
+    q, k = _pair(qp, kp, node.coord)
+    return ids[:, q] == ids[:, k]
 
 
 def _qk(t: Tensors, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +175,7 @@ def _route(node: ir.Route, qp, kp, t: Tensors) -> torch.Tensor:
     selected = t.cache[key]
     rq = region_ids(qp, node.regions)
     rk = region_ids(kp, node.regions)
-    return selected[:, rq][:, :, rk]
+    return selected[:, rq, rk]
 
 
 def _cluster(node: ir.Cluster, qp, kp, t: Tensors) -> torch.Tensor:
@@ -181,7 +197,7 @@ def _cluster(node: ir.Cluster, qp, kp, t: Tensors) -> torch.Tensor:
         t.cache[key] = torch.einsum("bnq,bnk->bqk", mq, mk) > 0
     allowed = t.cache[key]
     s = t.instance.sizes
-    return allowed[:, qp - s.q_offset][:, :, kp]
+    return allowed[:, qp - s.q_offset, kp]
 
 
 # ---------------------------------------------------------------- modifiers
@@ -293,9 +309,10 @@ def positions(instance: Instance) -> tuple[torch.Tensor, torch.Tensor]:
 def dense_mask(instance: Instance, tensors: Tensors, row_chunk: int = 4096) -> torch.Tensor:
     """bool [heads, lq, lk], or [batch, heads, lq, lk] when tensors vary per batch."""
     qp, kp = positions(instance)
+    qp, kp = qp[:, None], kp[None, :]
     per_group = []
     for pattern in instance.patterns:
-        chunks = [mask(pattern.mask, qp[i : i + row_chunk], kp, tensors) for i in range(0, qp.numel(), row_chunk)]
+        chunks = [mask(pattern.mask, qp[i : i + row_chunk], kp, tensors) for i in range(0, qp.shape[0], row_chunk)]
         per_group.append(torch.cat(chunks, dim=-2))
     out = torch.stack([per_group[g] for g in instance.head_group], dim=-3)
     if tensors.batch is not None and out.dim() == 3:
@@ -308,7 +325,7 @@ def dense_mask(instance: Instance, tensors: Tensors, row_chunk: int = 4096) -> t
 def scores(instance: Instance, tensors: Tensors, logits: torch.Tensor) -> torch.Tensor:
     """Apply every head's modifiers to raw logits [batch, heads, lq, lk]."""
     qp, kp = positions(instance)
-    group_terms = [modifier_terms(p.modifiers, qp, kp, tensors) for p in instance.patterns]
+    group_terms = [modifier_terms(p.modifiers, qp[:, None], kp[None, :], tensors) for p in instance.patterns]
     if not any(group_terms):
         return logits
     heads = []

@@ -81,6 +81,7 @@ class Walker:
         self.static = sizes is None
         self.head = head
         self.modifiers: list[ir.Modifier] = []
+        self.grids: list[tuple[int, ...]] = []  # grids laid over the token sequence itself
         self.stack: list[str] = []
         self.seen: set = set()
 
@@ -171,6 +172,8 @@ class Walker:
                 span,
             )
         if flat.div == 1:
+            if tuple(sizes) not in self.grids:
+                self.grids.append(tuple(sizes))
             s = self.sizes
             if s.q_offset < 0 or s.q_offset + s.lq > s.lk:
                 raise MaskTypeError(

@@ -30,6 +30,7 @@ _TERMINAL_NAMES = {
     "AMPERSAND": "'&'",
     "MINUS": "'-'",
     "TILDE": "'~'",
+    "_ON_BLOCKS": "'on'",
     "PERCENT": "'%'",
     "COMPARE": "a comparison",
     "ADD_OP": "'+' or '-'",

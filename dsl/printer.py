@@ -6,6 +6,8 @@ also the normal way to write a spec (one definition per line).
 
 from __future__ import annotations
 
+import re
+
 from . import ast
 
 # Pattern-level precedence: | < & < - < ~ < primary.
@@ -18,13 +20,26 @@ _VALUE_PREC = {"+": 2, "-": 2, "*": 3, "//": 3, "%": 3}
 _COMPARE_OPS = {"==", "!=", "<", "<=", ">", ">="}
 _RANGE_PREC, _COMPARE_PREC, _SUM_PREC, _NEG_PREC, _ATOM_PREC = 0, 1, 2, 4, 5
 
+# A printed definition ends in a bare call exactly when it ends in a name character.
+_ENDS_WITH_NAME = re.compile(r"[A-Za-z0-9_]$")
+
 
 def to_text(node: object) -> str:
     """Print any AST node (module, definition, body, expression or value)."""
     if isinstance(node, ast.Module):
         parts = [_definition(d) for d in node.defs]
         if node.main is not None:
-            parts.append(_body(node.main, header_grid=False))
+            main = _body(node.main, header_grid=False)
+            if parts:
+                # After a definition, "on grid(...)" would read as that definition's
+                # grid: a bare expression starting with it goes in parentheses.
+                if main.startswith("on grid"):
+                    main = _body(node.main, header_grid=False, parenthesise=True)
+                # "x" then "(a | b) - c" would read as the call "x(a | b) - c":
+                # a definition ending in a bare call gets "()", which means the same.
+                if main.startswith("(") and _ENDS_WITH_NAME.search(parts[-1]):
+                    parts[-1] += "()"
+            parts.append(main)
         return "\n".join(parts) + ("\n" if parts else "")
     if isinstance(node, ast.PatternDef):
         return _definition(node)
@@ -56,8 +71,8 @@ def _param(p: ast.Param) -> str:
     return text
 
 
-def _body(b: ast.Body, header_grid: bool) -> str:
-    text = _expr(b.expr, 0)
+def _body(b: ast.Body, header_grid: bool, parenthesise: bool = False) -> str:
+    text = _expr(b.expr, _PRIMARY_PREC + 1 if parenthesise else 0)
     if b.modifiers:
         text += " with " + ", ".join(_expr(m, _PRIMARY_PREC) for m in b.modifiers)
     if b.grid is not None and not header_grid:

@@ -44,6 +44,7 @@ class Instance:
     sizes: Sizes
     patterns: list[ir.HeadPattern]  # distinct patterns
     head_group: list[int]  # head -> index into `patterns`
+    grids: list[tuple[int, ...]] = field(default_factory=list)  # grids over the tokens
 
     @property
     def dynamic(self) -> bool:
@@ -105,15 +106,15 @@ class Spec:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _walk(self, sizes: Sizes | None, head: int | None) -> ir.HeadPattern:
+    def _walk(self, sizes: Sizes | None, head: int | None) -> tuple[ir.HeadPattern, list]:
         walker = Walker(self.resolver, sizes, head)
         if self.definition is None:
+            if sizes is not None:
+                self._require_sizes(sizes)
             env_names = dict(walker.builtins())
             for name in self.size_names:
                 env_names[name] = sizes.names[name] if sizes else INT
             env = Env(env_names)
-            if sizes is not None:
-                self._require_sizes(sizes)
         else:
             given = {k: (v, Span(0, 0, 0, 0)) for k, v in self.params.items()}
             if sizes is not None:
@@ -125,7 +126,7 @@ class Spec:
                 missing=lambda p: sizes.names[p.name] if sizes else Unknown(p.type or "int"),
             )
         mask = walker.body(self.body, env, walker.top_frame(), self.unit)
-        return ir.HeadPattern(mask, tuple(walker.modifiers))
+        return ir.HeadPattern(mask, tuple(walker.modifiers)), walker.grids
 
     def _require_sizes(self, sizes: Sizes) -> None:
         for name in self.bindable():
@@ -209,13 +210,15 @@ class Spec:
         patterns: list[ir.HeadPattern] = []
         index: dict[ir.HeadPattern, int] = {}
         groups: list[int] = []
+        grids: list[tuple[int, ...]] = []
         for head in range(heads):
-            pattern = self._walk(s, head)
+            pattern, head_grids = self._walk(s, head)
+            grids.extend(g for g in head_grids if g not in grids)
             if pattern not in index:
                 index[pattern] = len(patterns)
                 patterns.append(pattern)
             groups.append(index[pattern])
-        return Instance(s, patterns, groups)
+        return Instance(s, patterns, groups, grids)
 
 
 def load(

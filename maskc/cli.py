@@ -13,7 +13,9 @@ from maskc import patterns as library
 from maskc.dsl import evaluate, parse, printer
 from maskc.dsl.errors import MaskError
 from maskc.dsl.spec import load
-from maskc.picture import ascii_picture, reduce_mask, write_png
+from maskc.codegen import plan
+from maskc.codegen.irtext import pattern_text
+from maskc.picture import _ranges, ascii_picture, reduce_mask, schedule_picture, write_png, write_schedule_png
 
 
 def _parse_set(values: list[str]) -> dict[str, int]:
@@ -84,26 +86,57 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _program_and_instance(args: argparse.Namespace):
+    values = _parse_set(args.set)
+    params, sizes = _split_params(args.spec, values)
+    program = maskc.compile(args.spec, pattern=args.pattern, **params)
+    lk = args.lk or args.lq
+    instance = program.instantiate(args.lq, lk, heads=args.heads, **sizes)
+    data = demo_tensors(program, instance, args.seed)
+    return program, instance, data, sizes
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     try:
-        values = _parse_set(args.set)
-        params, sizes = _split_params(args.spec, values)
-        program = maskc.compile(args.spec, pattern=args.pattern, **params)
-        lk = args.lk or args.lq
-        instance = program.instantiate(args.lq, lk, heads=args.heads, **sizes)
-        data = demo_tensors(program, instance, args.seed)
+        program, instance, data, sizes = _program_and_instance(args)
         tensors = evaluate.Tensors(data, instance)
-        reduced = reduce_mask(instance, tensors, max_cells=args.width)
-    except MaskError as e:
+        if args.schedule:
+            sched = program.schedule(
+                args.lq, args.lk, block_q=args.block, block_k=args.block, heads=args.heads, layout=args.layout, **sizes, **data
+            )
+        else:
+            reduced = reduce_mask(instance, tensors, max_cells=args.width)
+    except (MaskError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 1
     print(program.source().rstrip())
     if data:
         print(f"(random {', '.join(sorted(data))} with seed {args.seed})")
-    print(ascii_picture(reduced, args.lq, lk))
+    if args.schedule:
+        print(schedule_picture(sched, args.width))
+        if args.png:
+            write_schedule_png(sched, args.png)
+            print(f"wrote {args.png}")
+        return 0
+    print(ascii_picture(reduced, args.lq, args.lk or args.lq))
     if args.png:
         write_png(reduced, args.png)
         print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    try:
+        program, instance, data, sizes = _program_and_instance(args)
+    except MaskError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    forms = plan.normal_forms(instance)
+    for i, form in enumerate(forms):
+        heads = [h for h, g in enumerate(instance.head_group) if g == i]
+        if len(forms) > 1:
+            print(f"# heads {_ranges(heads)}")
+        print(pattern_text(form))
     return 0
 
 
@@ -116,6 +149,16 @@ def cmd_patterns(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_instance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="spec text, a .mask file, or a library pattern name")
+    p.add_argument("--lq", type=int, required=True, help="number of queries")
+    p.add_argument("--lk", type=int, help="number of keys (default: lq)")
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--pattern", help="which definition of a multi-pattern file")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=INT", help="a parameter or grid size")
+    p.add_argument("--seed", type=int, default=0, help="seed for random tensors of data-dependent patterns")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskc", description="A compiler for attention sparsity patterns.")
     parser.add_argument("--version", action="version", version=f"maskc {maskc.__version__}")
@@ -126,16 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=cmd_check)
 
     show = sub.add_parser("show", help="draw a pattern's mask")
-    show.add_argument("spec", help="spec text, a .mask file, or a library pattern name")
-    show.add_argument("--lq", type=int, required=True, help="number of queries")
-    show.add_argument("--lk", type=int, help="number of keys (default: lq)")
-    show.add_argument("--heads", type=int, default=1)
-    show.add_argument("--pattern", help="which definition of a multi-pattern file")
-    show.add_argument("--set", action="append", default=[], metavar="NAME=INT", help="a parameter or grid size")
+    _add_instance_args(show)
     show.add_argument("--png", help="also write a PNG picture here")
     show.add_argument("--width", type=int, default=64, help="characters across (default 64)")
-    show.add_argument("--seed", type=int, default=0, help="seed for random tensors of data-dependent patterns")
+    show.add_argument("--schedule", action="store_true", help="draw the block schedule (full, partial, empty)")
+    show.add_argument("--block", type=int, default=64, help="block size of --schedule (default 64)")
+    show.add_argument("--layout", default="auto", choices=plan.LAYOUTS, help="token layout of --schedule")
     show.set_defaults(run=cmd_show)
+
+    comp = sub.add_parser("compile", help="print what the compiler makes of a pattern")
+    _add_instance_args(comp)
+    comp.add_argument("--emit", choices=["normal"], default="normal", help="normal: the simplified normal form")
+    comp.set_defaults(run=cmd_compile)
 
     pats = sub.add_parser("patterns", help="list the library's patterns and their parameters")
     pats.set_defaults(run=cmd_patterns)
@@ -144,4 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0

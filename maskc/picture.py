@@ -51,7 +51,7 @@ def reduce_mask(instance: Instance, tensors: evaluate.Tensors, max_cells: int = 
         allowed = torch.zeros(rows, cols, dtype=torch.float64)
         total = torch.zeros(rows, cols, dtype=torch.float64)
         for start in range(0, qp.numel(), 2048):
-            m = evaluate.mask(pattern.mask, qp[start : start + 2048], kp, tensors)
+            m = evaluate.mask(pattern.mask, qp[start : start + 2048, None], kp[None, :], tensors)
             m = m.double().mean(0) if m.dim() == 3 else m.double()
             qc = q_cells[start : start + 2048]
             index = (qc[:, None] * cols + k_cells[None, :]).reshape(-1)
@@ -132,3 +132,47 @@ def write_png(reduced: Reduced, path: str, scale: int | None = None) -> None:
         canvas.paste(p, (x, 0))
         x += p.width + gap
     canvas.save(path)
+
+
+SCHEDULE_SHADES = {0: " ", 1: "+", 2: "#"}
+
+
+def schedule_picture(schedule, max_cells: int = 64) -> str:
+    """Block states per distinct head pattern: '#' full, '+' partial, ' ' empty;
+    large schedules show the busiest state of each cell of blocks."""
+    dense = schedule.to_dense()
+    rows, cols = dense.shape[1:]
+    cell = max(1, math.ceil(max(rows, cols) / max_cells))
+    lines = [
+        f"schedule {rows} x {cols} blocks of {schedule.block_q} x {schedule.block_k} tokens, layout {schedule.layout}; "
+        f"'#' full, '+' partial, ' ' empty; visited {schedule.visited_blocks()} blocks, "
+        f"efficiency {schedule.efficiency():.3f}"
+    ]
+    if cell > 1:
+        lines.append(f"downsampled: each character is {cell} x {cell} blocks (partial wins over full, full over empty)")
+    groups = {}
+    for h, g in enumerate(schedule.head_group):
+        groups.setdefault(g, []).append(h)
+    for g, heads in groups.items():
+        grid = dense[heads[0]].long()
+        # Rank states so one partial block marks its cell: empty 0 < full 1 < partial 2.
+        rank = torch.tensor([0, 2, 1])[grid]
+        pooled = torch.nn.functional.max_pool2d(rank[None, None].float(), cell, ceil_mode=True)[0, 0].long()
+        state = torch.tensor([0, 2, 1])[pooled]
+        if len(groups) > 1:
+            lines.append(f"heads {_ranges(heads)}:")
+        border = "+" + "-" * state.shape[1] + "+"
+        lines.append(border)
+        lines.extend("|" + "".join(SCHEDULE_SHADES[int(v)] for v in row) + "|" for row in state.tolist())
+        lines.append(border)
+    return "\n".join(lines)
+
+
+def write_schedule_png(schedule, path: str) -> None:
+    """Block states as an image, one panel per distinct head pattern: full
+    black, partial grey, empty white."""
+    dense = schedule.to_dense()
+    first_head = {g: h for h, g in reversed(list(enumerate(schedule.head_group)))}
+    darkness = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    fractions = [darkness[dense[first_head[g]].long()] for g in sorted(first_head)]
+    write_png(Reduced(fractions, [], (1, 1), False), path)

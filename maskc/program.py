@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from maskc import patterns as library
-from maskc.dsl import evaluate, printer
+from maskc.codegen import plan
+from maskc.codegen.schedule import BlockSchedule
+from maskc.dsl import evaluate, ir, printer
 from maskc.dsl.errors import MaskError, MaskTypeError
 from maskc.dsl.spec import Instance, Spec, load
 from maskc.runtime.reference import reference_attention
@@ -120,7 +122,8 @@ class Program:
     def _prepare(self, lq, lk, heads, q_offset, batch, bindings) -> tuple[Instance, evaluate.Tensors]:
         sizes, tensors = self._split(bindings)
         instance = self.instantiate(lq, lk, heads=heads, q_offset=q_offset, **sizes)
-        return instance, evaluate.Tensors(tensors, instance, batch=_batch_of(tensors, batch))
+        batched = _batched_names(instance)
+        return instance, evaluate.Tensors(tensors, instance, batch=_batch_of(tensors, batch, batched))
 
     def mask(
         self,
@@ -169,6 +172,34 @@ class Program:
 
         return reference_attention(q, k, v, allowed, score_mod, scale, return_lse)
 
+    def normal_form(self, lq: int, lk: int | None = None, *, heads: int = 1, q_offset: int | None = None, **sizes):
+        """Each distinct head pattern in normal form, with the heads that share it."""
+        instance = self.instantiate(lq, lk, heads=heads, q_offset=q_offset, **sizes)
+        forms = plan.normal_forms(instance)
+        return [([h for h, g in enumerate(instance.head_group) if g == i], form) for i, form in enumerate(forms)]
+
+    def schedule(
+        self,
+        lq: int,
+        lk: int | None = None,
+        *,
+        block_q: int = 64,
+        block_k: int = 64,
+        heads: int = 1,
+        q_offset: int | None = None,
+        layout: str = "auto",
+        **bindings,
+    ) -> BlockSchedule:
+        """The exact block schedule: per head group and query block, the key blocks
+        to visit, each full or partial.  Built from interval reasoning, in time
+        that grows with the visited blocks (never with lq * lk).
+
+        `layout="auto"` may reorder a grid's tokens into tiles when that visits
+        fewer blocks; "rowmajor" keeps the given order, "tiled" insists on tiles.
+        """
+        instance, tensors = self._prepare(lq, lk, heads, q_offset, None, bindings)
+        return plan.plan_schedule(instance, block_q, block_k, layout, tensors)
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
         """Attention with this pattern (for now: the dense reference)."""
         return self.reference(q, k, v, **kwargs)
@@ -197,8 +228,20 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise MaskTypeError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
 
 
-def _batch_of(tensors: dict[str, torch.Tensor], batch: int | None) -> int | None:
-    sizes = {t.shape[0] for name, t in tensors.items() if t.dim() >= 2 and name != "centroids"}
+def _batched_names(instance: Instance) -> set[str]:
+    """Tensors with a leading batch dim: q, k, segment ids, polyline decays
+    (not bias tables, ALiBi slopes or centroids, which are per head)."""
+    names = {"q", "k"}
+    for pattern in instance.patterns:
+        names.update(n.tensor for n in ir.walk(pattern.mask) if isinstance(n, ir.Segments))
+        for m in pattern.modifiers:
+            if isinstance(m, ir.Polyline):
+                names.update((m.alpha, m.beta))
+    return names
+
+
+def _batch_of(tensors: dict[str, torch.Tensor], batch: int | None, batched: set[str]) -> int | None:
+    sizes = {t.shape[0] for name, t in tensors.items() if t.dim() >= 2 and name in batched}
     sizes.discard(1)
     if batch is not None:
         if sizes - {batch}:
@@ -209,7 +252,7 @@ def _batch_of(tensors: dict[str, torch.Tensor], batch: int | None) -> int | None
     return sizes.pop() if sizes else None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, **params_and_bindings):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, /, **params_and_bindings):
     """One-shot attention: compile `spec` and run it.
 
     Keyword arguments that name the pattern's parameters fix them; the rest

@@ -1,0 +1,90 @@
+"""From an instance to what a kernel needs: normal forms, a layout, a schedule."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from maskc.dsl import evaluate, ir
+from maskc.dsl.spec import Instance
+
+from .layout import tile_permutation, tile_shapes
+from .normal import normalize
+from .schedule import BlockSchedule, build_schedule
+
+LAYOUTS = ("auto", "rowmajor", "tiled")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Schedule building runs many small tensor ops; spreading them over threads
+    costs more than it saves (and stalls badly on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def normal_forms(instance: Instance) -> list[ir.HeadPattern]:
+    """Each distinct head pattern in normal form, simplified for the instance's sizes."""
+    s = instance.sizes
+    q_range = (s.q_offset, s.q_offset + s.lq - 1)
+    k_range = (0, s.lk - 1)
+    return [ir.HeadPattern(normalize(p.mask, q_range, k_range), p.modifiers) for p in instance.patterns]
+
+
+def tiling(instance: Instance, block_q: int, block_k: int) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """Candidate tile layouts: only for self-attention over a single grid."""
+    s = instance.sizes
+    if block_q != block_k or s.lq != s.lk or s.q_offset != 0 or len(instance.grids) != 1:
+        return []
+    grid = instance.grids[0]
+    if len(grid) < 2:
+        return []
+    return [(shape, tile_permutation(grid, shape)) for shape in tile_shapes(grid, block_q)]
+
+
+def plan_schedule(
+    instance: Instance,
+    block_q: int = 64,
+    block_k: int = 64,
+    layout: str = "auto",
+    tensors: evaluate.Tensors | None = None,
+) -> BlockSchedule:
+    """The block schedule; with layout "auto", tile order is used when it visits
+    fewer blocks than row-major order."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    s = instance.sizes
+    masks = [p.mask for p in normal_forms(instance)]
+    with one_thread():
+        best = None
+        if layout in ("auto", "rowmajor"):
+            best = build_schedule(masks, instance.head_group, s.lq, s.lk, s.q_offset, block_q, block_k, tensors=tensors)
+        if layout in ("auto", "tiled"):
+            candidates = tiling(instance, block_q, block_k)
+            if layout == "tiled" and not candidates:
+                raise ValueError(
+                    "no tile layout fits: it needs self-attention on one grid whose sides divide into tiles "
+                    f"of {block_q} tokens (grids here: {instance.grids or 'none'})"
+                )
+            for shape, perm in candidates[:3]:
+                sched = build_schedule(
+                    masks,
+                    instance.head_group,
+                    s.lq,
+                    s.lk,
+                    s.q_offset,
+                    block_q,
+                    block_k,
+                    perm=perm,
+                    tensors=tensors,
+                    layout="tiled " + "x".join(map(str, shape)),
+                )
+                if best is None or sched.visited_blocks() < best.visited_blocks():
+                    best = sched
+    return best
