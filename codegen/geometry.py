@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from maskc.dsl import ir
 from maskc.dsl.evaluate import coordinate
 

@@ -77,7 +77,9 @@ def modifier_text(m: ir.Modifier) -> str:
     if isinstance(m, ir.Bias):
         return f"bias({m.tensor}[{m.head}], axes={len(m.coords)})"
     if isinstance(m, ir.Polyline):
-        return f"polyline({m.alpha}, {m.beta}, path={m.path}, head={m.head}, grid={m.coords[0].size}x{m.coords[1].size})"
+        return (
+            f"polyline({m.alpha}, {m.beta}, path={m.path}, head={m.head}, grid={m.coords[0].size}x{m.coords[1].size})"
+        )
     if isinstance(m, ir.Decay):
         return f"decay({m.log_gamma:.6g} * manhattan over {len(m.coords)} axes)"
     raise TypeError(f"unknown modifier {m!r}")

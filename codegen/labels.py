@@ -17,7 +17,6 @@ predicate only on single blocks still labelled N or U.
 from __future__ import annotations
 
 import torch
-
 from maskc.dsl import ir
 from maskc.dsl.evaluate import group_length, neighborhood_window
 from maskc.dsl.random_blocks import draw

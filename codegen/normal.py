@@ -60,11 +60,7 @@ def _negate_atom(atom: ir.Mask) -> ir.Mask:
         )
     if isinstance(atom, ir.OffsetMod) and atom.modulus <= 8:
         return _or(
-            [
-                ir.OffsetMod(atom.coord, atom.modulus, r)
-                for r in range(atom.modulus)
-                if r != atom.residue % atom.modulus
-            ]
+            [ir.OffsetMod(atom.coord, atom.modulus, r) for r in range(atom.modulus) if r != atom.residue % atom.modulus]
         )
     return ir.Not(atom)
 
@@ -185,7 +181,7 @@ def _simplify_literal(lit: ir.Mask, bounds: _Bounds | None):
         if lo == 0 and hi == lit.modulus:
             return True
         return replace(lit, lo=lo, hi=hi)
-    if isinstance(lit, ir.Neighborhood) and lit.dilation == 1 and lit.window >= lit.coord.size:
+    if isinstance(lit, ir.Neighborhood) and not lit.causal and lit.dilation == 1 and lit.window >= lit.coord.size:
         return True
     if isinstance(lit, ir.RandomBlocks) and (lit.count == 0 or lit.hi <= lit.lo):
         return None
@@ -205,7 +201,11 @@ def _implies(a: Term, b: Term) -> bool:
             if match and _within(match[0].lo, match[0].hi, lit.lo, lit.hi):
                 continue
         if isinstance(lit, ir.PosSet) and lit.modulus is None:
-            match = [x for x in a if isinstance(x, ir.PosSet) and x.modulus is None and (x.side, x.coord) == (lit.side, lit.coord)]
+            match = [
+                x
+                for x in a
+                if isinstance(x, ir.PosSet) and x.modulus is None and (x.side, x.coord) == (lit.side, lit.coord)
+            ]
             if match and lit.lo <= match[0].lo and match[0].hi <= lit.hi:
                 continue
         return False

@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-
 from maskc.dsl import evaluate, ir
 from maskc.dsl.spec import Instance
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from maskc.dsl import evaluate, ir
 
-from . import labels as L
+from . import labels
 from .geometry import Geometry
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -96,7 +95,9 @@ def _merge_intervals(rows, start, end, full, num_rows: int) -> Runs:
     new_run = torch.ones(rows.numel(), dtype=torch.bool)
     new_run[1:] = (rows[1:] != rows[:-1]) | (start[1:] != end[:-1]) | (full[1:] != full[:-1])
     group = torch.cumsum(new_run.long(), 0) - 1
-    run_end = torch.zeros(int(group[-1]) + 1, dtype=end.dtype).scatter_reduce_(0, group, end, "amax", include_self=False)
+    run_end = torch.zeros(int(group[-1]) + 1, dtype=end.dtype).scatter_reduce_(
+        0, group, end, "amax", include_self=False
+    )
     return _runs(rows[new_run], start[new_run], run_end, full[new_run], num_rows)
 
 
@@ -108,15 +109,15 @@ def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensor
     kept: list[tuple] = []  # (qb0, qb1, kb0, kb1, full) rectangles of final state
     undecided: list[tuple[torch.Tensor, torch.Tensor]] = []
     while qb0.numel():
-        label = L.classify(mask, L.Rects(q, k, qb0, qb1, kb0, kb1))
+        label = labels.classify(mask, labels.Rects(q, k, qb0, qb1, kb0, kb1))
         single = (qb1 - qb0 == 1) & (kb1 - kb0 == 1)
-        full = label == L.F
+        full = label == labels.F
         kept.append((qb0[full], qb1[full], kb0[full], kb1[full], True))
-        mixed = single & (label == L.M)
+        mixed = single & (label == labels.M)
         kept.append((qb0[mixed], qb1[mixed], kb0[mixed], kb1[mixed], False))
-        unsure = single & ((label == L.N) | (label == L.U))
+        unsure = single & ((label == labels.N) | (label == labels.U))
         undecided.append((qb0[unsure], kb0[unsure]))
-        split = ~single & (label != L.E) & (label != L.F)
+        split = ~single & (label != labels.E) & (label != labels.F)
         qb0, qb1, kb0, kb1 = _split(qb0[split], qb1[split], kb0[split], kb1[split])
     rows, starts, ends, fulls = [], [], [], []
     for a0, a1, c0, c1, is_full in kept:
@@ -273,7 +274,12 @@ class BlockSchedule:
             prow, pcol = rows[partial], cols[partial]
             for i in range(0, prow.numel(), EVAL_CHUNK):
                 allowed, valid = pair_mask(
-                    pattern, self.q_geometry, self.k_geometry, prow[i : i + EVAL_CHUNK], pcol[i : i + EVAL_CHUNK], self.tensors
+                    pattern,
+                    self.q_geometry,
+                    self.k_geometry,
+                    prow[i : i + EVAL_CHUNK],
+                    pcol[i : i + EVAL_CHUNK],
+                    self.tensors,
                 )
                 total += int((allowed & valid).sum())
             per_group.append(total)
@@ -308,5 +314,3 @@ def build_schedule(
     k = Geometry(lk, block_k, 0, perm)
     groups = [build_runs(p, q, k, tensors) for p in patterns]
     return BlockSchedule(lq, lk, block_q, block_k, list(head_group), groups, list(patterns), q, k, tensors, layout)
-
-

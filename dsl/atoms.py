@@ -480,6 +480,7 @@ def check_modifier(sig: Signature, args: dict, frame: Frame, call: ast.Call) -> 
             raise MaskTypeError("polyline takes either alpha and beta, or decay, not both", call.span)
         if args["decay"] is None and frame.ndim != 2:
             raise MaskTypeError(
-                f"polyline(alpha, beta) needs a 2-D grid (add 'on grid(h, w)'); here the tokens have {axes_phrase(frame.ndim)}",
+                "polyline(alpha, beta) needs a 2-D grid (add 'on grid(h, w)'); "
+                f"here the tokens have {axes_phrase(frame.ndim)}",
                 call.span,
             )

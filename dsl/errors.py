@@ -69,11 +69,12 @@ class MaskError(ValueError):
         head = f"{where}:{self.span.line}:{self.span.column}: {self.message}"
         if self.source is None:
             return head
-        lines = self.source.splitlines() or [""]
+        # Lines end at "\n" only, as the parser counts them (not at "\f", "\v", ...).
+        lines = self.source.split("\n")
         if self.span.line > len(lines):
             text = ""
         else:
-            text = lines[self.span.line - 1]
+            text = lines[self.span.line - 1].rstrip("\r")
         width = 1
         if self.span.end_line == self.span.line:
             width = max(1, self.span.end_column - self.span.column)
@@ -85,7 +86,10 @@ class MaskError(ValueError):
         width = min(width, 100 - column + 1)
         gutter = f"{self.span.line:>4} | "
         caret = " " * (len(gutter) + column - 1) + "^" * max(1, width)
-        return f"{head}\n{gutter}{text.expandtabs(1)}\n{caret}"
+        # One printable character per column keeps the caret aligned (tabs included)
+        # and keeps control characters from the spec out of the terminal.
+        text = "".join(c if c.isprintable() else " " for c in text)
+        return f"{head}\n{gutter}{text}\n{caret}"
 
     def __str__(self) -> str:
         return self.args[0]

@@ -225,7 +225,9 @@ def _additive(m: ir.Modifier, qp, kp, t: Tensors) -> torch.Tensor:
             slopes = t.get(m.tensor)
             heads = t.instance.sizes.heads
             if slopes.shape != (heads,):
-                raise MaskTypeError(f"tensor '{m.tensor}' (ALiBi slopes) must have shape [{heads}], got {list(slopes.shape)}")
+                raise MaskTypeError(
+                    f"tensor '{m.tensor}' (ALiBi slopes) must have shape [{heads}], got {list(slopes.shape)}"
+                )
             slope = slopes[m.head]
         else:
             slope = torch.tensor(m.slope, dtype=torch.float64)
@@ -333,4 +335,3 @@ def scores(instance: Instance, tensors: Tensors, logits: torch.Tensor) -> torch.
         terms = [(kind, v.to(logits.device) if isinstance(v, torch.Tensor) else v) for kind, v in group_terms[g]]
         heads.append(apply_terms(logits[:, h], terms))
     return torch.stack(heads, dim=1)
-

@@ -8,6 +8,7 @@ for one head and builds the `ir` tree.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Callable
@@ -16,9 +17,30 @@ from dataclasses import dataclass
 from . import ast, ir
 from .atoms import ATOMS, MODIFIERS, Frame, Lowering, axes_phrase, bind, check_modifier, check_relations
 from .errors import MaskError, MaskTypeError, Span
-from .values import INT, Env, RangeVal, TensorRef, Unknown, evaluate, is_bool, is_int, is_number, known, type_name
+from .values import (
+    INT,
+    Env,
+    RangeVal,
+    TensorRef,
+    Unknown,
+    evaluate,
+    is_bool,
+    is_int,
+    is_number,
+    known,
+    type_name,
+)
 
 BUILTIN_NAMES = ("head", "heads", "lq", "lk")
+
+# Guards that keep any spec, however written, from exhausting time, memory or
+# Python's stack: how many sub-patterns a pattern may expand to once the
+# patterns it calls are inlined (p1 = p0 | p0, p2 = p1 | p1, ... doubles each
+# time), how deeply expressions and pattern calls may nest, and the largest
+# number the instantiated pattern may hold (block sizes and windows multiply).
+MAX_EXPANSION = 50_000
+MAX_NESTING = 300
+MAX_IR_INT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,8 @@ class Walker:
         self.grids: list[tuple[int, ...]] = []  # grids laid over the token sequence itself
         self.stack: list[str] = []
         self.seen: set = set()
+        self.steps = 0  # sub-patterns visited (MAX_EXPANSION)
+        self.depth = 0  # nested expr/call/body frames (MAX_NESTING)
 
     # -------------------------------------------------------------- entry
 
@@ -99,7 +123,16 @@ class Walker:
         s = self.sizes
         return {"head": self.head, "heads": s.heads, "lq": s.lq, "lk": s.lk}
 
+    def _enter(self, span: Span | None) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise MaskTypeError(
+                f"the pattern nests more than {MAX_NESTING} levels deep, counting the patterns it calls",
+                span,
+            )
+
     def body(self, body: ast.Body, env: Env, frame: Frame, unit: Unit) -> ir.Mask:
+        self._enter(body.span)
         try:
             if body.grid is not None:
                 frame = self.grid(body.grid, body.span, env, frame)
@@ -109,10 +142,26 @@ class Walker:
             return mask
         except MaskError as e:
             raise e.with_source(unit.source, unit.filename) from None
+        finally:
+            self.depth -= 1
 
     # -------------------------------------------------------------- patterns
 
     def expr(self, node: object, env: Env, frame: Frame, unit: Unit) -> ir.Mask:
+        span = getattr(node, "span", None)
+        self.steps += 1
+        if self.steps > MAX_EXPANSION:
+            raise MaskTypeError(
+                f"the pattern expands to more than {MAX_EXPANSION} sub-patterns once the patterns it calls are inlined",
+                span,
+            )
+        self._enter(span)
+        try:
+            return self._expr(node, env, frame, unit)
+        finally:
+            self.depth -= 1
+
+    def _expr(self, node: object, env: Env, frame: Frame, unit: Unit) -> ir.Mask:
         if isinstance(node, ast.SetOp):
             left = self.expr(node.left, env, frame, unit)
             right = self.expr(node.right, env, frame, unit)
@@ -203,7 +252,11 @@ class Walker:
             expected = 0
             for start, stop, case in ordered:
                 if start != expected:
-                    problem = "overlaps the previous range" if start < expected else f"leaves heads {expected} .. {start} uncovered"
+                    problem = (
+                        "overlaps the previous range"
+                        if start < expected
+                        else f"leaves heads {expected} .. {start} uncovered"
+                    )
                     raise MaskTypeError(f"head range {start} .. {stop} {problem}", case.span)
                 expected = stop
             if not self.static and expected != self.sizes.heads:
@@ -229,7 +282,7 @@ class Walker:
             check_relations(sig, args)
             if self.static:
                 return ir.Const(False)
-            return sig.build(args, frame, Lowering(self.head, self.sizes.heads))
+            return _fits_int64(sig.build(args, frame, Lowering(self.head, self.sizes.heads)), node)
         if node.name in MODIFIERS:
             raise MaskTypeError(
                 f"'{node.name}' is a modifier: write it after 'with' (all with {node.name}(...))",
@@ -353,7 +406,7 @@ class Walker:
         args = bind(sig, node, self.args(node, env), frame)
         check_modifier(sig, args, frame, node)
         if not self.static:
-            self.modifiers.append(sig.build(args, frame, Lowering(self.head, self.sizes.heads)))
+            self.modifiers.append(_fits_int64(sig.build(args, frame, Lowering(self.head, self.sizes.heads)), node))
 
 
 def _check_param(
@@ -390,6 +443,32 @@ def _check_param(
     if isinstance(value, (RangeVal,)) or (isinstance(value, Unknown) and value.type not in ("int", "bool", "float")):
         raise MaskTypeError(f"parameter '{param.name}' cannot hold a {type_name(value)}", span)
     return value
+
+
+def _fits_int64(node: object, call: ast.Call) -> object:
+    """`node` (an `ir` tree built for `call`) if every integer in it fits in 64 bits.
+
+    Arguments are limited one by one (values.INT_LIMIT), but an atom multiplies
+    them (dilated: w * d) and nested `on blocks` multiply block sizes into the
+    coordinates atoms read, so the products are checked here, once, for all atoms.
+    """
+    stack = [node]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, bool) or x is None:
+            continue
+        if isinstance(x, int):
+            if abs(x) > MAX_IR_INT:
+                raise MaskTypeError(
+                    f"{call.name}() here needs the number {x}, which does not fit in 64 bits "
+                    "(its arguments and the enclosing block sizes multiply)",
+                    call.span,
+                )
+        elif isinstance(x, tuple):
+            stack.extend(x)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            stack.extend(getattr(x, f.name) for f in dataclasses.fields(x) if f.name != "span")
+    return node
 
 
 def _first_use(body: ast.Body, name: str) -> Span:

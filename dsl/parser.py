@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from importlib import resources
 
 import lark
@@ -60,8 +61,23 @@ def _span_of(meta_or_token) -> Span:
     )
 
 
+# Longer literals could not even be converted (Python limits int() to 4300
+# digits); any literal past 19 digits is rejected later as too large anyway.
+MAX_INT_DIGITS = 1000
+
+
 def _parse_int(token: Token) -> int:
-    return int(str(token))
+    digits = str(token).lstrip("0") or "0"
+    if len(digits) > MAX_INT_DIGITS:
+        raise _Positioned(f"the number has {len(digits)} digits; it is too large", _span_of(token))
+    return int(digits)
+
+
+def _parse_float(token: Token) -> float:
+    value = float(str(token))
+    if not math.isfinite(value):
+        raise _Positioned(f"the number {str(token)[:40]} is too large for a float", _span_of(token))
+    return value
 
 
 @v_args(meta=True)
@@ -141,9 +157,7 @@ class _ToAst(Transformer):
 
     def call(self, meta, children):
         name, *args = children
-        args = tuple(
-            a if isinstance(a, ast.Arg) else ast.Arg(None, a, a.span) for a in args if a is not None
-        )
+        args = tuple(a if isinstance(a, ast.Arg) else ast.Arg(None, a, a.span) for a in args if a is not None)
         return ast.Call(str(name), args, _span_of(meta))
 
     def kwarg(self, meta, children):
@@ -187,7 +201,7 @@ class _ToAst(Transformer):
         return ast.IntLit(_parse_int(children[0]), _span_of(meta))
 
     def float_lit(self, meta, children):
-        return ast.FloatLit(float(str(children[0])), _span_of(meta))
+        return ast.FloatLit(_parse_float(children[0]), _span_of(meta))
 
     def true_lit(self, meta, children):
         return ast.BoolLit(True, _span_of(meta))
@@ -222,6 +236,15 @@ class _Positioned(Exception):
 
 def _join(a: Span, b: Span) -> Span:
     return Span(a.line, a.column, b.end_line, b.end_column)
+
+
+def _end_span(text: str) -> Span:
+    """Just after the last line with text on it (lines end at '\n' only, as lark counts them)."""
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    while len(lines) > 1 and not lines[-1].strip():
+        lines.pop()
+    col = len(lines[-1]) + 1
+    return Span(len(lines), col, len(lines), col + 1)
 
 
 def _terminal_name(terminal: str) -> str:
@@ -261,18 +284,12 @@ def parse(text: str, filename: str | None = None) -> ast.Module:
     except lark.UnexpectedToken as e:
         tok = e.token
         if tok.type == "$END":
-            lines = text.splitlines() or [""]
-            line = len(lines)
-            col = len(lines[-1]) + 1
-            span = Span(line, col, line, col + 1)
-            err = MaskSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}", span)
+            err = MaskSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}", _end_span(text))
         else:
             span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
             err = MaskSyntaxError(f"unexpected {str(tok)!r}; expected {_expected(e.expected)}", span)
     except lark.UnexpectedEOF as e:
-        lines = text.splitlines() or [""]
-        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-        err = MaskSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}", span)
+        err = MaskSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}", _end_span(text))
     except lark.exceptions.VisitError as e:
         inner = e.orig_exc
         if isinstance(inner, _Positioned):

@@ -148,10 +148,7 @@ def _value(v: object, min_prec: int) -> str:
         text = f"% {_value(v.modulus, _SUM_PREC)} == {_value(v.residue, _SUM_PREC)}"
     elif isinstance(v, ast.ModIn):
         prec = _RANGE_PREC
-        text = (
-            f"% {_value(v.modulus, _SUM_PREC)} in "
-            f"{_value(v.start, _SUM_PREC)} .. {_value(v.stop, _SUM_PREC)}"
-        )
+        text = f"% {_value(v.modulus, _SUM_PREC)} in {_value(v.start, _SUM_PREC)} .. {_value(v.stop, _SUM_PREC)}"
     else:
         raise TypeError(f"not a value: {v!r}")
     return f"({text})" if prec < min_prec else text

@@ -15,7 +15,7 @@ from . import ast, ir
 from .errors import MaskSyntaxError, MaskTypeError, Span
 from .lower import BUILTIN_NAMES, Definition, Sizes, Unit, Walker, free_names
 from .parser import parse
-from .values import INT, Env, Unknown, type_name
+from .values import INT, INT_LIMIT, Env, Unknown, type_name
 
 LibraryLookup = Callable[[str], "Definition | None"]
 
@@ -243,6 +243,8 @@ def load(
     params = dict(params or {})
     definition: Definition | None
     if pattern is not None:
+        if not isinstance(pattern, str):
+            raise MaskTypeError(f"pattern= takes a pattern's name, not {type(pattern).__name__}")
         if pattern not in local:
             names = ", ".join(local) or "none"
             raise MaskTypeError(f"the spec defines no pattern '{pattern}' (it defines: {names})")
@@ -278,13 +280,13 @@ def _check_params(d: ast.PatternDef, unit: Unit) -> None:
         if p.name in seen:
             raise MaskTypeError(f"parameter '{p.name}' appears twice", p.span).with_source(unit.source, unit.filename)
         if p.name in BUILTIN_NAMES:
-            raise MaskTypeError(
-                f"'{p.name}' is a built-in name and cannot be a parameter", p.span
-            ).with_source(unit.source, unit.filename)
+            raise MaskTypeError(f"'{p.name}' is a built-in name and cannot be a parameter", p.span).with_source(
+                unit.source, unit.filename
+            )
         if p.type == "tensor" and p.default is not None:
-            raise MaskTypeError(
-                f"tensor parameter '{p.name}' cannot have a default", p.span
-            ).with_source(unit.source, unit.filename)
+            raise MaskTypeError(f"tensor parameter '{p.name}' cannot have a default", p.span).with_source(
+                unit.source, unit.filename
+            )
         seen.add(p.name)
 
 
@@ -297,8 +299,12 @@ def _check_given_params(definition: Definition | None, params: dict[str, object]
         p = declared[name]
         if p.type == "tensor":
             raise MaskTypeError(f"'{name}' is a tensor parameter: pass it when calling the pattern")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))
         ):
             if not (isinstance(value, bool) and (p.type == "bool" or isinstance(p.default, ast.BoolLit))):
                 raise MaskTypeError(f"parameter '{name}' must be a number or bool, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+            raise MaskTypeError(f"parameter '{name}' = {value} is too large (limit ±2**62)")

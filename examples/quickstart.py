@@ -1,9 +1,9 @@
 """Compile a pattern, draw it, run attention with it, and compare with the dense reference."""
 
 import torch
+from maskc.dsl import evaluate
 
 import maskc
-from maskc.dsl import evaluate
 from maskc.picture import ascii_picture, reduce_mask
 
 SPEC = "causal & (window(63, 0) | sink(4))"  # StreamingLLM: 4 sinks + a 64-token causal window
@@ -24,4 +24,6 @@ q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
 out = natten(q, k, v, h=16, w=16)
 ref = natten.reference(q, k, v, h=16, w=16)
 allowed = natten.mask(256, h=16, w=16)
-print(f"natten2d(k=7) on 16x16: {int(allowed.sum())} allowed pairs of {256 * 256}, max |out - reference| = {(out - ref).abs().max():.2e}")
+print(
+    f"natten2d(k=7) on 16x16: {int(allowed.sum())} allowed pairs of {256 * 256}, max |out - reference| = {(out - ref).abs().max():.2e}"
+)

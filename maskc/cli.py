@@ -10,11 +10,11 @@ import torch
 
 import maskc
 from maskc import patterns as library
+from maskc.codegen import plan
+from maskc.codegen.irtext import pattern_text
 from maskc.dsl import evaluate, parse, printer
 from maskc.dsl.errors import MaskError
 from maskc.dsl.spec import load
-from maskc.codegen import plan
-from maskc.codegen.irtext import pattern_text
 from maskc.picture import _ranges, ascii_picture, reduce_mask, schedule_picture, write_png, write_schedule_png
 
 
@@ -102,7 +102,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         tensors = evaluate.Tensors(data, instance)
         if args.schedule:
             sched = program.schedule(
-                args.lq, args.lk, block_q=args.block, block_k=args.block, heads=args.heads, layout=args.layout, **sizes, **data
+                args.lq,
+                args.lk,
+                block_q=args.block,
+                block_k=args.block,
+                heads=args.heads,
+                layout=args.layout,
+                **sizes,
+                **data,
             )
         else:
             reduced = reduce_mask(instance, tensors, max_cells=args.width)
@@ -110,6 +117,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(str(e), file=sys.stderr)
         return 1
     print(program.source().rstrip())
+    if program.params:
+        print(f"(parameters: {', '.join(f'{k} = {v}' for k, v in program.params.items())})")
     if data:
         print(f"(random {', '.join(sorted(data))} with seed {args.seed})")
     if args.schedule:
@@ -127,7 +136,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     try:
-        program, instance, data, sizes = _program_and_instance(args)
+        _, instance, _, _ = _program_and_instance(args)
     except MaskError as e:
         print(str(e), file=sys.stderr)
         return 1

@@ -153,7 +153,7 @@ def schedule_picture(schedule, max_cells: int = 64) -> str:
     groups = {}
     for h, g in enumerate(schedule.head_group):
         groups.setdefault(g, []).append(h)
-    for g, heads in groups.items():
+    for heads in groups.values():
         grid = dense[heads[0]].long()
         # Rank states so one partial block marks its cell: empty 0 < full 1 < partial 2.
         rank = torch.tensor([0, 2, 1])[grid]

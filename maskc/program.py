@@ -33,15 +33,17 @@ def _read_spec(spec: str | os.PathLike, pattern: str | None) -> tuple[str, str |
         if pattern is not None and pattern != stripped:
             raise MaskError(f"'{stripped}' is a library pattern; pattern={pattern!r} does not apply")
         return definition.unit.source, definition.unit.filename, stripped
-    if stripped.endswith(".mask") and "\n" not in stripped:
+    if stripped.endswith(".mask") and "\n" not in stripped and "\x00" not in stripped:
         try:
-            return Path(stripped).read_text(), stripped, pattern
+            return Path(stripped).read_text(encoding="utf-8"), stripped, pattern
         except OSError as e:
-            raise MaskError(f"cannot read spec file {stripped}: {e.strerror}") from None
+            raise MaskError(f"cannot read spec file {stripped}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise MaskError(f"cannot read spec file {stripped}: it is not UTF-8 text (byte {e.start})") from None
     return spec, None, pattern
 
 
-def compile(spec: str | os.PathLike, *, pattern: str | None = None, **params) -> Program:  # noqa: A001
+def compile(spec: str | os.PathLike, *, pattern: str | None = None, **params) -> Program:
     """Parse and check a pattern; fix its parameters.
 
     `spec` is spec text (``"causal & window(256)"``), a path to a ``.mask``
@@ -261,9 +263,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, /, *
     probe = compile(spec)
     declared = {p.name for p in probe.spec.definition.node.params} if probe.spec.definition else set()
     tensor_params = set(probe.spec.tensor_params)
-    params = {
-        k_: v_ for k_, v_ in params_and_bindings.items() if k_ in declared and k_ not in tensor_params
-    }
+    params = {k_: v_ for k_, v_ in params_and_bindings.items() if k_ in declared and k_ not in tensor_params}
     rest = {k_: v_ for k_, v_ in params_and_bindings.items() if k_ not in params}
     program = compile(spec, **params) if params else probe
     return program(q, k, v, **rest)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
+from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.lower import Definition, Unit
 from maskc.dsl.parser import parse
-from maskc.dsl.errors import MaskTypeError
 
 
 @functools.cache
@@ -25,7 +25,8 @@ def _index() -> dict[str, Definition]:
         for d in parse(text, unit.filename).defs:
             if d.name in found:
                 raise MaskTypeError(
-                    f"library pattern '{d.name}' is defined in {found[d.name].unit.filename} and again here", d.span
+                    f"library pattern '{d.name}' is defined in {found[d.name].unit.filename} and again here",
+                    d.span,
                 ).with_source(text, unit.filename)
             found[d.name] = Definition(d, unit)
     return found

@@ -34,9 +34,11 @@ def has_module(python: Path | str, module: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--test", action="store_true", help="also install the test tools (pytest, hypothesis, triton, ruff)")
+    parser.add_argument(
+        "--test", action="store_true", help="also install the test tools (pytest, hypothesis, triton, ruff)"
+    )
     args = parser.parse_args()
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - say so clearly on an old interpreter
         sys.exit(f"maskc needs Python >= 3.10; this is {sys.version.split()[0]}")
     python = VENV / "bin" / "python"
     if not python.exists():

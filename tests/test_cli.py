@@ -1,0 +1,203 @@
+"""The `maskc` command line: check, show, patterns, --version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import maskc
+from maskc import cli
+
+
+def picture_rows(out: str) -> list[str]:
+    """The rows of every ASCII panel: lines between '|' borders."""
+    return [line[1:-1] for line in out.splitlines() if len(line) >= 2 and line[0] == "|" and line[-1] == "|"]
+
+
+def hand_rows(lq, lk, pred):
+    off = lk - lq
+    return ["".join("#" if pred(i + off, j) else " " for j in range(lk)) for i in range(lq)]
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_check_ok(tmp_path, capsys):
+    path = tmp_path / "good.mask"
+    path.write_text("pattern a() = causal\npattern b(w = 2) on grid(h, w2) = window(w)\n")
+    assert cli.main(["check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert str(path) in captured.out
+    assert "ok" in captured.out
+    assert "2 patterns" in captured.out
+    assert captured.err == ""
+
+
+def test_check_error_has_caret(tmp_path, capsys):
+    path = tmp_path / "bad.mask"
+    bad_line = "pattern b() = causal & window(-1)"
+    path.write_text("pattern a() = causal\n" + bad_line + "\n")
+    assert cli.main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:2:" in err
+    lines = err.splitlines()
+    quoted = next(i for i, line in enumerate(lines) if line.endswith(bad_line))
+    caret_line = lines[quoted + 1]
+    start = lines[quoted].index(bad_line)
+    # the caret sits under the offending argument "-1"
+    assert caret_line.index("^") == start + bad_line.index("-1")
+    assert set(caret_line.strip()) == {"^"}
+    assert "Traceback" not in err
+
+
+def test_check_syntax_error(tmp_path, capsys):
+    path = tmp_path / "syntax.mask"
+    path.write_text("causal &\n")
+    assert cli.main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:1:" in err
+    assert "^" in err
+
+
+def test_check_several_files_and_missing_file(tmp_path, capsys):
+    good = tmp_path / "good.mask"
+    good.write_text("causal & window(3)\n")
+    bad = tmp_path / "bad.mask"
+    bad.write_text("window(1) | nosuchthing(2)\n")
+    assert cli.main(["check", str(good)]) == 0
+    assert cli.main(["check", str(good), str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert "nosuchthing" in captured.err
+    assert cli.main(["check", str(tmp_path / "absent.mask")]) == 1
+    assert "absent.mask" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- show
+
+
+def test_show_small_picture(capsys):
+    assert cli.main(["show", "causal & window(3) | sink(2)", "--lq", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "causal & window(3) | sink(2)" in out
+    assert picture_rows(out) == hand_rows(12, 12, lambda q, k: (k <= q and q - k <= 3) or k < 2)
+    assert "downsampled" not in out
+
+
+def test_show_rectangular(capsys):
+    assert cli.main(["show", "causal", "--lq", "3", "--lk", "6"]) == 0
+    out = capsys.readouterr().out
+    assert picture_rows(out) == ["####  ", "##### ", "######"]
+
+
+def test_show_downsampled(capsys):
+    assert cli.main(["show", "causal", "--lq", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "downsampled" in out
+    assert "4 x 4" in out  # 256 positions on 64 characters
+    rows = picture_rows(out)
+    assert len(rows) == 64 and all(len(r) == 64 for r in rows)
+    # a 4 x 4 cell on the diagonal holds 10 of 16 causal pairs: "half or more"
+    for i, row in enumerate(rows):
+        assert row == "#" * i + "o" + " " * (63 - i)
+
+
+def test_show_width_option(capsys):
+    assert cli.main(["show", "window(1)", "--lq", "40", "--width", "10"]) == 0
+    rows = picture_rows(capsys.readouterr().out)
+    assert len(rows) == 10 and all(len(r) == 10 for r in rows)
+
+
+def test_show_grid_sizes_and_params(capsys):
+    assert cli.main(["show", "natten2d", "--lq", "16", "--set", "h=4", "--set", "w=4", "--set", "k=3"]) == 0
+    out = capsys.readouterr().out
+    # the parameter that was set is shown, not only the definition's default (k = 7)
+    assert "k = 3" in out
+    rows = picture_rows(out)
+
+    def axis(a, b):
+        start = min(max(a - 1, 0), 1)
+        return start <= b < start + 3
+
+    assert rows == hand_rows(16, 16, lambda q, k: axis(q // 4, k // 4) and axis(q % 4, k % 4))
+
+
+def test_show_per_head(capsys):
+    assert cli.main(["show", "heads { 0 .. 1: causal; 1 .. 3: all }", "--lq", "3", "--heads", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "heads 0:" in out
+    assert "heads 1-2:" in out
+    assert picture_rows(out) == ["#  ", "## ", "###", "###", "###", "###"]
+
+
+def test_show_png(tmp_path, capsys):
+    from PIL import Image
+
+    png = tmp_path / "mask.png"
+    assert cli.main(["show", "causal", "--lq", "8", "--png", str(png)]) == 0
+    assert str(png) in capsys.readouterr().out
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(png)
+    img.load()
+    assert img.format == "PNG"
+    w, h = img.size
+    assert w == h and w >= 8
+    gray = img.convert("L")
+    # allowed pairs are dark: the bottom-left corner is allowed, the top-right is not
+    assert gray.getpixel((1, h - 2)) < 64
+    assert gray.getpixel((w - 2, 1)) > 192
+
+
+def test_show_bad_spec(capsys):
+    assert cli.main(["show", "window(-1)", "--lq", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "^" in err and ">= 0" in err
+    assert cli.main(["show", "natten2d", "--lq", "16", "--set", "h=5"]) == 1
+    assert capsys.readouterr().err
+
+
+def test_show_bad_set_value():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["show", "causal", "--lq", "4", "--set", "w=abc"])
+    assert e.value.code != 0
+
+
+def test_show_dynamic_pattern_uses_random_tensors(capsys):
+    spec = "pattern p(ids: tensor) = segments(ids) & causal"
+    assert cli.main(["show", spec, "--lq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "seed" in out
+    rows = picture_rows(out)
+    assert len(rows) == 8
+    # whatever the random documents, the picture is causal with a full diagonal
+    for i, row in enumerate(rows):
+        assert row[i] == "#" and row[i + 1 :].strip() == ""
+
+
+# ---------------------------------------------------------------- patterns and version
+
+
+def test_patterns_lists_the_library(capsys):
+    assert cli.main(["patterns"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    from maskc import patterns
+
+    names = patterns.names()
+    assert {"mistral", "natten2d", "longformer", "streaming"} <= set(names)
+    for name in names:
+        assert any(line.startswith(name + "(") for line in lines), name
+    mistral = next(line for line in lines if line.startswith("mistral("))
+    assert "w = 4096" in mistral
+    natten = next(line for line in lines if line.startswith("natten2d("))
+    assert "on grid(h, w)" in natten
+
+
+def test_version_subprocess():
+    result = subprocess.run(
+        [sys.executable, "-m", "maskc", "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"maskc {maskc.__version__}"
