@@ -39,11 +39,15 @@ class MaskError(ValueError):
 
     @property
     def line(self) -> int | None:
-        return self.span.line if self.span else None
+        return self.span.line if self._located() else None
 
     @property
     def column(self) -> int | None:
-        return self.span.column if self.span else None
+        return self.span.column if self._located() else None
+
+    def _located(self) -> bool:
+        # Nodes built outside the parser carry the empty span (line 0).
+        return self.span is not None and self.span.line >= 1
 
     def with_source(self, source: str, filename: str | None = None) -> MaskError:
         """Attach the spec text (once known) so the message can quote it."""
@@ -64,7 +68,7 @@ class MaskError(ValueError):
 
     def _render_location(self) -> str:
         where = self.filename or "<spec>"
-        if self.span is None:
+        if not self._located():
             return f"{where}: {self.message}"
         head = f"{where}:{self.span.line}:{self.span.column}: {self.message}"
         if self.source is None:
@@ -79,11 +83,15 @@ class MaskError(ValueError):
         if self.span.end_line == self.span.line:
             width = max(1, self.span.end_column - self.span.column)
         width = min(width, max(1, len(text) - self.span.column + 1))
-        # Quote at most ~100 characters of a long line, centred on the problem.
-        start = max(0, self.span.column - 1 - 50)
-        text = text[start : start + 100]
-        column = self.span.column - start
-        width = min(width, 100 - column + 1)
+        # Quote at most 100 characters of a long line, around the problem.
+        column = self.span.column
+        if len(text) > 100:
+            start = max(0, min(column - 1 - 50, len(text) - 100))
+            before = "..." if start > 0 else ""
+            after = "..." if start + 100 < len(text) else ""
+            text = before + text[start : start + 100] + after
+            column = column - start + len(before)
+            width = min(width, len(before) + 100 - column + 1)
         gutter = f"{self.span.line:>4} | "
         caret = " " * (len(gutter) + column - 1) + "^" * max(1, width)
         # One printable character per column keeps the caret aligned (tabs included)

@@ -135,7 +135,9 @@ class Walker:
         self._enter(body.span)
         try:
             if body.grid is not None:
-                frame = self.grid(body.grid, body.span, env, frame)
+                first, last = body.grid[0].span, body.grid[-1].span
+                grid_span = Span(first.line, first.column, last.end_line, last.end_column)
+                frame = self.grid(body.grid, grid_span, env, frame)
             mask = self.expr(body.expr, env, frame, unit)
             for call in body.modifiers:
                 self.modifier(call, env, frame)
@@ -293,7 +295,7 @@ class Walker:
             names = [*ATOMS, *self.known_patterns()]
             close = difflib.get_close_matches(node.name, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise MaskTypeError(f"unknown pattern '{node.name}'{hint}", node.span)
+            raise MaskTypeError(f"unknown pattern '{node.name}'{hint}", _name_of(node))
         if node.name in self.stack:
             chain = " -> ".join([*self.stack[self.stack.index(node.name) :], node.name])
             raise MaskTypeError(f"pattern '{node.name}' calls itself ({chain})", node.span)
@@ -402,7 +404,7 @@ class Walker:
                 )
             close = difflib.get_close_matches(node.name, list(MODIFIERS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise MaskTypeError(f"unknown modifier '{node.name}'{hint}", node.span)
+            raise MaskTypeError(f"unknown modifier '{node.name}'{hint}", _name_of(node))
         args = bind(sig, node, self.args(node, env), frame)
         check_modifier(sig, args, frame, node)
         if not self.static:
@@ -419,9 +421,14 @@ def _check_param(
 ) -> object:
     declared = param.type
     if declared is None and param.default is not None:
-        declared = None  # the default's own type
+        # The default's own kind: a number literal takes numbers, true/false takes
+        # bools (so `streaming(w = true)` is reported where it is written).
+        declared = _literal_kind(param.default)
     ok = True
-    if declared == "int" or (declared is None and param.default is None):
+    if declared == "number":
+        ok = is_number(value)
+        declared = "a number"
+    elif declared == "int" or (declared is None and param.default is None):
         ok = is_int(value)
         declared = "int"
     elif declared == "bool":
@@ -443,6 +450,22 @@ def _check_param(
     if isinstance(value, (RangeVal,)) or (isinstance(value, Unknown) and value.type not in ("int", "bool", "float")):
         raise MaskTypeError(f"parameter '{param.name}' cannot hold a {type_name(value)}", span)
     return value
+
+
+def _literal_kind(default: object) -> str | None:
+    while isinstance(default, ast.Negate):
+        default = default.operand
+    if isinstance(default, ast.BoolLit):
+        return "bool"
+    if isinstance(default, (ast.IntLit, ast.FloatLit)):
+        return "number"
+    return None
+
+
+def _name_of(call: ast.Call) -> Span:
+    """The span of a call's name alone (a call starts with its name)."""
+    s = call.span
+    return Span(s.line, s.column, s.line, s.column + len(call.name)) if s.line else s
 
 
 def _fits_int64(node: object, call: ast.Call) -> object:

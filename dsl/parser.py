@@ -95,9 +95,10 @@ class _ToAst(Transformer):
         params = tuple(p for p in params if p is not None)
         if grid is not None:
             if body.grid is not None:
+                first, last = body.grid[0].span, body.grid[-1].span
                 raise _Positioned(
                     "a pattern takes one grid: in its header or after its body, not both",
-                    _span_of(meta),
+                    Span(first.line, first.column, last.end_line, last.end_column),
                 )
             body = ast.Body(body.expr, body.modifiers, grid.sizes, body.span)
         return ast.PatternDef(str(name), params, body, _span_of(meta))
@@ -277,10 +278,10 @@ def parse(text: str, filename: str | None = None) -> ast.Module:
         return module
     except lark.UnexpectedCharacters as e:
         char = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
-        err = MaskSyntaxError(
-            f"unexpected character {char!r}",
-            Span(e.line, e.column, e.line, e.column + 1),
-        )
+        message = f"unexpected character {char!r}"
+        if char == '"':
+            message = "a string must end with '\"' on the line where it starts"
+        err = MaskSyntaxError(message, Span(e.line, e.column, e.line, e.column + 1))
     except lark.UnexpectedToken as e:
         tok = e.token
         if tok.type == "$END":

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import ast, ir
-from .errors import MaskSyntaxError, MaskTypeError, Span
+from .errors import MaskError, MaskSyntaxError, MaskTypeError, Span
 from .lower import BUILTIN_NAMES, Definition, Sizes, Unit, Walker, free_names
 from .parser import parse
 from .values import INT, INT_LIMIT, Env, Unknown, type_name
@@ -116,15 +116,20 @@ class Spec:
                 env_names[name] = sizes.names[name] if sizes else INT
             env = Env(env_names)
         else:
-            given = {k: (v, Span(0, 0, 0, 0)) for k, v in self.params.items()}
+            # Values given to compile(**params) are reported at their parameter.
+            spans = {p.name: p.span for p in self.definition.node.params}
+            given = {k: (v, spans[k]) for k, v in self.params.items()}
             if sizes is not None:
                 self._require_sizes(sizes)
-            env = walker.definition_env(
-                self.definition,
-                given,
-                self.definition.node.span,
-                missing=lambda p: sizes.names[p.name] if sizes else Unknown(p.type or "int"),
-            )
+            try:
+                env = walker.definition_env(
+                    self.definition,
+                    given,
+                    self.definition.node.span,
+                    missing=lambda p: sizes.names[p.name] if sizes else Unknown(p.type or "int"),
+                )
+            except MaskError as e:
+                raise e.with_source(self.definition.unit.source, self.definition.unit.filename) from None
         mask = walker.body(self.body, env, walker.top_frame(), self.unit)
         return ir.HeadPattern(mask, tuple(walker.modifiers)), walker.grids
 
@@ -197,8 +202,12 @@ class Spec:
         for name, value in (("lq", lq), ("lk", lk), ("heads", heads)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MaskTypeError(f"{name} must be a positive integer, got {value!r}")
+            if value > INT_LIMIT:
+                raise MaskTypeError(f"{name} = {value} is too large (limit 2**62)")
         if q_offset is None:
             q_offset = lk - lq
+        if not isinstance(q_offset, int) or isinstance(q_offset, bool) or abs(q_offset) > INT_LIMIT:
+            raise MaskTypeError(f"q_offset must be an integer within ±2**62, got {q_offset!r}")
         names = self.infer_sizes(lk, dict(sizes or {}))
         for name, value in names.items():
             if name not in self.bindable():
@@ -206,6 +215,8 @@ class Spec:
                 raise MaskTypeError(f"unknown binding '{name}' (this pattern binds: {allowed})")
             if not isinstance(value, int) or isinstance(value, bool):
                 raise MaskTypeError(f"binding '{name}' must be an integer, got {type_name(value)}")
+            if abs(value) > INT_LIMIT:
+                raise MaskTypeError(f"binding '{name}' = {value} is too large (limit ±2**62)")
         s = Sizes(lq, lk, heads, q_offset, names)
         patterns: list[ir.HeadPattern] = []
         index: dict[ir.HeadPattern, int] = {}
@@ -263,7 +274,18 @@ def load(
             f"the spec defines several patterns ({names}); choose one with pattern=...",
             module.defs[1].span,
         ).with_source(text, filename)
-    _check_given_params(definition, params)
+    try:
+        _check_given_params(definition, params)
+    except MaskTypeError as e:
+        # Point at the parameter, else at the definition that takes the parameters
+        # (or the bare expression, which takes none).
+        where = definition.unit if definition else unit
+        if e.span is None:
+            node = definition.node if definition else body
+            header = f"pattern {definition.node.name}" if definition else ""
+            end = node.span.column + len(header) if header else node.span.end_column
+            e.span = Span(node.span.line, node.span.column, node.span.line, end)
+        raise e.with_source(where.source, where.filename) from None
     return Spec(
         definition.node.name if definition else None,
         body,
@@ -298,13 +320,13 @@ def _check_given_params(definition: Definition | None, params: dict[str, object]
             raise MaskTypeError(f"the pattern has no parameter '{name}' (its parameters: {names})")
         p = declared[name]
         if p.type == "tensor":
-            raise MaskTypeError(f"'{name}' is a tensor parameter: pass it when calling the pattern")
+            raise MaskTypeError(f"'{name}' is a tensor parameter: pass it when calling the pattern", p.span)
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
             or (isinstance(value, float) and not math.isfinite(value))
         ):
             if not (isinstance(value, bool) and (p.type == "bool" or isinstance(p.default, ast.BoolLit))):
-                raise MaskTypeError(f"parameter '{name}' must be a number or bool, got {value!r}")
+                raise MaskTypeError(f"parameter '{name}' must be a number or bool, got {value!r}", p.span)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
-            raise MaskTypeError(f"parameter '{name}' = {value} is too large (limit ±2**62)")
+            raise MaskTypeError(f"parameter '{name}' = {value} is too large (limit ±2**62)", p.span)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 from pathlib import Path
@@ -14,6 +16,7 @@ from maskc.codegen.schedule import BlockSchedule
 from maskc.dsl import evaluate, ir, printer
 from maskc.dsl.errors import MaskError, MaskTypeError
 from maskc.dsl.spec import Instance, Spec, load
+from maskc.runtime import dispatch
 from maskc.runtime.reference import reference_attention
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -43,7 +46,7 @@ def _read_spec(spec: str | os.PathLike, pattern: str | None) -> tuple[str, str |
     return spec, None, pattern
 
 
-def compile(spec: str | os.PathLike, *, pattern: str | None = None, **params) -> Program:
+def compile(spec: str | os.PathLike, /, *, pattern: str | None = None, **params) -> Program:
     """Parse and check a pattern; fix its parameters.
 
     `spec` is spec text (``"causal & window(256)"``), a path to a ``.mask``
@@ -65,7 +68,35 @@ def compile(spec: str | os.PathLike, *, pattern: str | None = None, **params) ->
         library=library.lookup,
         library_names=library.names,
     )
+    _check_binding_names(checked)
     return Program(checked)
+
+
+def _check_binding_names(spec: Spec) -> None:
+    """Names bound when calling (grid sizes, parameters without defaults) are
+    passed as keyword arguments, so none may be one of the call's own arguments
+    (`batch`, `q_offset`, `v`, ...): `prog.mask(64, batch=2)` could not tell them apart."""
+    reserved = _call_arguments()
+    for name in spec.bindable():
+        if name in reserved:
+            kind = "parameter" if name in spec.call_params else "grid size"
+            params = spec.definition.node.params if spec.definition else ()
+            span = next((p.span for p in params if p.name == name), None) or spec._name_span(name)
+            raise MaskTypeError(
+                f"{kind} '{name}' is bound when calling, but '{name}' is an argument of the "
+                "call itself (Program.mask, Program.__call__, ...): rename it",
+                span,
+            ).with_source(spec.unit.source, spec.unit.filename)
+
+
+@functools.cache
+def _call_arguments() -> frozenset[str]:
+    names: set[str] = set(_DYNAMIC_TENSORS)
+    for method in (Program.mask, Program.reference, Program.__call__, Program.schedule, Program.instantiate):
+        for p in inspect.signature(method).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                names.add(p.name)
+    return frozenset(names)
 
 
 class Program:
@@ -202,9 +233,37 @@ class Program:
         instance, tensors = self._prepare(lq, lk, heads, q_offset, None, bindings)
         return plan.plan_schedule(instance, block_q, block_k, layout, tensors)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
-        """Attention with this pattern (for now: the dense reference)."""
-        return self.reference(q, k, v, **kwargs)
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        backend: str = "auto",
+        scale: float | None = None,
+        return_lse: bool = False,
+        q_offset: int | None = None,
+        **bindings,
+    ):
+        """Attention with this pattern, like `scaled_dot_product_attention`.
+
+        `backend`: "auto" (Triton on CUDA tensors, the CPU executor on CPU),
+        "triton" (on CPU tensors: the generated kernels under TRITON_INTERPRET=1),
+        "cpu", "flex" (FlexAttention with maskc's schedule) or "reference".
+        `return_lse=True` also returns the log-sum-exp per query row, float32
+        [batch, heads, lq], so results over key shards can be merged exactly.
+        """
+        return dispatch.run(
+            self,
+            q,
+            k,
+            v,
+            backend=backend,
+            scale=scale,
+            return_lse=return_lse,
+            q_offset=q_offset,
+            **bindings,
+        )
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,0 +1,98 @@
+"""`Program.__call__`: check inputs, pick a backend, lay tokens out, run.
+
+Backends take execution-order q, k, v and a `Prepared`, and return
+(out, lse): out like q (with v's head dim), lse float32 [batch, heads, lq]
+(-inf for rows with no allowed key).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+import torch
+
+from maskc.dsl.errors import MaskTypeError
+
+from .prepare import Prepared, prepare
+
+BACKENDS = ("auto", "triton", "cpu", "flex", "reference")
+
+# Block sizes each backend schedules with (query block, key block); Triton's depend on the head dim.
+BLOCKS = {"cpu": (64, 64), "flex": (128, 128)}
+
+_MODULES = {
+    "cpu": ("maskc.runtime.cpu", "cpu_attention"),
+    "flex": ("maskc.runtime.flex", "flex_backend"),
+    "triton": ("maskc.runtime.triton_backend", "triton_attention"),
+}
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if q.is_cuda else "cpu"
+    return backend
+
+
+def backend_function(name: str) -> Callable:
+    module, attr = _MODULES[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def blocks_for(name: str, q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+    if name == "triton":
+        from .triton_backend import config
+
+        c = config(max(q.shape[-1], v.shape[-1]), q.shape[2])
+        return c.block_q, c.block_k
+    return BLOCKS[name]
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    from maskc.program import check_qkv
+
+    check_qkv(q, k, v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise MaskTypeError(f"q, k, v must share a dtype: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise MaskTypeError(f"unsupported dtype {q.dtype}: use float16, bfloat16 or float32")
+
+
+def run(
+    program,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "auto",
+    scale: float | None = None,
+    return_lse: bool = False,
+    q_offset: int | None = None,
+    **bindings,
+):
+    check_inputs(q, k, v)
+    name = resolve_backend(backend, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if name == "reference":
+        return program.reference(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, **bindings)
+    block_q, block_k = blocks_for(name, q, v)
+    prepared = prepare(program, q, k, block_q, block_k, q_offset, bindings)
+    out, lse = run_prepared(name, q, k, v, prepared, scale)
+    return (out, lse) if return_lse else out
+
+
+def run_prepared(name: str, q, k, v, prepared: Prepared, scale: float):
+    """Permute into the schedule's token order, run the backend, permute back."""
+    perm = prepared.perm
+    if perm is not None:
+        perm = perm.to(q.device)
+        q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
+    out, lse = backend_function(name)(q, k, v, prepared, scale)
+    if perm is not None:
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        out, lse = out[:, :, inverse], lse[:, :, inverse]
+    return out, lse

@@ -1,0 +1,124 @@
+"""Everything a backend needs for one call: sizes, normal forms, schedule, tensors.
+
+Backends work in *execution order*: when the schedule carries a layout
+permutation, `run` (in `runtime.dispatch`) permutes q, k, v before the backend
+runs and restores the output's order after.  Block positions handed to the
+predicate are absolute positions of the original sequence, so the predicate
+never needs to know about layouts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from maskc.codegen import plan
+from maskc.codegen.schedule import BlockSchedule, Runs
+from maskc.dsl import evaluate, ir
+from maskc.dsl.spec import Instance
+
+
+@dataclass
+class Prepared:
+    instance: Instance
+    forms: list[ir.HeadPattern]  # normal form per head group (index = schedule group)
+    schedule: BlockSchedule
+    tensors: evaluate.Tensors
+    _block_masks: dict = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------ shapes
+
+    @property
+    def lq(self) -> int:
+        return self.instance.sizes.lq
+
+    @property
+    def lk(self) -> int:
+        return self.instance.sizes.lk
+
+    @property
+    def heads(self) -> int:
+        return self.instance.sizes.heads
+
+    @property
+    def head_group(self) -> list[int]:
+        return self.schedule.head_group
+
+    def group_heads(self, group: int) -> list[int]:
+        return [h for h, g in enumerate(self.head_group) if g == group]
+
+    @property
+    def block_q(self) -> int:
+        return self.schedule.block_q
+
+    @property
+    def block_k(self) -> int:
+        return self.schedule.block_k
+
+    @property
+    def perm(self) -> torch.Tensor | None:
+        """Execution order -> original token index (None: the given order)."""
+        return self.schedule.perm_q
+
+    def runs(self, group: int) -> Runs:
+        return self.schedule.groups[group]
+
+    def transposed_runs(self, group: int) -> Runs:
+        return self.schedule.transposed()[group]
+
+    # ------------------------------------------------------------ blocks
+
+    def block_positions(self, rows: torch.Tensor, cols: torch.Tensor):
+        """Absolute positions of query blocks `rows` and key blocks `cols`:
+        (qp [n, bq], q_valid [n, bq], kp [n, bk], k_valid [n, bk])."""
+        qp, qv = self.schedule.q_geometry.positions(rows)
+        kp, kv = self.schedule.k_geometry.positions(cols)
+        return qp, qv, kp, kv
+
+    def block_mask(self, group: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Allowed pairs of the given blocks, padding excluded: bool [n, bq, bk]
+        ([batch, n, bq, bk] for data-dependent patterns)."""
+        qp, qv, kp, kv = self.block_positions(rows, cols)
+        allowed = evaluate.mask(self.forms[group].mask, qp[:, :, None], kp[:, None, :], self.tensors)
+        return allowed & (qv[:, :, None] & kv[:, None, :])
+
+    def partial_block_mask(self, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, mask) of every partial block of a head group, computed once."""
+        if group not in self._block_masks:
+            rows, cols, full = self.runs(group).blocks()
+            rows, cols = rows[~full], cols[~full]
+            self._block_masks[group] = (rows, cols, self.block_mask(group, rows, cols))
+        return self._block_masks[group]
+
+    def modifiers(self, group: int) -> tuple[ir.Modifier, ...]:
+        return self.forms[group].modifiers
+
+    def apply_modifiers(self, group: int, scores: torch.Tensor, qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+        """Modified logits for scores [..., bq, bk] at absolute positions qp [..., bq, 1], kp [..., 1, bk]."""
+        terms = evaluate.modifier_terms(self.modifiers(group), qp, kp, self.tensors)
+        return evaluate.apply_terms(scores, terms)
+
+    def default_scale(self, dim: int) -> float:
+        return 1.0 / math.sqrt(dim)
+
+
+def prepare(
+    program,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    q_offset: int | None,
+    bindings: dict,
+    layout: str = "auto",
+) -> Prepared:
+    """Instantiate, normalise and schedule the program for these tensors."""
+    bindings = {"q": q, "k": k, **bindings}
+    instance, tensors = program._prepare(q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
+    forms = plan.normal_forms(instance)
+    if instance.sizes.lq != instance.sizes.lk or instance.dynamic:
+        layout = "rowmajor" if layout == "auto" else layout
+    schedule = plan.plan_schedule(instance, block_q, block_k, layout, tensors)
+    return Prepared(instance, forms, schedule, tensors)

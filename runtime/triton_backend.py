@@ -1,0 +1,302 @@
+"""The generated Triton kernels, launched from PyTorch, with autograd.
+
+One kernel file per distinct normal-form *structure* (heads that differ only
+in data share it); one launch per head group.  On CPU tensors the same files
+run under Triton's interpreter (`TRITON_INTERPRET=1` semantics).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import maskc
+from maskc.codegen.emit import KernelSource, emit
+from maskc.codegen.schedule import Runs
+from maskc.codegen.triton_exprs import Table
+from maskc.dsl import ir
+from maskc.dsl.dynamic import route_selection
+from maskc.dsl.errors import MaskTypeError
+from maskc.dsl.random_blocks import draw
+
+from . import cache
+from .prepare import Prepared
+
+SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "single"
+
+
+def padded_dim(d: int) -> int:
+    if not 1 <= d <= 256:
+        raise MaskTypeError(f"the Triton backend supports head dims 1 to 256, got {d}")
+    return max(16, 1 << (d - 1).bit_length())
+
+
+DECODE_ROWS = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes and warps, chosen with `ptxas -v` on sm_90a so that no kernel
+    spills, even with softcap, ALiBi and bias tables inlined (bench/kernels.py)."""
+
+    block_q: int
+    block_k: int
+    fwd_warps: int
+    bwd_warps: int
+
+
+def config(head_dim: int, lq: int) -> Config:
+    """Defaults per (padded) head dim; short query sequences take the decoding tile."""
+    wide = padded_dim(head_dim) > 64
+    block_k = 32 if wide else 64
+    if lq <= DECODE_ROWS:
+        return Config(DECODE_ROWS, block_k, 8 if wide else 4, 8 if wide else 4)
+    return Config(32, 32, 8, 8) if wide else Config(64, 64, 4, 8)
+
+
+def kernel_source(prepared: Prepared, group: int) -> KernelSource:
+    key = ("source", group)
+    if key not in prepared._block_masks:
+        title = prepared.title if hasattr(prepared, "title") else "pattern"
+        prepared._block_masks[key] = emit(
+            prepared.forms[group], title, prepared.block_q, prepared.block_k, maskc.__version__
+        )
+    return prepared._block_masks[key]
+
+
+def kernel_module(source: KernelSource, dtype: torch.dtype, interpret: bool):
+    key = cache.key_of(source.text, dtype_class(dtype), maskc.__version__)
+    return cache.load(key, source.text, interpret)
+
+
+def split_runs(runs: Runs, full: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CSR of only the full (or only the partial) runs."""
+    counts = (runs.row_ptr[1:] - runs.row_ptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(runs.rows), counts)
+    pick = runs.full == full
+    ptr = torch.zeros(runs.rows + 1, dtype=torch.int32)
+    ptr[1:] = torch.cumsum(torch.bincount(rows[pick], minlength=runs.rows), 0)
+    return ptr.to(device), runs.start[pick].to(device), runs.end[pick].to(device)
+
+
+def _csr(prepared: Prepared, group: int, transposed: bool, device):
+    key = ("csr", group, transposed, str(device))
+    if key not in prepared._block_masks:
+        runs = prepared.transposed_runs(group) if transposed else prepared.runs(group)
+        prepared._block_masks[key] = (*split_runs(runs, True, device), *split_runs(runs, False, device))
+    return prepared._block_masks[key]
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
+    node = _node_for_group(prepared, group, table)
+    t = prepared.tensors
+    s = prepared.instance.sizes
+    if table.kind == "random":
+        top = (s.q_offset + s.lq - 1) // node.coord.div + 1
+        drawn = draw(torch.arange(top), node.count, node.seed, node.head, node.lo, node.hi, node.skip)
+        width = max(drawn.shape[1], 1)
+        data = torch.full((top, width), -1, dtype=torch.int32)
+        data[:, : drawn.shape[1]] = drawn.to(torch.int32)
+        return [data.contiguous().to(device), width]
+    if table.kind == "ids":
+        ids = t.get(node.tensor)
+        ids = ids[None] if ids.dim() == 1 else ids
+        data = ids.to(device=device, dtype=torch.int32).contiguous()
+        return [data, data.shape[1] if data.shape[0] > 1 else 0]
+    if table.kind == "route":
+        q, k = t.get("q"), t.get("k")
+        qp = torch.arange(s.lq) + s.q_offset
+        kp = torch.arange(s.lk)
+        sel = route_selection(node, q.detach().cpu(), k.detach().cpu(), qp, kp)[:, 0]
+        data = sel.to(device=device, dtype=torch.int8).contiguous()
+        n = data.shape[-1]
+        return [data, n * n if data.shape[0] > 1 else 0, n]
+    if table.kind == "alibi":
+        slopes = torch.zeros(s.heads, dtype=torch.float32)
+        for h, g in enumerate(prepared.head_group):
+            alibi = [m for m in prepared.forms[g].modifiers if isinstance(m, ir.Alibi)][0]
+            slopes[h] = t.get(alibi.tensor)[h].detach().float() if alibi.tensor else alibi.slope
+        return [slopes.to(device)]
+    if table.kind == "bias":
+        data = t.get(node.tensor).detach().to(device=device, dtype=torch.float32).contiguous()
+        strides = list(data.stride())
+        if data.shape[0] == 1:
+            strides[0] = 0
+        reaches = [(n - 1) // 2 for n in data.shape[1:]]
+        return [data, *strides, *reaches]
+    if table.kind in ("prefix_alpha", "prefix_beta"):
+        name = node.alpha if table.kind == "prefix_alpha" else node.beta
+        x = t.get(name).detach().to(device=device, dtype=torch.float32)
+        data = torch.cumsum(x, dim=-1 if table.kind == "prefix_alpha" else -2).contiguous()
+        sb, sh = data.stride(0), data.stride(1)
+        return [data, 0 if data.shape[0] == 1 else sb, 0 if data.shape[1] == 1 else sh]
+    raise MaskTypeError(f"the Triton backend does not support {table.kind} yet")
+
+
+def _node_for_group(prepared: Prepared, group: int, table: Table):
+    """The group's own node for a table (the emitted node may belong to another group)."""
+    form = prepared.forms[group]
+    candidates = list(ir.walk(form.mask)) + list(form.modifiers)
+    for node in candidates:
+        if type(node) is type(table.node) and _strip(node) == _strip(table.node):
+            return node
+    return table.node
+
+
+def _strip(node):
+    from dataclasses import fields, replace
+
+    names = {f.name for f in fields(node)}
+    changes = {"head": 0} if "head" in names else {}
+    if "slope" in names:
+        changes["slope"] = 0.0
+    return replace(node, **changes)
+
+
+def _flatten_tables(source: KernelSource, prepared: Prepared, group: int, device) -> list:
+    args = []
+    for table in source.tables:
+        args.extend(_table_args(table, prepared, group, device))
+    return args
+
+
+# ---------------------------------------------------------------- launches
+
+
+def _common(q, k, v, prepared: Prepared):
+    if q.dtype not in SUPPORTED:
+        raise MaskTypeError(f"the Triton backend supports float16, bfloat16 and float32, not {q.dtype}")
+    if prepared.instance.sizes.q_offset < 0:
+        raise MaskTypeError("the Triton backend needs q_offset >= 0 (queries may not precede the keys)")
+    interpret = q.device.type == "cpu"
+    perm = prepared.perm
+    perm_t = perm.to(device=q.device, dtype=torch.int32) if perm is not None else None
+    return interpret, perm_t
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    interpret, perm_t = _common(q, k, v, prepared)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    batch, heads, lq, d = q.shape
+    lk, dv = k.shape[2], v.shape[3]
+    out = torch.empty(batch, heads, lq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=q.device)
+    kv_group = heads // k.shape[1]
+    bm, bn = prepared.block_q, prepared.block_k
+    for group in range(len(prepared.forms)):
+        group_heads = torch.tensor(prepared.group_heads(group), dtype=torch.int32, device=q.device)
+        source = kernel_source(prepared, group)
+        module = kernel_module(source, q.dtype, interpret)
+        tables = _flatten_tables(source, prepared, group, q.device)
+        csr = _csr(prepared, group, False, q.device)
+        grid = (math.ceil(lq / bm), batch * group_heads.numel())
+        with cache.mode(interpret):
+            module.attn_fwd[grid](
+            q, k, v, out, lse, group_heads, perm_t if perm_t is not None else group_heads,
+            *csr,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group,
+            *tables,
+            HAS_PERM=perm_t is not None, BLOCK_M=bm, BLOCK_N=bn,
+            HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
+            INPUT_PRECISION=_precision(q.dtype),
+            UPCAST=interpret and q.dtype == torch.bfloat16,
+            num_warps=config(max(d, dv), lq).fwd_warps,
+        )  # fmt: skip
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
+    interpret, perm_t = _common(q, k, v, prepared)
+    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
+    batch, heads, lq, d = q.shape
+    kv_heads, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    kv_group = heads // kv_heads
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    lse_b = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse).contiguous()
+    delta = delta.contiguous()
+    dq = torch.zeros(batch, heads, lq, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(batch, heads, lk, d, dtype=torch.float32, device=q.device)
+    dvv = torch.zeros(batch, heads, lk, dv, dtype=torch.float32, device=q.device)
+    bm, bn = prepared.block_q, prepared.block_k
+    for group in range(len(prepared.forms)):
+        group_heads = torch.tensor(prepared.group_heads(group), dtype=torch.int32, device=q.device)
+        source = kernel_source(prepared, group)
+        module = kernel_module(source, q.dtype, interpret)
+        tables = _flatten_tables(source, prepared, group, q.device)
+        common = dict(
+            HAS_PERM=perm_t is not None, BLOCK_M=bm, BLOCK_N=bn,
+            HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
+            INPUT_PRECISION=_precision(q.dtype), SOFTCAP=source.softcap,
+            UPCAST=interpret and q.dtype == torch.bfloat16,
+            num_warps=config(max(d, dv), lq).bwd_warps,
+        )  # fmt: skip
+        perm_arg = perm_t if perm_t is not None else group_heads
+        sizes = (heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group)
+        with cache.mode(interpret):
+            module.attn_bwd_dkdv[(math.ceil(lk / bn), batch * group_heads.numel())](
+            q, k, v, dout, lse_b, delta, dk, dvv, group_heads, perm_arg,
+            *_csr(prepared, group, True, q.device),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dvv.stride(0), dvv.stride(1), dvv.stride(2),
+            *sizes, *tables, **common,
+        )  # fmt: skip
+        with cache.mode(interpret):
+            module.attn_bwd_dq[(math.ceil(lq / bm), batch * group_heads.numel())](
+            q, k, v, dout, lse_b, delta, dq, group_heads, perm_arg,
+            *_csr(prepared, group, False, q.device),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            *sizes, *tables, **common,
+        )  # fmt: skip
+    dk = dk.view(batch, kv_heads, kv_group, lk, d).sum(2)
+    dvv = dvv.view(batch, kv_heads, kv_group, lk, dv).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prepared, scale):
+        out, lse = forward(q, k, v, prepared, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.prepared, ctx.scale = prepared, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = backward(q, k, v, out, lse, dout, dlse, ctx.prepared, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def triton_attention(q, k, v, prepared: Prepared, scale: float):
+    return _TritonAttention.apply(q, k, v, prepared, scale)
