@@ -12,8 +12,18 @@ See README.md for the language and DESIGN.md for its semantics.
 """
 
 from maskc.dsl.errors import MaskError, MaskSyntaxError, MaskTypeError
+from maskc.module import SparseAttention
 from maskc.program import Program, attention, compile
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskError", "MaskSyntaxError", "MaskTypeError", "Program", "__version__", "attention", "compile"]
+__all__ = [
+    "MaskError",
+    "MaskSyntaxError",
+    "MaskTypeError",
+    "Program",
+    "SparseAttention",
+    "__version__",
+    "attention",
+    "compile",
+]

@@ -11,6 +11,7 @@ import torch
 import maskc
 from maskc import patterns as library
 from maskc.codegen import plan
+from maskc.codegen.emit import emit
 from maskc.codegen.irtext import pattern_text
 from maskc.dsl import evaluate, parse, printer
 from maskc.dsl.errors import MaskError
@@ -136,7 +137,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     try:
-        _, instance, _, _ = _program_and_instance(args)
+        program, instance, _, _ = _program_and_instance(args)
     except MaskError as e:
         print(str(e), file=sys.stderr)
         return 1
@@ -145,7 +146,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         heads = [h for h, g in enumerate(instance.head_group) if g == i]
         if len(forms) > 1:
             print(f"# heads {_ranges(heads)}")
-        print(pattern_text(form))
+        if args.emit == "normal":
+            print(pattern_text(form))
+        else:
+            from maskc.runtime.triton_backend import config
+
+            c = config(args.head_dim, args.lq)
+            print(emit(form, program.source(), c.block_q, c.block_k, maskc.__version__).text)
     return 0
 
 
@@ -188,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="print what the compiler makes of a pattern")
     _add_instance_args(comp)
-    comp.add_argument("--emit", choices=["normal"], default="normal", help="normal: the simplified normal form")
+    comp.add_argument(
+        "--emit",
+        choices=["normal", "triton"],
+        default="normal",
+        help="normal: the simplified normal form; triton: the generated kernel source",
+    )
+    comp.add_argument("--head-dim", type=int, default=64, help="head dim the Triton tiles are chosen for")
     comp.set_defaults(run=cmd_compile)
 
     pats = sub.add_parser("patterns", help="list the library's patterns and their parameters")

@@ -16,7 +16,7 @@ from maskc.codegen.schedule import BlockSchedule
 from maskc.dsl import evaluate, ir, printer
 from maskc.dsl.errors import MaskError, MaskTypeError
 from maskc.dsl.spec import Instance, Spec, load
-from maskc.runtime import dispatch
+from maskc.runtime import dispatch, op
 from maskc.runtime.reference import reference_attention
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -104,6 +104,7 @@ class Program:
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
+        self.key = op.register(self)  # how the torch.library op refers to this program
 
     # ------------------------------------------------------------ description
 
@@ -305,6 +306,8 @@ def _batch_of(tensors: dict[str, torch.Tensor], batch: int | None, batched: set[
     sizes = {t.shape[0] for name, t in tensors.items() if t.dim() >= 2 and name in batched}
     sizes.discard(1)
     if batch is not None:
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 0 <= batch < 2**31:
+            raise MaskTypeError(f"batch must be an integer in 0 .. 2**31, got {batch!r}")
         if sizes - {batch}:
             raise MaskTypeError(f"batch={batch}, but the tensors have batch sizes {sorted(sizes)}")
         return batch

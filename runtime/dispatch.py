@@ -15,7 +15,8 @@ import torch
 
 from maskc.dsl.errors import MaskTypeError
 
-from .prepare import Prepared, prepare
+from . import op as _op  # noqa: F401  (registers torch.ops.maskc.attention)
+from .prepare import Prepared
 
 BACKENDS = ("auto", "triton", "cpu", "flex", "reference")
 
@@ -78,9 +79,21 @@ def run(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if name == "reference":
         return program.reference(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, **bindings)
-    block_q, block_k = blocks_for(name, q, v)
-    prepared = prepare(program, q, k, block_q, block_k, q_offset, bindings)
-    out, lse = run_prepared(name, q, k, v, prepared, scale)
+    tensor_names = [n for n, x in bindings.items() if isinstance(x, torch.Tensor)]
+    size_names = [n for n, x in bindings.items() if not isinstance(x, torch.Tensor)]
+    out, lse = torch.ops.maskc.attention(
+        q,
+        k,
+        v,
+        program.key,
+        name,
+        scale,
+        q_offset,
+        ",".join(tensor_names),
+        [bindings[n] for n in tensor_names],
+        ",".join(size_names),
+        [bindings[n] for n in size_names],
+    )
     return (out, lse) if return_lse else out
 
 
