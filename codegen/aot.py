@@ -120,11 +120,37 @@ def ptxas_resources(ptx: str, arch: int) -> tuple[int, int, int]:
     return max(regs, default=0), max((s for s, _ in spills), default=0), max((l for _, l in spills), default=0)
 
 
-def resources(module, source: KernelSource, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
-              num_warps: int, arch: int) -> list[Resources]:  # fmt: skip
+def kernel_sources(program, lq: int, heads: int = 2, head_dim: int = 64, **sizes) -> list[KernelSource]:
+    """The distinct kernel files a program needs for these sizes."""
+    import maskc
+
+    from . import plan, tiles
+    from .emit import emit
+
+    instance = program.instantiate(lq, heads=heads, **sizes)
+    tile = tiles.config(head_dim, lq)
+    seen: dict[str, KernelSource] = {}
+    for form in plan.normal_forms(instance):
+        source = emit(form, program.source(), tile.block_q, tile.block_k, maskc.__version__)
+        seen.setdefault(source.text, source)
+    return list(seen.values())
+
+
+def check_program(program, lq: int, dtype: torch.dtype, head_dim: int, arch: int, **sizes) -> list[Resources]:
+    """Compile every kernel of a program ahead of time; report resources per kernel."""
+    from maskc.runtime import cache
+
+    from . import tiles
+
+    tile = tiles.config(head_dim, lq)
     out = []
-    for name in KERNELS:
-        compiled = compile_kernel(module, name, source, dtype, head_dim, block_m, block_n, num_warps, arch)
-        regs, spill_st, spill_ld = ptxas_resources(compiled.asm["ptx"], arch)
-        out.append(Resources(name, arch, regs, spill_st, spill_ld, compiled.metadata.shared, num_warps))
+    for source in kernel_sources(program, lq, head_dim=head_dim, **sizes):
+        key = cache.key_of(source.text, "aot", "0")
+        module = cache.load(key, source.text, interpret=False)
+        for name in KERNELS:
+            warps = tile.fwd_warps if name == "attn_fwd" else tile.bwd_warps
+            compiled = compile_kernel(module, name, source, dtype, tiles.padded_dim(head_dim), tile.block_q,
+                                      tile.block_k, warps, arch)  # fmt: skip
+            regs, spill_st, spill_ld = ptxas_resources(compiled.asm["ptx"], arch)
+            out.append(Resources(name, arch, regs, spill_st, spill_ld, compiled.metadata.shared, warps))
     return out

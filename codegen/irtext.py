@@ -70,7 +70,7 @@ def mask_text(node: ir.Mask, top: bool = True) -> str:
 
 def modifier_text(m: ir.Modifier) -> str:
     if isinstance(m, ir.Alibi):
-        slope = f"{m.tensor}[{m.head}]" if m.tensor else f"{m.slope:.6g}"
+        slope = f"{m.tensor}[h]" if m.tensor else (f"{m.slope:.6g}" if m.slope else "slope[h]")
         return f"alibi(-{slope} * |k - q|)"
     if isinstance(m, ir.Softcap):
         return f"softcap({m.cap:g})"

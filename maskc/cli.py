@@ -149,7 +149,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.emit == "normal":
             print(pattern_text(form))
         else:
-            from maskc.runtime.triton_backend import config
+            from maskc.codegen.tiles import config
 
             c = config(args.head_dim, args.lq)
             print(emit(form, program.source(), c.block_q, c.block_k, maskc.__version__).text)

@@ -60,6 +60,8 @@ MIXED_MASK_RATIO = 2
 # by kind, so each part stores its mask once (when each part keeps enough rows).
 MAX_MASK_KINDS = 8
 MIN_ROWS_PER_KIND = 4
+# At most this many strided pieces per bucket; beyond that its keys are gathered.
+MAX_PIECES = 16
 # Gathered keys (or per-segment key gradients) of one call stay under this many elements.
 CHUNK_ELEMENTS = 1 << 23
 # Masks hashed at once when looking for equal masks (elements).
@@ -194,40 +196,67 @@ class _GroupBlocks:
         return out.permute(0, 1, 3, 2, 4).reshape(b, index.shape[0], bq, -1)
 
 
-def _segment(gb: _GroupBlocks, rows: torch.Tensor, index: torch.Tensor, allowed) -> Segment:
-    """A segment over blocks `index` [m, n] of query blocks `rows`; `allowed` as in Segment."""
+def _segment(gb: _GroupBlocks, rows: torch.Tensor, index: torch.Tensor, allowed) -> list[Segment]:
+    """Segments over blocks `index` [m, n] of query blocks `rows`; `allowed` as in
+    Segment.  Rows whose blocks are contiguous are cut into pieces where both the
+    rows and the first key block move by fixed steps, so keys are strided views."""
     cols = gb.cols[index]
-    any_key = None
-    if allowed is not None:
-        any_key = allowed.any(-1)
-        if bool(any_key.all()):
-            any_key = None
-    seg = Segment(rows, cols, gb.prepared.block_q, gb.prepared.block_k, allowed, any_key)
-    seg.row_step = _affine(rows)
     n = cols.shape[1]
-    if bool((cols[:, -1] - cols[:, 0] + 1 == n).all()):
-        seg.col_step = _affine(cols[:, 0])
-    return seg
+    pieces = [(0, rows.numel())]
+    if bool((cols[:, -1] - cols[:, 0] + 1 == n).all()) and _affine(cols[:, 0]) is None:
+        cut = _affine_pieces(rows, cols[:, 0])
+        if len(cut) <= MAX_PIECES:
+            pieces = cut
+    out = []
+    for a, b in pieces:
+        part = allowed if allowed is None or allowed.shape[1] == 1 else allowed[:, a:b]
+        any_key = None
+        if part is not None:
+            any_key = part.any(-1)
+            if bool(any_key.all()):
+                any_key = None
+        seg = Segment(rows[a:b], cols[a:b], gb.prepared.block_q, gb.prepared.block_k, part, any_key)
+        seg.row_step = _affine(seg.rows)
+        if bool((seg.cols[:, -1] - seg.cols[:, 0] + 1 == n).all()):
+            seg.col_step = _affine(seg.cols[:, 0])
+        out.append(seg)
+    return out
+
+
+def _affine_pieces(rows: torch.Tensor, first: torch.Tensor) -> list[tuple[int, int]]:
+    """Greedy cut of [0, m) into ranges where rows and first both move by fixed steps."""
+    r, f = rows.tolist(), first.tolist()
+    pieces, a = [], 0
+    for j in range(1, len(r)):
+        if j - a == 1:
+            broken = f[j] < f[a]  # steps must be nonnegative
+        else:
+            broken = r[j] - r[j - 1] != r[a + 1] - r[a] or f[j] - f[j - 1] != f[a + 1] - f[a]
+        if broken:
+            pieces.append((a, j))
+            a = j
+    pieces.append((a, len(r)))
+    return pieces
 
 
 def _split_by_kind(gb: _GroupBlocks, rows, index, masked: bool) -> list[Segment]:
     """Segments over blocks `index` [m, n] (one shape of row): one mask when the
     rows' masks agree, a few when they fall into a few kinds, else one per row."""
     if not masked:
-        return [_segment(gb, rows, index, None)]
+        return _segment(gb, rows, index, None)
     mi = gb.mask_index[index]
     kinds = torch.where(mi >= 0, gb.kind[mi.clamp(min=0)], -1) if gb.kind.numel() else mi
     unique, inverse = torch.unique(kinds, dim=0, return_inverse=True)
     m = rows.numel()
     if unique.shape[0] == 1:
-        return [_segment(gb, rows, index, gb.block_mask(index[:1]))]
+        return _segment(gb, rows, index, gb.block_mask(index[:1]))
     if unique.shape[0] <= MAX_MASK_KINDS and m >= MIN_ROWS_PER_KIND * unique.shape[0]:
         out = []
         for u in range(unique.shape[0]):
             pick = inverse == u
-            out.append(_segment(gb, rows[pick], index[pick], gb.block_mask(index[pick][:1])))
+            out.extend(_segment(gb, rows[pick], index[pick], gb.block_mask(index[pick][:1])))
         return out
-    return [_segment(gb, rows, index, gb.block_mask(index))]
+    return _segment(gb, rows, index, gb.block_mask(index))
 
 
 def _distinct_masks(gb: _GroupBlocks, index: torch.Tensor) -> int:

@@ -45,7 +45,7 @@ def backend_function(name: str) -> Callable:
 
 def blocks_for(name: str, q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
     if name == "triton":
-        from .triton_backend import config
+        from maskc.codegen.tiles import config
 
         c = config(max(q.shape[-1], v.shape[-1]), q.shape[2])
         return c.block_q, c.block_k

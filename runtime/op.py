@@ -37,7 +37,10 @@ def _names(joined: str) -> list[str]:
 
 def _bindings(tensor_names: str, tensors, size_names: str, sizes) -> dict:
     """Names travel comma-joined (custom ops take no lists of strings); they are identifiers."""
-    return {**dict(zip(_names(size_names), sizes, strict=True)), **dict(zip(_names(tensor_names), tensors, strict=True))}
+    return {
+        **dict(zip(_names(size_names), sizes, strict=True)),
+        **dict(zip(_names(tensor_names), tensors, strict=True)),
+    }
 
 
 def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> Prepared:
@@ -124,7 +127,9 @@ def attention_backward(
         extra = [t.detach().requires_grad_() if d else t for t, d in zip(tensors, differentiable, strict=True)]
         if any(differentiable):
             bindings = _bindings(tensor_names, extra, size_names, sizes)
-            prepared = prepare(_PROGRAMS[program], leaves[0], leaves[1], prepared.block_q, prepared.block_k, q_offset, bindings)
+            prepared = prepare(
+                _PROGRAMS[program], leaves[0], leaves[1], prepared.block_q, prepared.block_k, q_offset, bindings
+            )
         o, l = run_prepared(backend, *leaves, prepared, scale)
         inputs = leaves + [t for t, d in zip(extra, differentiable, strict=True) if d]
         grads = torch.autograd.grad((o, l), inputs, (dout, dlse), allow_unused=True)

@@ -8,12 +8,13 @@ run under Triton's interpreter (`TRITON_INTERPRET=1` semantics).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 import maskc
+from maskc.codegen import tiles
 from maskc.codegen.emit import KernelSource, emit
+from maskc.codegen.tiles import config
 from maskc.codegen.schedule import Runs
 from maskc.codegen.triton_exprs import Table
 from maskc.dsl import ir
@@ -32,32 +33,10 @@ def dtype_class(dtype: torch.dtype) -> str:
 
 
 def padded_dim(d: int) -> int:
-    if not 1 <= d <= 256:
-        raise MaskTypeError(f"the Triton backend supports head dims 1 to 256, got {d}")
-    return max(16, 1 << (d - 1).bit_length())
-
-
-DECODE_ROWS = 16
-
-
-@dataclass(frozen=True)
-class Config:
-    """Tile sizes and warps, chosen with `ptxas -v` on sm_90a so that no kernel
-    spills, even with softcap, ALiBi and bias tables inlined (bench/kernels.py)."""
-
-    block_q: int
-    block_k: int
-    fwd_warps: int
-    bwd_warps: int
-
-
-def config(head_dim: int, lq: int) -> Config:
-    """Defaults per (padded) head dim; short query sequences take the decoding tile."""
-    wide = padded_dim(head_dim) > 64
-    block_k = 32 if wide else 64
-    if lq <= DECODE_ROWS:
-        return Config(DECODE_ROWS, block_k, 8 if wide else 4, 8 if wide else 4)
-    return Config(32, 32, 8, 8) if wide else Config(64, 64, 4, 8)
+    try:
+        return tiles.padded_dim(d)
+    except ValueError as e:
+        raise MaskTypeError(f"the Triton backend: {e}") from None
 
 
 def kernel_source(prepared: Prepared, group: int) -> KernelSource:

@@ -1,0 +1,44 @@
+"""Generated kernels compile ahead of time for sm_80 and sm_90 without spilling.
+
+The whole library matrix (every pattern, forward and backward, fp16 and bf16,
+head dims 64 and 128, sm_80 and sm_90) takes tens of minutes on two cores, so
+it carries the `slow` mark: run it with `pytest -m slow tests/test_kernels_aot.py`.
+The default run compiles one representative pattern.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maskc
+from maskc import patterns
+from maskc.codegen import aot
+
+
+def _example(name: str) -> tuple[int, dict[str, int]]:
+    example = dict(patterns.entries()[name].example)
+    lq = example.pop("lq", 1024)
+    return lq, example
+
+
+def test_representative_pattern_compiles_for_sm90_without_spills():
+    program = maskc.compile("causal & window(256) | sink(4) with softcap(30.0)")
+    resources = aot.check_program(program, 1024, torch.float16, 64, 90)
+    assert {r.kernel for r in resources} == set(aot.KERNELS)
+    for r in resources:
+        assert r.spill_stores == 0, r
+        assert 0 < r.registers <= 255, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", patterns.names())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_library_kernels_compile_without_spills(name, dtype, head_dim, arch):
+    lq, sizes = _example(name)
+    resources = aot.check_program(maskc.compile(name), lq, dtype, head_dim, arch, **sizes)
+    assert resources
+    for r in resources:
+        assert r.spill_stores == 0, (name, r)
