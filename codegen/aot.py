@@ -54,7 +54,7 @@ def _signature(fn, source: KernelSource, dtype: torch.dtype, constexprs: dict) -
             sig[name] = data
         elif name in ("LSE", "Delta", "DK", "DV_", "DQ"):
             sig[name] = "*fp32"
-        elif name in ("Heads", "Perm", "FullPtr", "FullStart", "FullEnd", "PartPtr", "PartStart", "PartEnd"):
+        elif name in ("Heads", "PermQ", "PermK", "FullPtr", "FullStart", "FullEnd", "PartPtr", "PartStart", "PartEnd"):
             sig[name] = "*i32"
         elif name == "sm_scale":
             sig[name] = "fp32"
@@ -74,7 +74,8 @@ def compile_kernel(module, name: str, source: KernelSource, dtype: torch.dtype, 
 
     fn = getattr(module, name)
     constexprs = {
-        "HAS_PERM": False,
+        "HAS_PERM_Q": False,
+        "HAS_PERM_K": False,
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "HEAD_DIM": head_dim,

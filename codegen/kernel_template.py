@@ -13,6 +13,19 @@ LSE/Delta are float32 [batch, heads, lq]; dK/dV accumulate per *query* head
 """
 
 KERNELS = '''
+# Only Triton builtins below (no tl.sum / tl.max / tl.zeros): those standard-library
+# functions are fixed to interpreter or compiler mode by whichever Triton import came
+# first in the process, and maskc runs the same files in both modes.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
 @triton.jit
 def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
@@ -32,14 +45,14 @@ def _positions(offs, Perm, n, offset, HAS_PERM: tl.constexpr):
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, O, LSE, Heads, Perm,
+    Q, K, V, O, LSE, Heads, PermQ, PermK,
     FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,{tables}
-    HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -55,10 +68,10 @@ def attn_fwd(
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < lq) & (offs_d[None, :] < D), other=0.0)
     if UPCAST:  # Triton's interpreter multiplies bfloat16 wrongly in tl.dot
         q = q.to(tl.float32)
-    qpos = _positions(offs_m, Perm, lq, q_offset, HAS_PERM)[:, None]
+    qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM_V], 0.0, dtype=tl.float32)
     K_base = K + b * stride_kb + kvh * stride_kh
     V_base = V + b * stride_vb + kvh * stride_vh
     for part in tl.static_range(2):
@@ -81,18 +94,18 @@ def attn_fwd(
                             mask=(offs_n[:, None] < lk) & (offs_d[None, :] < D), other=0.0)
                 if UPCAST:
                     k = k.to(tl.float32)
-                kpos = _positions(offs_n, Perm, lk, 0, HAS_PERM)[None, :]
+                kpos = _positions(offs_n, PermK, lk, 0, HAS_PERM_K)[None, :]
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
                 s = modify(s, qpos, kpos, b, h, q_offset,{tables_call})
                 keep = offs_n[None, :] < lk
                 if part == 1:
                     keep = keep & allowed(qpos, kpos, b, h, q_offset,{tables_call})
                 s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp(s - m_use[:, None])
                 alpha = tl.exp(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
+                l_i = l_i * alpha + tl.reduce(p, 1, _add)
                 v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
                             mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < DV), other=0.0)
                 if UPCAST:
@@ -110,7 +123,7 @@ def attn_fwd(
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, Delta, DK, DV_, Heads, Perm,
+    Q, K, V, DO, LSE, Delta, DK, DV_, Heads, PermQ, PermK,
     FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -119,7 +132,7 @@ def attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,{tables}
-    HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -138,9 +151,9 @@ def attn_bwd_dkdv(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    kpos = _positions(offs_n, Perm, lk, 0, HAS_PERM)[None, :]
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+    kpos = _positions(offs_n, PermK, lk, 0, HAS_PERM_K)[None, :]
+    dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, HEAD_DIM_V], 0.0, dtype=tl.float32)
     Q_base = Q + b * stride_qb + h * stride_qh
     DO_base = DO + b * stride_dob + h * stride_doh
     row_base = (b * num_heads + h) * lq
@@ -170,7 +183,7 @@ def attn_bwd_dkdv(
                     do = do.to(tl.float32)
                 lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
                 delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
-                qpos = _positions(offs_m, Perm, lq, q_offset, HAS_PERM)[:, None]
+                qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
                 raw = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
                 s = modify(raw, qpos, kpos, b, h, q_offset,{tables_call})
                 keep = (offs_n[None, :] < lk) & row_ok[:, None]
@@ -192,7 +205,7 @@ def attn_bwd_dkdv(
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, Delta, DQ, Heads, Perm,
+    Q, K, V, DO, LSE, Delta, DQ, Heads, PermQ, PermK,
     FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -200,7 +213,7 @@ def attn_bwd_dq(
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,{tables}
-    HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -223,8 +236,8 @@ def attn_bwd_dq(
     row_base = (b * num_heads + h) * lq
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
-    qpos = _positions(offs_m, Perm, lq, q_offset, HAS_PERM)[:, None]
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
+    dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     K_base = K + b * stride_kb + kvh * stride_kh
     V_base = V + b * stride_vb + kvh * stride_vh
     for part in tl.static_range(2):
@@ -250,7 +263,7 @@ def attn_bwd_dq(
                 if UPCAST:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
-                kpos = _positions(offs_n, Perm, lk, 0, HAS_PERM)[None, :]
+                kpos = _positions(offs_n, PermK, lk, 0, HAS_PERM_K)[None, :]
                 raw = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
                 s = modify(raw, qpos, kpos, b, h, q_offset,{tables_call})
                 keep = (offs_n[None, :] < lk) & row_ok[:, None]

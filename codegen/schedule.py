@@ -309,8 +309,10 @@ def build_schedule(
     perm: torch.Tensor | None = None,
     tensors: evaluate.Tensors | None = None,
     layout: str = "rowmajor",
+    perm_k: torch.Tensor | None = None,
 ) -> BlockSchedule:
+    """`perm` reorders queries (and keys, unless `perm_k` reorders them differently)."""
     q = Geometry(lq, block_q, q_offset, perm)
-    k = Geometry(lk, block_k, 0, perm)
+    k = Geometry(lk, block_k, 0, perm if perm_k is None else perm_k)
     groups = [build_runs(p, q, k, tensors) for p in patterns]
     return BlockSchedule(lq, lk, block_q, block_k, list(head_group), groups, list(patterns), q, k, tensors, layout)

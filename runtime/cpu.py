@@ -40,7 +40,9 @@ gradients are 0.  Compute is float32 for half types (float64 stays float64).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +85,7 @@ class Segment:
     any_key: torch.Tensor | None  # bool [1 or B, 1 or m, bq]: rows with an allowed key; None: all
     row_step: int | None = None  # rows[j] = rows[0] + j * row_step
     col_step: int | None = None  # cols[j] = cols[0, 0] + j * col_step + arange(n)
+    fresh: bool = False  # no earlier segment of the plan touches these rows: write, do not merge
     _float: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -109,6 +112,7 @@ class Segment:
             rows_of(self.any_key),
             self.row_step,
             self.col_step,
+            self.fresh,
         )
 
     def tokens(self) -> torch.Tensor:
@@ -287,11 +291,30 @@ def _row_blocks(gb: _GroupBlocks, rows: torch.Tensor, pick: torch.Tensor | None 
     return index.view(rows.numel(), -1)
 
 
-def build_plan(prepared: Prepared, group: int) -> list[Segment]:
+@dataclass
+class GroupPlan:
+    """The segments of one head group, in order, and the query blocks that no
+    segment writes first (they start from out = 0, lse = -inf)."""
+
+    segments: list[Segment]
+    init_rows: torch.Tensor
+
+
+def build_plan(prepared: Prepared, group: int) -> GroupPlan:
     """The segments of one head group (see the module docstring)."""
     gb = _GroupBlocks(prepared, group)
-    if gb.rows.numel() == 0:
-        return []
+    segments = _plan_segments(gb) if gb.rows.numel() else []
+    covered = torch.zeros(gb.num_rows, dtype=torch.bool)
+    written = torch.zeros(gb.num_rows, dtype=torch.bool)
+    for seg in segments:
+        seg.fresh = not bool(covered[seg.rows].any())
+        covered[seg.rows] = True
+        if seg.fresh:
+            written[seg.rows] = True
+    return GroupPlan(segments, torch.nonzero(~written).flatten())
+
+
+def _plan_segments(gb: _GroupBlocks) -> list[Segment]:
     busy = torch.nonzero(gb.counts).flatten()
     partial = gb.mask_index >= 0
     # row shape: number of blocks, contiguous or not, which positions are partial
@@ -331,7 +354,7 @@ def build_plan(prepared: Prepared, group: int) -> list[Segment]:
     return segments
 
 
-def group_plan(prepared: Prepared, group: int) -> list[Segment]:
+def group_plan(prepared: Prepared, group: int) -> GroupPlan:
     key = ("cpu-plan", group)
     if key not in prepared._block_masks:
         prepared._block_masks[key] = build_plan(prepared, group)
@@ -356,11 +379,11 @@ def _modifier_tensors(prepared: Prepared) -> list[str]:
     return names
 
 
-def _needs_generic(prepared: Prepared) -> bool:
+def _needs_generic(prepared: Prepared, for_backward: bool = False) -> bool:
     """Softcap is not additive; modifier tensors that need a gradient need autograd."""
     if any(isinstance(m, ir.Softcap) for f in prepared.forms for m in f.modifiers):
         return True
-    if not torch.is_grad_enabled():
+    if not (torch.is_grad_enabled() or for_backward):
         return False
     values = prepared.tensors.values
     return any(name in values and values[name].requires_grad for name in _modifier_tensors(prepared))
@@ -431,21 +454,35 @@ def _chunks(seg: Segment, width: int):
         yield a, min(seg.m, a + step)
 
 
-def _merge(acc_out, acc_lse, rows: Segment, out, lse, covered: torch.Tensor):
+def _merge(acc_out, acc_lse, seg: Segment, out, lse) -> None:
     """Fold one segment's (out, lse) into the accumulators at its rows."""
-    fresh = ~covered[rows.rows]
-    if bool(fresh.all()):
-        _write_rows(acc_out, rows, out)
-        _write_rows(acc_lse, rows, lse)
-    else:
-        a_out = _rows_view(acc_out.flatten(1, 2), rows, acc_out.shape[2])
-        a_lse = _rows_view(acc_lse.flatten(1, 2), rows, acc_lse.shape[2])
-        new = torch.logaddexp(a_lse, lse)
-        safe = torch.where(new == -math.inf, torch.zeros_like(new), new)
-        merged = a_out * torch.exp(a_lse - safe)[..., None] + out * torch.exp(lse - safe)[..., None]
-        _write_rows(acc_out, rows, merged)
-        _write_rows(acc_lse, rows, new)
-    covered[rows.rows] = True
+    if seg.fresh:
+        _write_rows(acc_out, seg, out)
+        _write_rows(acc_lse, seg, lse)
+        return
+    a_out = _rows_view(acc_out.flatten(1, 2), seg, acc_out.shape[2])
+    a_lse = _rows_view(acc_lse.flatten(1, 2), seg, acc_lse.shape[2])
+    new = torch.logaddexp(a_lse, lse)
+    safe = torch.where(new == -math.inf, torch.zeros_like(new), new)
+    merged = a_out * torch.exp(a_lse - safe)[..., None] + out * torch.exp(lse - safe)[..., None]
+    _write_rows(acc_out, seg, merged)
+    _write_rows(acc_lse, seg, new)
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run with n intra-op threads.  The executor's bookkeeping (copies, merges,
+    scatters) runs on one thread; only the fused kernels use them all: on a
+    busy machine every extra parallel region can stall on a descheduled thread."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _write_rows(acc: torch.Tensor, seg: Segment, value: torch.Tensor) -> None:
@@ -484,7 +521,7 @@ class _Group:
     heads: list[int]
     head_index: torch.Tensor | None  # None: every head
     kv_index: torch.Tensor | None  # kv head of each head in the group; None: k's heads as they are
-    segments: list[Segment]
+    plan: GroupPlan
 
 
 def _groups(prepared: Prepared, heads: int, kv_heads: int) -> list[_Group]:
@@ -527,26 +564,30 @@ def _group_inputs(group: _Group, q, k, v, prepared: Prepared):
     return qg.view(n, lq_pad, -1), kg.view(n, lk_pad, -1), vg.view(n, lk_pad, -1)
 
 
-def _fused_group_forward(prepared, group: _Group, qg, kg, vg, scale: float, batch: int):
+def _fused_group_forward(prepared, group: _Group, qg, kg, vg, scale: float, batch: int, threads: int):
     """(out [N, q_blocks, bq, Dv], lse [N, q_blocks, bq]) of one head group."""
     bq = prepared.block_q
     n, lq_pad, _ = qg.shape
     dv = vg.shape[-1]
     nqb = lq_pad // bq
-    acc_out = torch.zeros(n, nqb, bq, dv, dtype=qg.dtype)
-    acc_lse = torch.full((n, nqb, bq), -math.inf, dtype=qg.dtype)
-    covered = torch.zeros(nqb, dtype=torch.bool)
+    acc_out = torch.empty(n, nqb, bq, dv, dtype=qg.dtype)
+    acc_lse = torch.empty(n, nqb, bq, dtype=qg.dtype)
+    init = group.plan.init_rows
+    if init.numel():
+        acc_out[:, init] = 0
+        acc_lse[:, init] = -math.inf
     heads = len(group.heads)
-    for whole in group.segments:
+    for whole in group.plan.segments:
         mask_whole = _float_mask(prepared, group.index, whole, qg.dtype, heads, batch)
         for a, b in _chunks(whole, qg.shape[0] * max(qg.shape[-1], vg.shape[-1])):
             seg = whole.slice(a, b)
             mask = _slice_mask(mask_whole, a, b, whole.m)
             qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
-            out, lse = _FLASH(qs, ks, vs, 0.0, False, attn_mask=mask, scale=scale)
+            with _threads(threads):
+                out, lse = _FLASH(qs, ks, vs, 0.0, False, attn_mask=mask, scale=scale)
             if seg.any_key is not None:
                 lse = lse.masked_fill(~_expand_rows(seg.any_key, heads, n), -math.inf)
-            _merge(acc_out, acc_lse, seg, out, lse, covered)
+            _merge(acc_out, acc_lse, seg, out, lse)
     return acc_out, acc_lse
 
 
@@ -563,11 +604,13 @@ def _expand_rows(x: torch.Tensor, heads: int, n: int) -> torch.Tensor:
     return x[:, None].expand(-1, heads, *x.shape[1:]).reshape(n, *x.shape[1:])
 
 
-def _fused_group_backward(prepared, group: _Group, qg, kg, vg, out, lse, gout, glse, scale, batch):
+def _fused_group_backward(prepared, group: _Group, qg, kg, vg, out, lse, gout, glse, scale, batch, threads):
     bq = prepared.block_q
     n = qg.shape[0]
     heads = len(group.heads)
-    dq = torch.zeros_like(qg).view(n, -1, bq, qg.shape[-1])
+    dq = torch.empty_like(qg).view(n, -1, bq, qg.shape[-1])
+    if group.plan.init_rows.numel():
+        dq[:, group.plan.init_rows] = 0
     dk = torch.zeros_like(kg)
     dv = torch.zeros_like(vg)
     lse_bwd = torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)
@@ -575,25 +618,16 @@ def _fused_group_backward(prepared, group: _Group, qg, kg, vg, out, lse, gout, g
     gout_rows = gout.flatten(1, 2)
     lse_rows = lse_bwd.flatten(1, 2)
     glse_rows = None if glse is None else glse.flatten(1, 2)
-    for whole in group.segments:
+    for whole in group.plan.segments:
         mask_whole = _float_mask(prepared, group.index, whole, qg.dtype, heads, batch)
         for a, b in _chunks(whole, qg.shape[0] * max(qg.shape[-1], vg.shape[-1])):
             seg = whole.slice(a, b)
             mask = _slice_mask(mask_whole, a, b, whole.m)
             qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
             ls = _rows_view(lse_rows, seg, bq)
-            dqs, dks, dvs = _FLASH_BWD(
-                _rows_view(gout_rows, seg, bq).contiguous(),
-                qs,
-                ks,
-                vs,
-                _rows_view(out_rows, seg, bq).contiguous(),
-                ls.contiguous(),
-                0.0,
-                False,
-                attn_mask=mask,
-                scale=scale,
-            )
+            gos, outs = _rows_view(gout_rows, seg, bq), _rows_view(out_rows, seg, bq)
+            with _threads(threads):
+                dqs, dks, dvs = _FLASH_BWD(gos, qs, ks, vs, outs, ls, 0.0, False, attn_mask=mask, scale=scale)
             if glse_rows is not None:
                 # d lse / d logits = P: dS += P * glse
                 logits = torch.matmul(qs, ks.transpose(-1, -2)) * scale
@@ -602,7 +636,10 @@ def _fused_group_backward(prepared, group: _Group, qg, kg, vg, out, lse, gout, g
                 ds = torch.exp(logits - ls[..., None]) * _rows_view(glse_rows, seg, bq)[..., None]
                 dqs = dqs + torch.matmul(ds, ks) * scale
                 dks = dks + torch.matmul(ds.transpose(-1, -2), qs) * scale
-            _add_rows(dq, seg, dqs)
+            if seg.fresh:
+                _write_rows(dq, seg, dqs)
+            else:
+                _add_rows(dq, seg, dqs)
             _add_keys(dk, seg, dks)
             _add_keys(dv, seg, dvs)
     return dq.view(n, -1, qg.shape[-1]), dk, dv
@@ -632,60 +669,92 @@ def _reduce_kv(dk_groups, groups: list[_Group], batch: int, kv_heads: int, lengt
     return out
 
 
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, prepared: Prepared, scale: float):
+def _fused_forward(q, k, v, prepared: Prepared, scale: float):
+    """(out, lse, groups, per-group (out, lse) in compute dtype and block layout)."""
+    threads = torch.get_num_threads()
+    with _threads(1):
         compute = _compute_dtype(q.dtype)
         batch, heads, lq, _ = q.shape
-        kv_heads = k.shape[1]
         qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-        groups = _groups(prepared, heads, kv_heads)
-        outs, lses, saved = [], [], []
+        groups = _groups(prepared, heads, k.shape[1])
+        results = []
         for group in groups:
             qg, kg, vg = _group_inputs(group, qc, kc, vc, prepared)
-            out, lse = _fused_group_forward(prepared, group, qg, kg, vg, scale, batch)
-            outs.append(out)
-            lses.append(lse)
-            saved.append((qg, kg, vg, out, lse))
-        ctx.prepared, ctx.scale, ctx.groups, ctx.saved = prepared, scale, groups, saved
-        ctx.shapes = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype)
-        dv = v.shape[-1]
-        out = _ungroup(outs, groups, batch, heads, lq, (dv,), compute).to(q.dtype)
-        lse = _ungroup(lses, groups, batch, heads, lq, (), compute).to(torch.float32)
-        return out, lse
+            results.append(_fused_group_forward(prepared, group, qg, kg, vg, scale, batch, threads))
+        out = _ungroup([r[0] for r in results], groups, batch, heads, lq, (v.shape[-1],), compute).to(q.dtype)
+        lse = _ungroup([r[1] for r in results], groups, batch, heads, lq, (), compute).to(torch.float32)
+    return out, lse, groups, results
 
-    @staticmethod
-    def backward(ctx, gout, glse):
-        prepared, scale, groups = ctx.prepared, ctx.scale, ctx.groups
-        qshape, kshape, vshape, qdt, kdt, vdt = ctx.shapes
-        batch, heads, lq, d = qshape
-        kv_heads, lk, dvdim = kshape[1], kshape[2], vshape[3]
-        compute = _compute_dtype(qdt)
+
+def _fused_backward(q, k, v, prepared: Prepared, scale: float, groups, results, gout, glse):
+    """dq, dk, dv from per-group (out, lse) as `_fused_forward` leaves them."""
+    threads = torch.get_num_threads()
+    with _threads(1):
+        batch, heads, lq, d = q.shape
+        kv_heads, lk, dvdim = k.shape[1], k.shape[2], v.shape[3]
+        compute = _compute_dtype(q.dtype)
         bq = prepared.block_q
-        if gout is None:
-            gout = torch.zeros(batch, heads, lq, dvdim, dtype=compute)
-        gout = gout.to(compute)
+        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+        gout = torch.zeros(batch, heads, lq, dvdim, dtype=compute) if gout is None else gout.to(compute)
         if glse is not None:
             glse = glse.to(compute)
             if not bool(glse.any()):
                 glse = None
         dqs, dks, dvs = [], [], []
-        for group, (qg, kg, vg, out, lse) in zip(groups, ctx.saved, strict=True):
-            go = gout if group.head_index is None else gout.index_select(1, group.head_index)
+        for group, (out, lse) in zip(groups, results, strict=True):
+            qg, kg, vg = _group_inputs(group, qc, kc, vc, prepared)
+            go = _pick_heads(gout, group)
             go = _pad_len(go, qg.shape[1]).reshape(qg.shape[0], -1, bq, dvdim)
             gl = None
             if glse is not None:
-                gl = glse if group.head_index is None else glse.index_select(1, group.head_index)
+                gl = _pick_heads(glse, group)
                 gl = pad(gl, (0, qg.shape[1] - lq)).reshape(qg.shape[0], -1, bq)
-            dq, dk, dv = _fused_group_backward(prepared, group, qg, kg, vg, out, lse, go, gl, scale, batch)
+            dq, dk, dv = _fused_group_backward(prepared, group, qg, kg, vg, out, lse, go, gl, scale, batch, threads)
             dqs.append(dq)
             dks.append(dk)
             dvs.append(dv)
-        ctx.saved = None
-        dq = _ungroup(dqs, groups, batch, heads, lq, (d,), compute).to(qdt)
-        dk = _reduce_kv(dks, groups, batch, kv_heads, lk, d, compute).to(kdt)
-        dv = _reduce_kv(dvs, groups, batch, kv_heads, lk, dvdim, compute).to(vdt)
-        return dq, dk, dv, None, None
+        dq = _ungroup(dqs, groups, batch, heads, lq, (d,), compute).to(q.dtype)
+        dk = _reduce_kv(dks, groups, batch, kv_heads, lk, d, compute).to(k.dtype)
+        dv = _reduce_kv(dvs, groups, batch, kv_heads, lk, dvdim, compute).to(v.dtype)
+    return dq, dk, dv
+
+
+def _pick_heads(x: torch.Tensor, group: _Group) -> torch.Tensor:
+    return x if group.head_index is None else x.index_select(1, group.head_index)
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prepared: Prepared, scale: float):
+        out, lse, groups, results = _fused_forward(q, k, v, prepared, scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.prepared, ctx.scale, ctx.groups, ctx.results = prepared, scale, groups, results
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, gout, glse):
+        q, k, v = ctx.saved_tensors
+        grads = _fused_backward(q, k, v, ctx.prepared, ctx.scale, ctx.groups, ctx.results, gout, glse)
+        ctx.results = None
+        return (*grads, None, None)
+
+
+def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
+    """Gradients (dq, dk, dv) from a forward's (out, lse), without recomputing it
+    (execution order, like `cpu_attention`; modifier tensors get no gradient here)."""
+    if _needs_generic(prepared, for_backward=True):
+        raise ValueError("this pattern's modifiers need the generic path: differentiate cpu_attention instead")
+    compute = _compute_dtype(q.dtype)
+    groups = _groups(prepared, q.shape[1], k.shape[1])
+    bq = prepared.block_q
+    lq_pad = math.ceil(q.shape[2] / bq) * bq
+    results = []
+    for group in groups:
+        o = _pad_len(_pick_heads(out.to(compute), group), lq_pad)
+        lg = pad(_pick_heads(lse.to(compute), group), (0, lq_pad - q.shape[2]), value=-math.inf)
+        n = o.shape[0] * o.shape[1]
+        results.append((o.reshape(n, -1, bq, o.shape[-1]), lg.reshape(n, -1, bq)))
+    return _fused_backward(q, k, v, prepared, scale, groups, results, dout, dlse)
 
 
 # ---------------------------------------------------------------- generic path
@@ -710,7 +779,7 @@ def _generic(q, k, v, prepared: Prepared, scale: float):
         num = torch.zeros(n, nqb, bq, dvdim, dtype=compute)
         den = torch.zeros(n, nqb, bq, dtype=compute)
         top = torch.full((n, nqb, bq), -math.inf, dtype=compute)  # running max (no gradient)
-        for whole in group.segments:
+        for whole in group.plan.segments:
             for a, b in _chunks(whole, qg.shape[0] * max(qg.shape[-1], vg.shape[-1])):
                 seg = whole.slice(a, b)
                 qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
@@ -766,4 +835,4 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: P
     return _FusedAttention.apply(q, k, v, prepared, scale)
 
 
-__all__ = ["build_plan", "cpu_attention"]
+__all__ = ["backward", "build_plan", "cpu_attention"]

@@ -97,15 +97,21 @@ def run(
     return (out, lse) if return_lse else out
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inverse
+
+
 def run_prepared(name: str, q, k, v, prepared: Prepared, scale: float):
     """Permute into the schedule's token order, run the backend, permute back."""
-    perm = prepared.perm
-    if perm is not None:
-        perm = perm.to(q.device)
-        q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
+    perm_q, perm_k = prepared.perm_q, prepared.perm_k
+    if perm_q is not None:
+        q = q[:, :, perm_q.to(q.device)]
+    if perm_k is not None:
+        k, v = k[:, :, perm_k.to(k.device)], v[:, :, perm_k.to(k.device)]
     out, lse = backend_function(name)(q, k, v, prepared, scale)
-    if perm is not None:
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    if perm_q is not None:
+        inverse = inverse_permutation(perm_q.to(q.device))
         out, lse = out[:, :, inverse], lse[:, :, inverse]
     return out, lse

@@ -168,7 +168,9 @@ class _Lowering:
             return _const(next(iter(distinct)))
         floating = any(isinstance(v, float) for v in distinct)
         dtype = torch.float32 if floating else torch.int64
-        table = torch.zeros(self.groups, dtype=dtype)
+        # Groups outside `values` take a value of the others, never 0: a divisor
+        # there would still be evaluated (torch.where computes both sides).
+        table = torch.full((self.groups,), next(iter(values.values())), dtype=dtype)
         for g, v in values.items():
             table[g] = v
         table = self.put(table)
@@ -675,12 +677,18 @@ class FlexLowering:
 
 
 def lower(prepared: Prepared, device, compute_q_blocks: bool = True) -> FlexLowering:
-    """Lower a prepared program to a `BlockMask`, `mask_mod` and `score_mod` on `device`."""
-    lowering = _Lowering(prepared, torch.device(device))
-    mask_mod = lowering.mask_mod()
-    score_mod = lowering.score_mod()
-    bm = block_mask(prepared, device, mask_mod, compute_q_blocks)
-    return FlexLowering(bm, mask_mod, score_mod)
+    """Lower a prepared program to a `BlockMask`, `mask_mod` and `score_mod` on `device`
+    (kept on the `Prepared`, which the runtime reuses across calls of a static pattern)."""
+    device = torch.device(device)
+    cache = prepared.__dict__.setdefault("_flex_lowerings", {})
+    key = (str(device), compute_q_blocks)
+    if key not in cache:
+        lowering = _Lowering(prepared, device)
+        mask_mod = lowering.mask_mod()
+        score_mod = lowering.score_mod()
+        bm = block_mask(prepared, device, mask_mod, compute_q_blocks)
+        cache[key] = FlexLowering(bm, mask_mod, score_mod)
+    return cache[key]
 
 
 # ---------------------------------------------------------------- log-sum-exp on CPU
@@ -769,6 +777,8 @@ def flex_backend(
             )
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise MaskTypeError(f"backend='flex' on CPU runs float16, bfloat16 and float32, not {q.dtype}")
+    if not grad:  # Flex refuses CPU inputs that require grad even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     lowering = lower(prepared, q.device, compute_q_blocks=grad)
     native_lse = need_lse and q.device.type != "cpu"
     kwargs = {"return_aux": _flex.AuxRequest(lse=True)} if native_lse else {}

@@ -140,17 +140,23 @@ def attention_backward(
 
 
 def _triton_backward(triton_backend, q, k, v, out, lse, dout, dlse, prepared, scale):
-    perm = prepared.perm
-    if perm is None:
-        return triton_backend.backward(q, k, v, out, lse, dout, dlse, prepared, scale)
-    perm = perm.to(q.device)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    pick = lambda x: x[:, :, perm]  # noqa: E731
-    dq, dk, dv = triton_backend.backward(
-        pick(q), pick(k), pick(v), pick(out), pick(lse), pick(dout), pick(dlse), prepared, scale
-    )
-    return dq[:, :, inverse], dk[:, :, inverse], dv[:, :, inverse]
+    """The Triton backward in the schedule's token order, gradients back in the given order."""
+    from .dispatch import inverse_permutation
+
+    perm_q, perm_k = prepared.perm_q, prepared.perm_k
+    if perm_q is not None:
+        pq = perm_q.to(q.device)
+        q, out, lse, dout, dlse = (x[:, :, pq] for x in (q, out, lse, dout, dlse))
+    if perm_k is not None:
+        pk = perm_k.to(k.device)
+        k, v = k[:, :, pk], v[:, :, pk]
+    dq, dk, dv = triton_backend.backward(q, k, v, out, lse, dout, dlse, prepared, scale)
+    if perm_q is not None:
+        dq = dq[:, :, inverse_permutation(perm_q.to(q.device))]
+    if perm_k is not None:
+        inverse = inverse_permutation(perm_k.to(k.device))
+        dk, dv = dk[:, :, inverse], dv[:, :, inverse]
+    return dq, dk, dv
 
 
 @attention_backward.register_fake

@@ -58,9 +58,21 @@ class Prepared:
         return self.schedule.block_k
 
     @property
-    def perm(self) -> torch.Tensor | None:
-        """Execution order -> original token index (None: the given order)."""
+    def perm_q(self) -> torch.Tensor | None:
+        """Execution order -> original query index (None: the given order)."""
         return self.schedule.perm_q
+
+    @property
+    def perm_k(self) -> torch.Tensor | None:
+        """Execution order -> original key index (None: the given order)."""
+        return self.schedule.perm_k
+
+    @property
+    def perm(self) -> torch.Tensor | None:
+        """The permutation shared by queries and keys (tiled grids), or None."""
+        if self.perm_q is not None and self.perm_q is not self.perm_k:
+            raise ValueError("queries and keys are laid out differently: use perm_q and perm_k")
+        return self.perm_q
 
     def runs(self, group: int) -> Runs:
         return self.schedule.groups[group]

@@ -157,9 +157,11 @@ def _common(q, k, v, prepared: Prepared):
     if prepared.instance.sizes.q_offset < 0:
         raise MaskTypeError("the Triton backend needs q_offset >= 0 (queries may not precede the keys)")
     interpret = q.device.type == "cpu"
-    perm = prepared.perm
-    perm_t = perm.to(device=q.device, dtype=torch.int32) if perm is not None else None
-    return interpret, perm_t
+
+    def as_int32(perm):
+        return perm.to(device=q.device, dtype=torch.int32) if perm is not None else None
+
+    return interpret, as_int32(prepared.perm_q), as_int32(prepared.perm_k)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -168,8 +170,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _or(tensor, fallback):
+    return tensor if tensor is not None else fallback
+
+
 def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    interpret, perm_t = _common(q, k, v, prepared)
+    interpret, perm_q, perm_k = _common(q, k, v, prepared)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
@@ -186,7 +192,8 @@ def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, to
         grid = (math.ceil(lq / bm), batch * group_heads.numel())
         with cache.mode(interpret):
             module.attn_fwd[grid](
-            q, k, v, out, lse, group_heads, perm_t if perm_t is not None else group_heads,
+            q, k, v, out, lse, group_heads, _or(perm_q, group_heads),
+                _or(perm_k, group_heads),
             *csr,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -194,7 +201,8 @@ def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, to
             out.stride(0), out.stride(1), out.stride(2),
             heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group,
             *tables,
-            HAS_PERM=perm_t is not None, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_PERM_Q=perm_q is not None,
+            HAS_PERM_K=perm_k is not None, BLOCK_M=bm, BLOCK_N=bn,
             HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
             INPUT_PRECISION=_precision(q.dtype),
             UPCAST=interpret and q.dtype == torch.bfloat16,
@@ -204,7 +212,7 @@ def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, to
 
 
 def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
-    interpret, perm_t = _common(q, k, v, prepared)
+    interpret, perm_q, perm_k = _common(q, k, v, prepared)
     q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
     batch, heads, lq, d = q.shape
     kv_heads, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -224,17 +232,18 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
         module = kernel_module(source, q.dtype, interpret)
         tables = _flatten_tables(source, prepared, group, q.device)
         common = dict(
-            HAS_PERM=perm_t is not None, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_PERM_Q=perm_q is not None,
+            HAS_PERM_K=perm_k is not None, BLOCK_M=bm, BLOCK_N=bn,
             HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
             INPUT_PRECISION=_precision(q.dtype), SOFTCAP=source.softcap,
             UPCAST=interpret and q.dtype == torch.bfloat16,
             num_warps=config(max(d, dv), lq).bwd_warps,
         )  # fmt: skip
-        perm_arg = perm_t if perm_t is not None else group_heads
+        perms = (_or(perm_q, group_heads), _or(perm_k, group_heads))
         sizes = (heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group)
         with cache.mode(interpret):
             module.attn_bwd_dkdv[(math.ceil(lk / bn), batch * group_heads.numel())](
-            q, k, v, dout, lse_b, delta, dk, dvv, group_heads, perm_arg,
+            q, k, v, dout, lse_b, delta, dk, dvv, group_heads, *perms,
             *_csr(prepared, group, True, q.device),
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -246,7 +255,7 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
         )  # fmt: skip
         with cache.mode(interpret):
             module.attn_bwd_dq[(math.ceil(lq / bm), batch * group_heads.numel())](
-            q, k, v, dout, lse_b, delta, dq, group_heads, perm_arg,
+            q, k, v, dout, lse_b, delta, dq, group_heads, *perms,
             *_csr(prepared, group, False, q.device),
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
