@@ -21,6 +21,7 @@ from maskc.dsl import ir
 from maskc.dsl.evaluate import group_length, neighborhood_window
 from maskc.dsl.random_blocks import draw
 
+from . import dynamic_labels as dynamic
 from .geometry import Geometry
 
 E, F, M, N, U = 0, 1, 2, 3, 4
@@ -54,10 +55,12 @@ RANDOM_ROWS = 64
 
 
 class Rects:
-    """A batch of rectangles in block units, with the two sides' geometry."""
+    """A batch of rectangles in block units, with the two sides' geometry and,
+    for data-dependent atoms, the call's tensors."""
 
-    def __init__(self, q: Geometry, k: Geometry, qb0, qb1, kb0, kb1) -> None:
+    def __init__(self, q: Geometry, k: Geometry, qb0, qb1, kb0, kb1, tensors=None) -> None:
         self.q, self.k = q, k
+        self.tensors = tensors
         self.qb0, self.qb1, self.kb0, self.kb1 = qb0, qb1, kb0, kb1
         self._cache: dict = {}
 
@@ -112,7 +115,9 @@ def classify(node: ir.Mask, r: Rects) -> torch.Tensor:
         return _neighborhood(node, r)
     if isinstance(node, ir.RandomBlocks):
         return _random(node, r)
-    return torch.full((len(r),), U, dtype=torch.int8)  # data-dependent atoms
+    if r.tensors is not None and isinstance(node, (ir.Segments, ir.Route, ir.Cluster)):
+        return dynamic.classify(node, r)
+    return torch.full((len(r),), U, dtype=torch.int8)
 
 
 def _offset(node: ir.Offset, r: Rects) -> torch.Tensor:

@@ -109,7 +109,7 @@ def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensor
     kept: list[tuple] = []  # (qb0, qb1, kb0, kb1, full) rectangles of final state
     undecided: list[tuple[torch.Tensor, torch.Tensor]] = []
     while qb0.numel():
-        label = labels.classify(mask, labels.Rects(q, k, qb0, qb1, kb0, kb1))
+        label = labels.classify(mask, labels.Rects(q, k, qb0, qb1, kb0, kb1, tensors))
         single = (qb1 - qb0 == 1) & (kb1 - kb0 == 1)
         full = label == labels.F
         kept.append((qb0[full], qb1[full], kb0[full], kb1[full], True))
@@ -161,12 +161,16 @@ def _split(qb0, qb1, kb0, kb1):
     return a0[keep], a1[keep], c0[keep], c1[keep]
 
 
-def pair_mask(mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allowed pairs [n, bq, bk] of the given blocks, and which pairs are real."""
+def pair_mask(
+    mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors, per_batch: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allowed pairs [n, bq, bk] of the given blocks, and which pairs are real.
+    Patterns over runtime tensors: the union over the batch, or with `per_batch`
+    the pairs of each batch element, [batch, n, bq, bk]."""
     qp, qv = q.positions(rows)
     kp, kv = k.positions(cols)
     allowed = evaluate.mask(mask, qp[:, :, None], kp[:, None, :], tensors or _no_tensors())
-    if allowed.dim() == 4:  # per batch element: a block is as busy as its busiest batch
+    if allowed.dim() == 4 and not per_batch:  # a block is as busy as its busiest batch
         allowed = allowed.any(0)
     return allowed, qv[:, :, None] & kv[:, None, :]
 
@@ -175,9 +179,12 @@ def settle(mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors) -> torc
     """Exact states of single blocks by evaluating the predicate on their pairs."""
     state = torch.zeros(rows.numel(), dtype=torch.int8)
     for i in range(0, rows.numel(), EVAL_CHUNK):
-        allowed, valid = pair_mask(mask, q, k, rows[i : i + EVAL_CHUNK], cols[i : i + EVAL_CHUNK], tensors)
-        some = (allowed & valid).flatten(1).any(1)
-        every = (allowed | ~valid).flatten(1).all(1)
+        allowed, valid = pair_mask(mask, q, k, rows[i : i + EVAL_CHUNK], cols[i : i + EVAL_CHUNK], tensors, True)
+        if allowed.dim() == 3:
+            allowed = allowed[None]
+        # visited if some batch element has a pair there; full only if every batch element allows every pair
+        some = (allowed & valid).flatten(2).any(2).any(0)
+        every = (allowed | ~valid).flatten(2).all(2).all(0)
         state[i : i + EVAL_CHUNK] = torch.where(every, FULL, torch.where(some, PARTIAL, EMPTY)).to(torch.int8)
     return state
 
@@ -281,7 +288,10 @@ class BlockSchedule:
                     pcol[i : i + EVAL_CHUNK],
                     self.tensors,
                 )
-                total += int((allowed & valid).sum())
+                if allowed.dim() == 4:  # average over the batch
+                    total += int((allowed & valid).sum()) / allowed.shape[0]
+                else:
+                    total += int((allowed & valid).sum())
             per_group.append(total)
         return sum(per_group[g] for g in self.head_group)
 

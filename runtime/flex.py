@@ -33,12 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import flex_attention as _flex
-
 from maskc.dsl import evaluate, ir
 from maskc.dsl.dynamic import cluster_members, expand_kv_heads, region_ids, route_selection
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
+from torch.nn.attention import flex_attention as _flex
 
 from .prepare import Prepared
 
@@ -82,7 +81,7 @@ Expr = Callable[[_Env], object]
 ScoreExpr = Callable[[_Env, torch.Tensor], torch.Tensor]
 
 
-def _const(value) -> Expr:
+def _constant(value) -> Expr:
     return lambda env: value
 
 
@@ -165,7 +164,7 @@ class _Lowering:
         """A number that may differ between head groups: a constant, or a lookup by group."""
         distinct = set(values.values())
         if len(distinct) == 1:
-            return _const(next(iter(distinct)))
+            return _constant(next(iter(distinct)))
         floating = any(isinstance(v, float) for v in distinct)
         dtype = torch.float32 if floating else torch.int64
         # Groups outside `values` take a value of the others, never 0: a divisor
@@ -232,8 +231,23 @@ class _Lowering:
         if len(parts) > 1:
             return self.select([(p, self.mask(p)) for p in parts])
         node = next(iter(nodes.values()))
-        method = getattr(self, "_" + type(node).__name__.lower())
-        return method(nodes)
+        lower = {
+            ir.Const: self._const,
+            ir.And: self._and,
+            ir.Or: self._or,
+            ir.Not: self._not,
+            ir.Offset: self._offset,
+            ir.OffsetMod: self._offset_mod,
+            ir.PosSet: self._pos_set,
+            ir.Neighborhood: self._neighborhood,
+            ir.RandomBlocks: self._random_blocks,
+            ir.Segments: self._segments,
+            ir.Route: self._route,
+            ir.Cluster: self._cluster,
+        }.get(type(node))
+        if lower is None:
+            raise TypeError(f"unknown pattern node {node!r}")
+        return lower(nodes)
 
     def _const(self, nodes):
         value = self.param({g: bool(n.value) for g, n in nodes.items()})
@@ -289,13 +303,13 @@ class _Lowering:
 
         return f
 
-    def _offsetmod(self, nodes):
+    def _offset_mod(self, nodes):
         c = self.coord({g: n.coord for g, n in nodes.items()})
         modulus = self.param({g: n.modulus for g, n in nodes.items()})
         residue = self.param({g: n.residue for g, n in nodes.items()})
         return lambda env: (c(env.k, env) - c(env.q, env)) % modulus(env) == residue(env)
 
-    def _posset(self, nodes):
+    def _pos_set(self, nodes):
         first = next(iter(nodes.values()))
         c = self.coord({g: n.coord for g, n in nodes.items()})
         modulus = None if first.modulus is None else self.param({g: n.modulus for g, n in nodes.items()})
@@ -350,7 +364,7 @@ class _Lowering:
         values = evaluate.coordinate(torch.arange(s.lq, dtype=torch.int64) + s.q_offset, coord)
         return int(values.min()), int(values.max())
 
-    def _randomblocks(self, nodes):
+    def _random_blocks(self, nodes):
         coord = next(iter(nodes.values())).coord
         c = self.coord({g: coord for g in nodes})
         lo, hi = self._query_coordinates(coord)
@@ -465,7 +479,16 @@ class _Lowering:
         for i in range(n):
             at = {g: chain[i] for g, chain in mods.items()}
             first = next(iter(at.values()))
-            steps.append(getattr(self, "_mod_" + type(first).__name__.lower())(at))
+            lower = {
+                ir.Alibi: self._mod_alibi,
+                ir.Softcap: self._mod_softcap,
+                ir.Bias: self._mod_bias,
+                ir.Polyline: self._mod_polyline,
+                ir.Decay: self._mod_decay,
+            }.get(type(first))
+            if lower is None:
+                raise TypeError(f"unknown modifier {first!r}")
+            steps.append(lower(at))
 
         def f(env, score):
             for step in steps:

@@ -110,12 +110,13 @@ def attention_backward(
     tensors: list[torch.Tensor],
     size_names: str,
     sizes: list[int],
+    tensor_grads: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     from .dispatch import run_prepared
 
     bindings = _bindings(tensor_names, tensors, size_names, sizes)
     prepared = prepared_for(program, backend, q, k, v, q_offset, bindings)
-    differentiable = [t.is_floating_point() for t in tensors]
+    differentiable = [g and t.is_floating_point() for t, g in zip(tensors, tensor_grads, strict=True)]
     if backend == "triton":
         from . import triton_backend
 
@@ -160,7 +161,8 @@ def _triton_backward(triton_backend, q, k, v, out, lse, dout, dlse, prepared, sc
 
 
 @attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes):
+def _(dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+      tensor_grads):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(t) for t in tensors]
 
 
@@ -176,10 +178,12 @@ def _backward(ctx, dout, dlse):
     program, backend, scale, q_offset, tensor_names, size_names, sizes = ctx.args
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = torch.zeros_like(lse) if dlse is None else dlse
+    wanted = [t.requires_grad and t.is_floating_point() for t in tensors]
     dq, dk, dv, extra = attention_backward(
-        dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes
-    )
-    if backend == "triton" and ctx.needs_input_grad[8] and any(t.is_floating_point() for t in tensors):
+        dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+        wanted,
+    )  # fmt: skip
+    if backend == "triton" and any(wanted):
         raise MaskTypeError(
             "the Triton backend does not yet compute gradients of modifier tensors "
             f"({tensor_names.replace(',', ', ')}); use backend='cpu' or detach them"

@@ -18,7 +18,7 @@ from maskc.codegen.tiles import config
 from maskc.codegen.schedule import Runs
 from maskc.codegen.triton_exprs import Table
 from maskc.dsl import ir
-from maskc.dsl.dynamic import route_selection
+from maskc.dsl.dynamic import cluster_members, expand_kv_heads, route_selection
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
 
@@ -99,6 +99,19 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
         data = sel.to(device=device, dtype=torch.int8).contiguous()
         n = data.shape[-1]
         return [data, n * n if data.shape[0] > 1 else 0, n]
+    if table.kind == "cluster":
+        if node.clusters > 63:
+            raise MaskTypeError(f"the Triton backend handles at most 63 clusters, got {node.clusters}")
+        q, k = t.get("q").detach().cpu(), expand_kv_heads(t.get("k").detach().cpu(), s.heads)
+        centroids = t.get("centroids").detach().cpu()
+        bits = 1 << torch.arange(node.clusters, dtype=torch.int64)
+        width = max(s.lq, s.lk)
+        data = torch.zeros(q.shape[0], 2, width, dtype=torch.int64)
+        for side, x in enumerate((q, k)):
+            members = cluster_members(x[:, node.head], centroids[node.head], node.size)  # [B, n, len]
+            data[:, side, : members.shape[-1]] = (members.long() * bits[None, :, None]).sum(1)
+        data = data.to(device).contiguous()
+        return [data, 2 * width if data.shape[0] > 1 else 0, width]
     if table.kind == "alibi":
         slopes = torch.zeros(s.heads, dtype=torch.float32)
         for h, g in enumerate(prepared.head_group):

@@ -248,3 +248,46 @@ def test_per_head_random_blocks_exact():
 
 def test_lq_shorter_than_lk_is_exact():
     assert_exact(maskc.compile("causal & window(40)"), 17, 200, 16, 32)
+
+
+# ----------------------------------------------------------------- data-dependent atoms
+
+
+def union_block_states(dense: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
+    """One schedule serves the batch: a block is visited if any element needs it, full if all fill it."""
+    if dense.dim() == 3:
+        return block_states(dense, bq, bk, None)
+    some = block_states(dense.any(0), bq, bk, None)
+    every = block_states(dense.all(0), bq, bk, None)
+    return torch.where(every == 2, 2, torch.where(some > 0, 1, 0)).to(torch.int8)
+
+
+DYNAMIC = [
+    ("pattern p(ids: tensor) = causal & segments(ids)", {"ids": "ids"}),
+    ("route(topk = 2, block = 16)", {}),
+    ("causal & route(topk = 3, block = 16, own = true, causal = true) | window(3)", {}),
+    ("route(topk = 2, block = (4, 4), shared = false) on grid(8, 16)", {}),
+    ("cluster(4, size = 24)", {"centroids": "centroids"}),
+    ("causal & cluster(3, size = 40) | sink(2)", {"centroids": "centroids"}),
+]
+
+
+@settings(max_examples=12, deadline=None)
+@given(case=st.sampled_from(DYNAMIC), seed=st.integers(0, 1000), block=st.sampled_from([8, 16, 32]))
+def test_dynamic_schedules_exact(case, seed, block):
+    spec, needs = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, 128, 8, generator=g)
+    k = torch.randn(2, 2, 128, 8, generator=g)
+    bindings = {"q": q, "k": k}
+    if "ids" in needs:
+        cuts = torch.sort(torch.randint(1, 127, (2, 3), generator=g)).values
+        bindings["ids"] = torch.stack([torch.bucketize(torch.arange(128), c, right=True) for c in cuts])
+    if "centroids" in needs:
+        n = int(spec.split("cluster(")[1].split(",")[0])
+        bindings["centroids"] = torch.randn(2, n, 8, generator=g)
+    program = maskc.compile(spec)
+    sched = program.schedule(128, block_q=block, block_k=block, heads=2, layout="rowmajor", **bindings)
+    dense = program.mask(128, heads=2, **bindings)
+    assert torch.equal(sched.to_dense(), union_block_states(dense, block, block))
+    assert torch.equal(sched.transposed_dense(), sched.to_dense().transpose(1, 2))

@@ -90,3 +90,25 @@ def test_decoding_path_single_query():
     q, k, v = _inputs(1, 200, 4, 2, 16)
     out = program(q, k, v, backend="triton")
     torch.testing.assert_close(out, program.reference(q, k, v), atol=2e-5, rtol=2e-5)
+
+
+def test_data_dependent_patterns_match_reference():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = _inputs(96, 96, 2, 2, 16, seed=3)
+    ids = torch.tensor([[0] * 30 + [1] * 40 + [2] * 26, [0] * 60 + [1] * 36])
+    cases = [
+        ("pattern p(ids: tensor) = causal & segments(ids)", {"ids": ids}),
+        ("route(topk = 2, block = 16) | window(2)", {}),
+        ("causal & route(topk = 2, block = (4, 4), own = true, shared = false) on grid(8, 12)", {}),
+        ("cluster(3, size = 40)", {"centroids": torch.randn(2, 3, 16, generator=g)}),
+    ]
+    for spec, bindings in cases:
+        program = maskc.compile(spec)
+        out = program(q, k, v, backend="triton", **bindings)
+        ref = program.reference(q, k, v, **bindings)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5, msg=lambda m, spec=spec: f"{spec}: {m}")
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(ref, (q, k, v), grad)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, spec=spec: f"{spec}: {m}")

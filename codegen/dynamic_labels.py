@@ -1,0 +1,175 @@
+"""Labels of rectangles for atoms that read call-time tensors.
+
+Each atom is summarised once per schedule build as block-level tables, then
+any rectangle of blocks is labelled from prefix sums or range extrema:
+
+- `segments`: per block and batch element, the smallest and largest id. No
+  common id is possible when the ranges are disjoint (E); one id throughout
+  means every pair matches (F); otherwise undecided (U).
+- `route`: C[b, qb, kb], the number of allowed pairs in each block pair,
+  is Nq @ sel @ Nk^T with N the tokens each block has in each region: exact
+  E, F and M for any rectangle, in any layout.
+- `cluster`: which clusters each block touches; blocks sharing none are E,
+  the rest are settled on their pairs (U).
+
+A block counts as visited when any batch element needs it and as full when
+every batch element fills it, because one schedule serves the whole batch.
+These tables cost O(query blocks x key blocks): routing scores every region
+pair anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maskc.dsl import evaluate, ir
+from maskc.dsl.dynamic import cluster_members, expand_kv_heads, region_ids, route_selection
+
+E, F, M, U = 0, 1, 2, 4
+
+
+def classify(node, r) -> torch.Tensor:
+    if isinstance(node, ir.Segments):
+        return _segments(node, r)
+    if isinstance(node, ir.Route):
+        return _route(node, r)
+    return _cluster(node, r)
+
+
+def _cached(r, key, build):
+    cache = r.tensors.cache
+    full_key = (key, id(r.q), id(r.k))
+    if full_key not in cache:
+        cache[full_key] = build()
+    return cache[full_key]
+
+
+def _label(empty, full, exact) -> torch.Tensor:
+    out = torch.full(empty.shape, U, dtype=torch.int8)
+    out[exact] = M
+    out[full] = F
+    out[empty] = E
+    return out
+
+
+# ----------------------------------------------------------------- prefix sums
+
+
+def _prefix2d(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive 2-D prefix sums over the last two dims, zero-padded at the front."""
+    out = torch.zeros(*x.shape[:-2], x.shape[-2] + 1, x.shape[-1] + 1, dtype=x.dtype)
+    out[..., 1:, 1:] = x.cumsum(-2).cumsum(-1)
+    return out
+
+
+def _rect_sum(prefix: torch.Tensor, r) -> torch.Tensor:
+    p = prefix
+    return p[..., r.qb1, r.kb1] - p[..., r.qb0, r.kb1] - p[..., r.qb1, r.kb0] + p[..., r.qb0, r.kb0]
+
+
+def _block_pairs(r) -> torch.Tensor:
+    """Real (query, key) pairs in each block pair: [q_blocks, k_blocks]."""
+    qn = torch.clamp(r.q.length - torch.arange(r.q.num_blocks) * r.q.block, max=r.q.block)
+    kn = torch.clamp(r.k.length - torch.arange(r.k.num_blocks) * r.k.block, max=r.k.block)
+    return qn[:, None].double() * kn[None, :].double()
+
+
+# ----------------------------------------------------------------- segments
+
+
+def _segments(node: ir.Segments, r) -> torch.Tensor:
+    def build():
+        ids = r.tensors.get(node.tensor).cpu()
+        ids = ids[None] if ids.dim() == 1 else ids
+        out = []
+        for geometry in (r.q, r.k):
+            pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
+            values = ids[:, evaluate.coordinate(pos, node.coord).clamp(0, ids.shape[1] - 1)]
+            big = torch.iinfo(torch.int64).max
+            lo = torch.where(valid, values, big).amin(-1)
+            hi = torch.where(valid, values, -big).amax(-1)
+            out.append((_table(lo, torch.minimum), _table(hi, torch.maximum)))
+        return out
+
+    (qlo_t, qhi_t), (klo_t, khi_t) = _cached(r, ("segments", node), build)
+    qlo, qhi = _range(qlo_t, r.qb0, r.qb1, torch.minimum), _range(qhi_t, r.qb0, r.qb1, torch.maximum)
+    klo, khi = _range(klo_t, r.kb0, r.kb1, torch.minimum), _range(khi_t, r.kb0, r.kb1, torch.maximum)
+    empty = ((qhi < klo) | (khi < qlo)).all(0)
+    full = ((qlo == qhi) & (klo == khi) & (qlo == klo)).all(0)
+    return _label(empty, full, torch.zeros_like(empty))
+
+
+def _table(values: torch.Tensor, op) -> list[torch.Tensor]:
+    """Sparse table over the last dim for range extrema."""
+    table = [values]
+    width = 1
+    while 2 * width <= values.shape[-1]:
+        prev = table[-1]
+        table.append(op(prev[..., :-width], prev[..., width:]))
+        width *= 2
+    return table
+
+
+def _range(table, b0, b1, op) -> torch.Tensor:
+    level = torch.floor(torch.log2((b1 - b0).clamp(min=1).double())).long()
+    out = torch.empty(*table[0].shape[:-1], b0.numel(), dtype=table[0].dtype)
+    for k in torch.unique(level).tolist():
+        pick = level == k
+        row = table[k]
+        out[..., pick] = op(row[..., b0[pick]], row[..., b1[pick] - (1 << k)])
+    return out
+
+
+# ----------------------------------------------------------------- route
+
+
+def _incidence(geometry, regions: tuple[ir.Coord, ...], n: int) -> torch.Tensor:
+    """Tokens of each block in each region: [blocks, regions] float64."""
+    pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
+    ids = region_ids(pos, regions).clamp(0, n - 1)
+    out = torch.zeros(geometry.num_blocks, n, dtype=torch.float64)
+    out.scatter_add_(1, ids, valid.double())
+    return out
+
+
+def _route(node: ir.Route, r) -> torch.Tensor:
+    def build():
+        s = r.tensors.instance.sizes
+        q, k = r.tensors.get("q").detach().cpu(), r.tensors.get("k").detach().cpu()
+        qp = torch.arange(s.lq) + s.q_offset
+        sel = route_selection(node, q, k, qp, torch.arange(s.lk))[:, 0].double()  # [B, n, n]
+        n = sel.shape[-1]
+        counts = _incidence(r.q, node.regions, n) @ sel @ _incidence(r.k, node.regions, n).T
+        return _prefix2d(counts.round()), _prefix2d(_block_pairs(r))
+
+    counts, pairs = _cached(r, ("route", node), build)
+    allowed = _rect_sum(counts, r)  # [B, rects]
+    total = _rect_sum(pairs, r)
+    return _label((allowed == 0).all(0), (allowed == total).all(0), torch.ones(len(r), dtype=torch.bool))
+
+
+# ----------------------------------------------------------------- cluster
+
+
+def _cluster(node: ir.Cluster, r) -> torch.Tensor:
+    def build():
+        s = r.tensors.instance.sizes
+        q, k = r.tensors.get("q").detach().cpu(), r.tensors.get("k").detach().cpu()
+        k = expand_kv_heads(k, q.shape[1])
+        centroids = r.tensors.get("centroids").detach().cpu()
+        h = node.head
+        mq = cluster_members(q[:, h], centroids[h], node.size).double()  # [B, n, lq]
+        mk = cluster_members(k[:, h], centroids[h], node.size).double()
+        touch = []
+        for geometry, members, offset in ((r.q, mq, s.q_offset), (r.k, mk, 0)):
+            pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
+            rows = (pos - offset).clamp(0, members.shape[-1] - 1)
+            hit = members[:, :, rows] * valid.double()  # [B, n, blocks, block]
+            touch.append(hit.sum(-1) > 0)
+        shared = torch.einsum("bnq,bnk->bqk", touch[0].double(), touch[1].double()) > 0
+        return _prefix2d(shared.double())
+
+    shared = _cached(r, ("cluster", node), build)
+    return _label((_rect_sum(shared, r) == 0).all(0), torch.zeros(len(r), dtype=torch.bool), torch.zeros(len(r), dtype=torch.bool))
+
+
