@@ -21,7 +21,6 @@ pair anyway.
 from __future__ import annotations
 
 import torch
-
 from maskc.dsl import evaluate, ir
 from maskc.dsl.dynamic import cluster_members, expand_kv_heads, region_ids, route_selection
 
@@ -170,6 +169,6 @@ def _cluster(node: ir.Cluster, r) -> torch.Tensor:
         return _prefix2d(shared.double())
 
     shared = _cached(r, ("cluster", node), build)
-    return _label((_rect_sum(shared, r) == 0).all(0), torch.zeros(len(r), dtype=torch.bool), torch.zeros(len(r), dtype=torch.bool))
-
-
+    return _label(
+        (_rect_sum(shared, r) == 0).all(0), torch.zeros(len(r), dtype=torch.bool), torch.zeros(len(r), dtype=torch.bool)
+    )

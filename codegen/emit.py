@@ -16,7 +16,7 @@ from maskc.dsl import ir
 
 from .irtext import mask_text, modifier_text
 from .kernel_template import KERNELS
-from .triton_exprs import Emitter, Table, modifier_steps, predicate
+from .triton_exprs import Emitter, GradTable, Step, Table, modifier_steps, predicate
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,42 @@ class KernelSource:
     text: str
     tables: tuple[Table, ...]
     softcap: bool
+    grads: tuple[GradTable, ...] = ()
+
+
+def _modifier_bodies(steps: list[Step], setup: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Bodies of `modify`, `modify_grad` and `modify_backward`.
+
+    `modify_backward` replays the modifiers to find, for each tensor modifier,
+    the product of the derivatives of the softcaps applied after it."""
+    modify = list(setup)
+    for step in steps:
+        modify.append(f"s = s + {step.value}" if step.kind == "add" else f"s = {step.value} * _tanh(s / {step.value})")
+    modify.append("return s")
+    softcaps = [i for i, step in enumerate(steps) if step.kind == "softcap"]
+    grad = ["return s * 0.0 + 1.0"]
+    backward = [*setup]
+    if softcaps:
+        grad = [*setup, "g = s * 0.0 + 1.0"]
+    for i, step in enumerate(steps):
+        if step.kind == "add":
+            if softcaps:
+                grad.append(f"s = s + {step.value}")
+            backward.append(f"s = s + {step.value}")
+        else:
+            grad += [f"t = _tanh(s / {step.value})", "g = g * (1.0 - t * t)", f"s = {step.value} * t"]
+            backward += [f"t{i} = _tanh(s / {step.value})", f"s = {step.value} * t{i}"]
+    if softcaps:
+        grad.append("return g")
+    for i, step in enumerate(steps):
+        if step.backward is None:
+            continue
+        factors = [f"(1.0 - t{j} * t{j})" for j in softcaps if j > i]
+        ds = f"ds_{i}"
+        backward.append(f"{ds} = ds" + "".join(f" * {f}" for f in factors))
+        backward += step.backward(ds)
+    backward.append("return ds")
+    return modify, grad, backward
 
 
 def _function(name: str, params: str, body: list[str], doc: str) -> str:
@@ -40,19 +76,8 @@ def emit(form: ir.HeadPattern, title: str, block_m: int, block_n: int, version: 
     allowed_body = [*e.lines, f"return {expr}"]
     e.lines, e.counter = [], 0
     steps = modifier_steps(form.modifiers, e)
-    modify_body = list(e.lines)
-    softcap = any(kind == "softcap" for kind, _ in steps)
-    grad_body = [*e.lines, "g = s * 0.0 + 1.0"] if softcap else []
-    for kind, value in steps:
-        if kind == "add":
-            modify_body.append(f"s = s + {value}")
-            if softcap:
-                grad_body.append(f"s = s + {value}")
-        else:
-            modify_body.append(f"s = {value} * _tanh(s / {value})")
-            grad_body += [f"t = _tanh(s / {value})", "g = g * (1.0 - t * t)", f"s = {value} * t"]
-    modify_body.append("return s")
-    grad_body.append("return g" if softcap else "return s * 0.0 + 1.0")
+    modify_body, grad_body, backward_body = _modifier_bodies(steps, list(e.lines))
+    softcap = any(step.kind == "softcap" for step in steps)
     table_args = e.table_args()
     params = ", ".join(["qpos", "kpos", "b", "h", "q_offset", *table_args])
     tables_sig = "".join(f" {a}," for a in table_args)
@@ -76,9 +101,17 @@ def emit(form: ir.HeadPattern, title: str, block_m: int, block_n: int, version: 
         "",
         _function("modify_grad", "s, " + params, grad_body, "d modify(s) / d s (softcap's chain rule)."),
         "",
+        "",
+        _function(
+            "modify_backward",
+            "ds, s, " + params,
+            backward_body,
+            "Add d loss / d (each modifier tensor) given ds = d loss / d (final logits).",
+        ),
+        "",
         KERNELS.replace("{tables_call}", tables_sig).replace("{tables}", tables_sig),
     ]
-    return KernelSource("\n".join(parts), tuple(e.tables), softcap)
+    return KernelSource("\n".join(parts), tuple(e.tables), softcap, tuple(e.grads))
 
 
 def without_head_data(node):

@@ -35,9 +35,12 @@ def _tanh(x):
 
 @triton.jit
 def _positions(offs, Perm, n, offset, HAS_PERM: tl.constexpr):
-    """Absolute positions of execution-order indices `offs` (layout undone)."""
+    """Absolute positions of execution-order indices `offs` (layout undone).
+    Indices past the end are clamped to the last real one, so that the pattern's
+    table lookups stay in bounds; their pairs are masked out anyway."""
+    offs = tl.minimum(offs, n - 1)
     if HAS_PERM:
-        idx = tl.load(Perm + offs, mask=offs < n, other=0)
+        idx = tl.load(Perm + offs)
     else:
         idx = offs
     return idx + offset
@@ -216,6 +219,7 @@ def attn_bwd_dq(
     HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    TENSOR_GRADS: tl.constexpr,
 ):
     qb = tl.program_id(0)
     pid = tl.program_id(1)
@@ -272,6 +276,8 @@ def attn_bwd_dq(
                 p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
                 ds = p * (dp - delta[:, None])
+                if TENSOR_GRADS:
+                    modify_backward(ds, raw, qpos, kpos, b, h, q_offset,{tables_call})
                 if SOFTCAP:
                     ds = ds * modify_grad(raw, qpos, kpos, b, h, q_offset,{tables_call})
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)

@@ -34,11 +34,31 @@ class Table:
         return [f"{self.name}_s{i}" for i in range(self.strides)] + [f"{self.name}_r{i}" for i in range(self.reaches)]
 
 
+@dataclass(frozen=True)
+class GradTable:
+    """A float32 buffer receiving d loss / d (a modifier's tensor), laid out like
+    the forward table `like` (same strides); `kind` names what it holds."""
+
+    name: str
+    kind: str  # "alibi", "bias", "prefix_alpha", "prefix_beta"
+    node: object
+    like: str
+
+
 @dataclass
 class Emitter:
     tables: list[Table] = field(default_factory=list)
+    grads: list[GradTable] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     counter: int = 0
+
+    def grad(self, kind: str, node: object, like: str) -> str:
+        for g in self.grads:
+            if g.kind == kind and g.like == like:
+                return g.name
+        name = f"G{len(self.grads)}"
+        self.grads.append(GradTable(name, kind, node, like))
+        return name
 
     def table(self, kind: str, node: object, strides: int, reaches: int = 0) -> str:
         for t in self.tables:
@@ -60,7 +80,7 @@ class Emitter:
         for t in self.tables:
             out.append(t.name)
             out.extend(t.scalar_args())
-        return out
+        return out + [g.name for g in self.grads]
 
 
 def _same_data(a: object, b: object) -> bool:
@@ -176,19 +196,36 @@ def _neighborhood(node: ir.Neighborhood, e: Emitter) -> str:
     return f"((({kc} % {d}) == {group}) & ({kg} >= {start}) & ({kg} < {end}))"
 
 
-def modifier_steps(mods: tuple[ir.Modifier, ...], e: Emitter) -> list[tuple[str, str]]:
-    """Each modifier as ("add", expr) or ("softcap", cap) in order."""
+@dataclass(frozen=True)
+class Step:
+    """One modifier: ("add", expr) or ("softcap", cap); `backward(ds)` gives the
+    lines that add d loss / d (its tensor) given ds = d loss / d (its output)."""
+
+    kind: str
+    value: str
+    backward: object = None
+
+
+def modifier_steps(mods: tuple[ir.Modifier, ...], e: Emitter) -> list[Step]:
     steps = []
     for m in mods:
         if isinstance(m, ir.Softcap):
-            steps.append(("softcap", _float(m.cap)))
+            steps.append(Step("softcap", _float(m.cap)))
         elif isinstance(m, ir.Alibi):
             t = e.table("alibi", m, 0)
-            dist = f"tl.abs({coord('kpos', m.coord)} - {coord('qpos', m.coord)})"
-            steps.append(("add", f"(-tl.load({t} + h) * {dist}.to(tl.float32))"))
+            dist = f"tl.abs({coord('kpos', m.coord)} - {coord('qpos', m.coord)}).to(tl.float32)"
+            backward = None
+            if m.tensor is not None:
+                g = e.grad("alibi", m, t)
+
+                def backward(ds, g=g, dist=dist):
+                    total = f"tl.reduce(tl.reduce({ds} * -{dist}, 1, _add), 0, _add)"
+                    return [f"tl.atomic_add({g} + h, {total})"]
+
+            steps.append(Step("add", f"(-tl.load({t} + h) * {dist})", backward))
         elif isinstance(m, ir.Decay):
             total = " + ".join(f"tl.abs({coord('kpos', c)} - {coord('qpos', c)})" for c in m.coords)
-            steps.append(("add", f"({_float(m.log_gamma)} * ({total}).to(tl.float32))"))
+            steps.append(Step("add", f"({_float(m.log_gamma)} * ({total}).to(tl.float32))"))
         elif isinstance(m, ir.Bias):
             t = e.table("bias", m, len(m.coords) + 1, len(m.coords))
             index = [f"h * {t}_s0"]
@@ -196,35 +233,50 @@ def modifier_steps(mods: tuple[ir.Modifier, ...], e: Emitter) -> list[tuple[str,
                 reach = f"{t}_r{axis}"
                 delta = f"tl.minimum(tl.maximum({coord('kpos', c)} - {coord('qpos', c)}, -{reach}), {reach})"
                 index.append(f"({delta} + {reach}) * {t}_s{axis + 1}")
-            steps.append(("add", f"tl.load({t} + {' + '.join(index)}).to(tl.float32)"))
+            offset = e.let(" + ".join(index))
+            g = e.grad("bias", m, t)
+            steps.append(
+                Step(
+                    "add",
+                    f"tl.load({t} + {offset}).to(tl.float32)",
+                    lambda ds, g=g, offset=offset: [f"tl.atomic_add({g} + {offset}, {ds})"],
+                )
+            )
         elif isinstance(m, ir.Polyline):
-            steps.append(("add", _polyline(m, e)))
+            steps.append(_polyline(m, e))
         else:
             raise TypeError(f"no Triton lowering for modifier {m!r}")
     return steps
 
 
-def _polyline(m: ir.Polyline, e: Emitter) -> str:
+def _polyline(m: ir.Polyline, e: Emitter) -> Step:
     """PPMA's path mask from prefix sums: A[b, h, y, x] = cumsum of alpha along x,
-    B[b, h, y, x] = cumsum of beta along y (both [batch, heads, h, w], contiguous)."""
+    B[b, h, y, x] = cumsum of beta along y (both [batch, heads, h, w], contiguous).
+    Its backward adds +ds / -ds at the two ends of each path segment into the
+    gradients of A and B; the caller turns those into d alpha, d beta."""
     ta = e.table("prefix_alpha", m, 2)
     tb = e.table("prefix_beta", m, 2)
+    ga = e.grad("prefix_alpha", m, ta)
+    gb = e.grad("prefix_beta", m, tb)
     yc, xc = m.coords
     y1, x1 = e.let(coord("qpos", yc)), e.let(coord("qpos", xc))
     y2, x2 = e.let(coord("kpos", yc)), e.let(coord("kpos", xc))
     width = _int(xc.size)
-    base_a = f"b * {ta}_s0 + h * {ta}_s1"
-    base_b = f"b * {tb}_s0 + h * {tb}_s1"
-    xlo, xhi = f"tl.minimum({x1}, {x2})", f"tl.maximum({x1}, {x2})"
-    ylo, yhi = f"tl.minimum({y1}, {y2})", f"tl.maximum({y1}, {y2})"
-    if m.path == "hv":
-        row, col = y1, x2
-    else:
-        row, col = y2, x1
-    horizontal = (
-        f"(tl.load({ta} + {base_a} + {row} * {width} + {xhi}) - tl.load({ta} + {base_a} + {row} * {width} + {xlo}))"
-    )
-    vertical = (
-        f"(tl.load({tb} + {base_b} + {yhi} * {width} + {col}) - tl.load({tb} + {base_b} + {ylo} * {width} + {col}))"
-    )
-    return f"({horizontal} + {vertical})"
+    base_a = e.let(f"b * {ta}_s0 + h * {ta}_s1")
+    base_b = e.let(f"b * {tb}_s0 + h * {tb}_s1")
+    xlo, xhi = e.let(f"tl.minimum({x1}, {x2})"), e.let(f"tl.maximum({x1}, {x2})")
+    ylo, yhi = e.let(f"tl.minimum({y1}, {y2})"), e.let(f"tl.maximum({y1}, {y2})")
+    row, col = (y1, x2) if m.path == "hv" else (y2, x1)
+    ends = [
+        (ta, ga, f"{base_a} + {row} * {width} + {xhi}", "+"),
+        (ta, ga, f"{base_a} + {row} * {width} + {xlo}", "-"),
+        (tb, gb, f"{base_b} + {yhi} * {width} + {col}", "+"),
+        (tb, gb, f"{base_b} + {ylo} * {width} + {col}", "-"),
+    ]
+    terms = [f"{sign} tl.load({t} + {offset})" for t, _, offset, sign in ends]
+    value = " ".join(terms)[2:]  # the first term is positive: drop its "+ "
+
+    def backward(ds):
+        return [f"tl.atomic_add({g} + {offset}, {'' if sign == '+' else '-'}{ds})" for _, g, offset, sign in ends]
+
+    return Step("add", f"({value})", backward)

@@ -12,7 +12,7 @@ See README.md for the language and DESIGN.md for its semantics.
 """
 
 from maskc.dsl.errors import MaskError, MaskSyntaxError, MaskTypeError
-from maskc.module import SparseAttention
+from maskc.module import PolylineAttention, SparseAttention
 from maskc.program import Program, attention, compile
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "MaskError",
     "MaskSyntaxError",
     "MaskTypeError",
+    "PolylineAttention",
     "Program",
     "SparseAttention",
     "__version__",

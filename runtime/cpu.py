@@ -545,21 +545,27 @@ def _groups(prepared: Prepared, heads: int, kv_heads: int) -> list[_Group]:
     return out
 
 
-def _pad_len(x: torch.Tensor, length: int) -> torch.Tensor:
-    return x if x.shape[2] == length else pad(x, (0, 0, 0, length - x.shape[2]))
+def _pad_len(x: torch.Tensor, length: int, width: int | None = None) -> torch.Tensor:
+    """Zero-pad dim 2 to `length` (and the last dim to `width`)."""
+    extra = 0 if width is None else width - x.shape[-1]
+    return x if x.shape[2] == length and extra == 0 else pad(x, (0, extra, 0, length - x.shape[2]))
 
 
-def _group_inputs(group: _Group, q, k, v, prepared: Prepared):
-    """Per group q [N, lq_pad, D], k [N, lk_pad, D], v [N, lk_pad, Dv] with N = batch * group heads."""
+def _group_inputs(group: _Group, q, k, v, prepared: Prepared, fused: bool = True):
+    """Per group q [N, lq_pad, W], k [N, lk_pad, W], v [N, lk_pad, W] with N = batch *
+    group heads, lengths padded to whole blocks.  The fused kernel needs one head dim:
+    W = max(D, Dv), the narrower side padded with zeros (which changes no logit and
+    no output column); the generic path keeps D and Dv."""
     bq, bk = prepared.block_q, prepared.block_k
     lq_pad = math.ceil(q.shape[2] / bq) * bq
     lk_pad = math.ceil(k.shape[2] / bk) * bk
+    width = max(q.shape[-1], v.shape[-1]) if fused else None
     qg = q if group.head_index is None else q.index_select(1, group.head_index)
     kg = k if group.kv_index is None else k.index_select(1, group.kv_index)
     vg = v if group.kv_index is None else v.index_select(1, group.kv_index)
-    qg = _pad_len(qg, lq_pad).contiguous()
-    kg = _pad_len(kg, lk_pad).contiguous()
-    vg = _pad_len(vg, lk_pad).contiguous()
+    qg = _pad_len(qg, lq_pad, width).contiguous()
+    kg = _pad_len(kg, lk_pad, width).contiguous()
+    vg = _pad_len(vg, lk_pad, width).contiguous()
     n = q.shape[0] * qg.shape[1]
     return qg.view(n, lq_pad, -1), kg.view(n, lk_pad, -1), vg.view(n, lk_pad, -1)
 
@@ -681,7 +687,8 @@ def _fused_forward(q, k, v, prepared: Prepared, scale: float):
         for group in groups:
             qg, kg, vg = _group_inputs(group, qc, kc, vc, prepared)
             results.append(_fused_group_forward(prepared, group, qg, kg, vg, scale, batch, threads))
-        out = _ungroup([r[0] for r in results], groups, batch, heads, lq, (v.shape[-1],), compute).to(q.dtype)
+        dv = v.shape[-1]
+        out = _ungroup([r[0][..., :dv] for r in results], groups, batch, heads, lq, (dv,), compute).to(q.dtype)
         lse = _ungroup([r[1] for r in results], groups, batch, heads, lq, (), compute).to(torch.float32)
     return out, lse, groups, results
 
@@ -703,16 +710,17 @@ def _fused_backward(q, k, v, prepared: Prepared, scale: float, groups, results, 
         dqs, dks, dvs = [], [], []
         for group, (out, lse) in zip(groups, results, strict=True):
             qg, kg, vg = _group_inputs(group, qc, kc, vc, prepared)
-            go = _pick_heads(gout, group)
-            go = _pad_len(go, qg.shape[1]).reshape(qg.shape[0], -1, bq, dvdim)
+            go = _pad_len(_pick_heads(gout, group), qg.shape[1], qg.shape[-1]).reshape(
+                qg.shape[0], -1, bq, qg.shape[-1]
+            )
             gl = None
             if glse is not None:
                 gl = _pick_heads(glse, group)
                 gl = pad(gl, (0, qg.shape[1] - lq)).reshape(qg.shape[0], -1, bq)
             dq, dk, dv = _fused_group_backward(prepared, group, qg, kg, vg, out, lse, go, gl, scale, batch, threads)
-            dqs.append(dq)
-            dks.append(dk)
-            dvs.append(dv)
+            dqs.append(dq[..., :d])
+            dks.append(dk[..., :d])
+            dvs.append(dv[..., :dvdim])
         dq = _ungroup(dqs, groups, batch, heads, lq, (d,), compute).to(q.dtype)
         dk = _reduce_kv(dks, groups, batch, kv_heads, lk, d, compute).to(k.dtype)
         dv = _reduce_kv(dvs, groups, batch, kv_heads, lk, dvdim, compute).to(v.dtype)
@@ -750,7 +758,7 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
     lq_pad = math.ceil(q.shape[2] / bq) * bq
     results = []
     for group in groups:
-        o = _pad_len(_pick_heads(out.to(compute), group), lq_pad)
+        o = _pad_len(_pick_heads(out.to(compute), group), lq_pad, max(q.shape[-1], v.shape[-1]))
         lg = pad(_pick_heads(lse.to(compute), group), (0, lq_pad - q.shape[2]), value=-math.inf)
         n = o.shape[0] * o.shape[1]
         results.append((o.reshape(n, -1, bq, o.shape[-1]), lg.reshape(n, -1, bq)))
@@ -771,7 +779,7 @@ def _generic(q, k, v, prepared: Prepared, scale: float):
     groups = _groups(prepared, heads, kv_heads)
     outs, lses = [], []
     for group in groups:
-        qg, kg, vg = _group_inputs(group, qc, kc, vc, prepared)
+        qg, kg, vg = _group_inputs(group, qc, kc, vc, prepared, fused=False)
         n, lq_pad, _ = qg.shape
         hg = len(group.heads)
         nqb = lq_pad // bq

@@ -41,7 +41,7 @@ from torch.nn.attention import flex_attention as _flex
 
 from .prepare import Prepared
 
-# Stands for "no bound" / "no modulus" when head groups disagree; far above any position.
+# Stands for "no bound" when head groups disagree; far above any position.
 BIG = 2**40
 # Clusters per int64 membership word.
 _WORD = 62
@@ -105,8 +105,6 @@ def _mask_signature(node: ir.Mask) -> tuple:
     """What must agree between head groups for one vectorised expression."""
     if isinstance(node, (ir.And, ir.Or)):
         return (type(node), len(node.parts))
-    if isinstance(node, ir.Offset):
-        return (ir.Offset, node.lo is None, node.hi is None)
     if isinstance(node, ir.PosSet):
         return (ir.PosSet, node.side, node.modulus is None)
     if isinstance(node, ir.Neighborhood):
@@ -165,8 +163,12 @@ class _Lowering:
         distinct = set(values.values())
         if len(distinct) == 1:
             return _constant(next(iter(distinct)))
-        floating = any(isinstance(v, float) for v in distinct)
-        dtype = torch.float32 if floating else torch.int64
+        if all(isinstance(v, bool) for v in distinct):
+            dtype = torch.bool
+        elif any(isinstance(v, float) for v in distinct):
+            dtype = torch.float32
+        else:
+            dtype = torch.int64
         # Groups outside `values` take a value of the others, never 0: a divisor
         # there would still be evaluated (torch.where computes both sides).
         table = torch.full((self.groups,), next(iter(values.values())), dtype=dtype)
@@ -194,14 +196,17 @@ class _Lowering:
     def coord(self, coords: dict[int, ir.Coord]) -> Callable:
         """f(positions, env): the coordinate (p % mod) // div, per group."""
         mods = {g: c.mod for g, c in coords.items()}
-        if all(m is None for m in mods.values()):
-            mod = None
-        else:
-            mod = self.param({g: BIG if m is None else m for g, m in mods.items()})
+        mod = has_mod = None
+        if any(m is not None for m in mods.values()):
+            mod = self.param({g: 1 if m is None else m for g, m in mods.items()})
+            has_mod = self.param({g: m is not None for g, m in mods.items()})
         div = self.param({g: c.div for g, c in coords.items()})
 
         def f(p, env):
-            x = p if mod is None else p % mod(env)
+            x = p
+            if mod is not None:
+                has = has_mod(env)
+                x = p % mod(env) if has is True else torch.where(has, p % mod(env), p)
             d = div(env)
             return x if isinstance(d, int) and d == 1 else x // d
 
@@ -377,7 +382,7 @@ class _Lowering:
         last = hi - lo
 
         def f(env):
-            row = torch.clamp(c(env.q, env) - lo, 0, last)
+            row = torch.clamp(c(env.q, env), 0, last)
             kc = c(env.k, env)
             out = lookup(env, row, 0) == kc
             for j in range(1, width):
@@ -746,16 +751,13 @@ def schedule_lse(q: torch.Tensor, k: torch.Tensor, prepared: Prepared, scale: fl
             terms = evaluate.modifier_terms(prepared.modifiers(g), qp[:, :, None], kp[:, None, :], prepared.tensors)
             terms = [(kind, v[:, None] if isinstance(v, torch.Tensor) and v.dim() == 4 else v) for kind, v in terms]
             scores = evaluate.apply_terms(scores, terms)
-            allowed = (qv[:, :, None] & kv[:, None, :]).expand(len(r), bq, bk)
-            if (~f).any():
-                allowed = allowed.clone() if allowed.dim() == 3 else allowed
-                partial = prepared.block_mask(g, r[~f], c[~f])
-                if partial.dim() == 4:  # per batch element
-                    allowed = allowed[None].expand(partial.shape[0], *allowed.shape).clone()
-                    allowed[:, ~f] = partial
-                else:
-                    allowed[~f] = partial
-            if allowed.dim() == 4:
+            allowed = qv[:, :, None] & kv[:, None, :]  # full blocks: every real pair
+            partial = ~f
+            if partial.any():
+                pairs = prepared.block_mask(g, r[partial], c[partial])  # [(batch,) n, bq, bk]
+                allowed = allowed.expand(*pairs.shape[:-3], *allowed.shape).clone()
+                allowed[..., partial, :, :] = pairs
+            if allowed.dim() == 4:  # per batch element: [B, 1, n, bq, bk]
                 allowed = allowed[:, None]
             scores = scores.masked_fill(~allowed, -math.inf)
             block_lse.append(torch.logsumexp(scores, dim=-1))  # [B, Hg, n, bq]

@@ -15,8 +15,6 @@ from collections import OrderedDict
 
 import torch
 
-from maskc.dsl.errors import MaskTypeError
-
 from .prepare import Prepared, prepare
 
 _PROGRAMS: dict[str, object] = {}
@@ -120,8 +118,15 @@ def attention_backward(
     if backend == "triton":
         from . import triton_backend
 
-        dq, dk, dv = _triton_backward(triton_backend, q, k, v, out, lse, dout, dlse, prepared, scale)
-        return dq, dk, dv, [torch.zeros_like(t) for t in tensors]
+        names = _names(tensor_names)
+        dq, dk, dv, grads = _triton_backward(
+            triton_backend, q, k, v, out, lse, dout, dlse, prepared, scale, any(differentiable)
+        )
+        extra = []
+        for name, t, wanted in zip(names, tensors, differentiable, strict=True):
+            g = grads.get(name) if wanted else None
+            extra.append(torch.zeros_like(t) if g is None else g.reshape(t.shape).to(t.dtype))
+        return dq, dk, dv, extra
     # Other backends: recompute the differentiable forward and let autograd do the rest.
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -140,7 +145,7 @@ def attention_backward(
     return grads[0], grads[1], grads[2], extra_grads
 
 
-def _triton_backward(triton_backend, q, k, v, out, lse, dout, dlse, prepared, scale):
+def _triton_backward(triton_backend, q, k, v, out, lse, dout, dlse, prepared, scale, tensor_grads=False):
     """The Triton backward in the schedule's token order, gradients back in the given order."""
     from .dispatch import inverse_permutation
 
@@ -151,13 +156,13 @@ def _triton_backward(triton_backend, q, k, v, out, lse, dout, dlse, prepared, sc
     if perm_k is not None:
         pk = perm_k.to(k.device)
         k, v = k[:, :, pk], v[:, :, pk]
-    dq, dk, dv = triton_backend.backward(q, k, v, out, lse, dout, dlse, prepared, scale)
+    dq, dk, dv, grads = triton_backend.backward(q, k, v, out, lse, dout, dlse, prepared, scale, tensor_grads)
     if perm_q is not None:
         dq = dq[:, :, inverse_permutation(perm_q.to(q.device))]
     if perm_k is not None:
         inverse = inverse_permutation(perm_k.to(k.device))
         dk, dv = dk[:, :, inverse], dv[:, :, inverse]
-    return dq, dk, dv
+    return dq, dk, dv, grads
 
 
 @attention_backward.register_fake
@@ -183,11 +188,6 @@ def _backward(ctx, dout, dlse):
         dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
         wanted,
     )  # fmt: skip
-    if backend == "triton" and any(wanted):
-        raise MaskTypeError(
-            "the Triton backend does not yet compute gradients of modifier tensors "
-            f"({tensor_names.replace(',', ', ')}); use backend='cpu' or detach them"
-        )
     extra = extra if ctx.needs_input_grad[8] else [None] * len(extra)
     # The gradient must mirror the inputs' pytree: an empty list of ints counts as a list.
     return dq, dk, dv, None, None, None, None, None, extra, None, (None if sizes else [])

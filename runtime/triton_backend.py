@@ -10,17 +10,17 @@ from __future__ import annotations
 import math
 
 import torch
-
-import maskc
 from maskc.codegen import tiles
 from maskc.codegen.emit import KernelSource, emit
-from maskc.codegen.tiles import config
 from maskc.codegen.schedule import Runs
+from maskc.codegen.tiles import config
 from maskc.codegen.triton_exprs import Table
 from maskc.dsl import ir
 from maskc.dsl.dynamic import cluster_members, expand_kv_heads, route_selection
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
+
+import maskc
 
 from . import cache
 from .prepare import Prepared
@@ -154,11 +154,53 @@ def _strip(node):
     return replace(node, **changes)
 
 
-def _flatten_tables(source: KernelSource, prepared: Prepared, group: int, device) -> list:
-    args = []
+def _flatten_tables(source: KernelSource, prepared: Prepared, group: int, device, grads: dict | None = None) -> list:
+    """Kernel arguments for the tables, then one pointer per gradient buffer
+    (a table itself stands in when no gradient is wanted)."""
+    args, data = [], {}
     for table in source.tables:
-        args.extend(_table_args(table, prepared, group, device))
+        table_args = _table_args(table, prepared, group, device)
+        data[table.name] = table_args[0]
+        args.extend(table_args)
+    for g in source.grads:
+        args.append(grads[_grad_key(g)] if grads is not None else data[g.like])
     return args
+
+
+def _grad_key(g) -> tuple[str, str]:
+    """(kind, tensor name) of a gradient table: which call-time tensor it differentiates."""
+    if g.kind == "prefix_alpha":
+        return g.kind, g.node.alpha
+    if g.kind == "prefix_beta":
+        return g.kind, g.node.beta
+    return g.kind, g.node.tensor
+
+
+def _grad_buffers(prepared: Prepared, device) -> dict:
+    """Zeroed float32 gradient buffers shaped like the tables they shadow."""
+    buffers = {}
+    for group in range(len(prepared.forms)):
+        for g in kernel_source(prepared, group).grads:
+            key = _grad_key(g)
+            if key in buffers:
+                continue
+            x = prepared.tensors.get(key[1])
+            if g.kind == "alibi":
+                x = x.reshape(-1)
+            buffers[key] = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    return buffers
+
+
+def _tensor_grads(buffers: dict) -> dict[str, torch.Tensor]:
+    """d loss / d tensor from the buffers: prefix-sum gradients become reverse cumulative sums."""
+    out: dict[str, torch.Tensor] = {}
+    for (kind, name), g in buffers.items():
+        if kind == "prefix_alpha":
+            g = g.flip(-1).cumsum(-1).flip(-1)
+        elif kind == "prefix_beta":
+            g = g.flip(-2).cumsum(-2).flip(-2)
+        out[name] = out[name] + g if name in out else g
+    return out
 
 
 # ---------------------------------------------------------------- launches
@@ -224,7 +266,8 @@ def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, to
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
+def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, tensor_grads: bool = False):
+    """(dq, dk, dv, {tensor name: gradient}); the dict is filled when `tensor_grads`."""
     interpret, perm_q, perm_k = _common(q, k, v, prepared)
     q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
     batch, heads, lq, d = q.shape
@@ -239,11 +282,13 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
     dk = torch.zeros(batch, heads, lk, d, dtype=torch.float32, device=q.device)
     dvv = torch.zeros(batch, heads, lk, dv, dtype=torch.float32, device=q.device)
     bm, bn = prepared.block_q, prepared.block_k
+    buffers = _grad_buffers(prepared, q.device) if tensor_grads else None
     for group in range(len(prepared.forms)):
         group_heads = torch.tensor(prepared.group_heads(group), dtype=torch.int32, device=q.device)
         source = kernel_source(prepared, group)
         module = kernel_module(source, q.dtype, interpret)
         tables = _flatten_tables(source, prepared, group, q.device)
+        dq_tables = _flatten_tables(source, prepared, group, q.device, buffers) if buffers is not None else tables
         common = dict(
             HAS_PERM_Q=perm_q is not None,
             HAS_PERM_K=perm_k is not None, BLOCK_M=bm, BLOCK_N=bn,
@@ -275,11 +320,12 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            *sizes, *tables, **common,
+            *sizes, *dq_tables, **common, TENSOR_GRADS=buffers is not None and bool(source.grads),
         )  # fmt: skip
     dk = dk.view(batch, kv_heads, kv_group, lk, d).sum(2)
     dvv = dvv.view(batch, kv_heads, kv_group, lk, dv).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
+    grads = _tensor_grads(buffers) if buffers is not None else {}
+    return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), grads
 
 
 class _TritonAttention(torch.autograd.Function):
@@ -295,7 +341,7 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = backward(q, k, v, out, lse, dout, dlse, ctx.prepared, ctx.scale)
+        dq, dk, dv, _ = backward(q, k, v, out, lse, dout, dlse, ctx.prepared, ctx.scale)
         return dq, dk, dv, None, None
 
 
