@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -156,6 +157,34 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from maskc import testing
+
+    try:
+        params = _parse_set(args.set)
+        program = maskc.compile(args.spec, pattern=args.pattern, **params)
+    except MaskError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    backends = tuple(args.backend) if args.backend else None
+    if args.case:
+        report = testing.replay(program, args.case, backends)
+        print(report)
+        return 0 if report.ok else 1
+    sets = " ".join(f"--set {shlex.quote(item)}" for item in args.set)
+    command = f"maskc fuzz {shlex.quote(args.spec)}" + (f" {sets}" if sets else "")
+
+    def progress(n: int, case) -> None:
+        print(f"\r  case {n}/{args.examples}: {case.text()[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+    report = testing.fuzz(
+        program, examples=args.examples, backends=backends, seed=args.seed, progress=progress, command=command
+    )
+    print(file=sys.stderr)
+    print(report)
+    return 0 if report.ok else 1
+
+
 def cmd_patterns(args: argparse.Namespace) -> int:
     for name, definition in sorted(library.definitions().items()):
         d = definition.node
@@ -203,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--head-dim", type=int, default=64, help="head dim the Triton tiles are chosen for")
     comp.set_defaults(run=cmd_compile)
+
+    fuzz = sub.add_parser("fuzz", help="check a pattern's schedule and kernels on random cases")
+    fuzz.add_argument("spec", help="spec text, a .mask file, or a library pattern name")
+    fuzz.add_argument("--pattern", help="which definition of a multi-pattern file")
+    fuzz.add_argument("--set", action="append", default=[], metavar="NAME=INT", help="fix a parameter")
+    fuzz.add_argument("--examples", type=int, default=50, help="number of random cases (default 50)")
+    fuzz.add_argument("--backend", nargs="+", choices=["cpu", "triton", "flex"], help="backends to check")
+    fuzz.add_argument("--seed", type=int, help="random seed (default: derandomised, the same cases every run)")
+    fuzz.add_argument("--case", help="replay one case printed by an earlier failure")
+    fuzz.set_defaults(run=cmd_fuzz)
 
     pats = sub.add_parser("patterns", help="list the library's patterns and their parameters")
     pats.set_defaults(run=cmd_patterns)
