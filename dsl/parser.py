@@ -69,14 +69,14 @@ MAX_INT_DIGITS = 1000
 def _parse_int(token: Token) -> int:
     digits = str(token).lstrip("0") or "0"
     if len(digits) > MAX_INT_DIGITS:
-        raise _Positioned(f"the number has {len(digits)} digits; it is too large", _span_of(token))
+        raise _PositionedError(f"the number has {len(digits)} digits; it is too large", _span_of(token))
     return int(digits)
 
 
 def _parse_float(token: Token) -> float:
     value = float(str(token))
     if not math.isfinite(value):
-        raise _Positioned(f"the number {str(token)[:40]} is too large for a float", _span_of(token))
+        raise _PositionedError(f"the number {str(token)[:40]} is too large for a float", _span_of(token))
     return value
 
 
@@ -96,7 +96,7 @@ class _ToAst(Transformer):
         if grid is not None:
             if body.grid is not None:
                 first, last = body.grid[0].span, body.grid[-1].span
-                raise _Positioned(
+                raise _PositionedError(
                     "a pattern takes one grid: in its header or after its body, not both",
                     Span(first.line, first.column, last.end_line, last.end_column),
                 )
@@ -229,7 +229,7 @@ class _GridClause:
         self.sizes = sizes
 
 
-class _Positioned(Exception):
+class _PositionedError(Exception):
     def __init__(self, message: str, span: Span) -> None:
         self.message = message
         self.span = span
@@ -260,7 +260,7 @@ def _terminal_name(terminal: str) -> str:
 def _expected(tokens) -> str:
     names = sorted({_terminal_name(t) for t in tokens})
     if len(names) > 8:
-        names = names[:8] + ["..."]
+        names = [*names[:8], "..."]
     return ", ".join(names)
 
 
@@ -293,7 +293,7 @@ def parse(text: str, filename: str | None = None) -> ast.Module:
         err = MaskSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}", _end_span(text))
     except lark.exceptions.VisitError as e:
         inner = e.orig_exc
-        if isinstance(inner, _Positioned):
+        if isinstance(inner, _PositionedError):
             err = MaskSyntaxError(inner.message, inner.span)
         elif isinstance(inner, RecursionError):
             err = MaskSyntaxError(f"the spec is nested more than {MAX_DEPTH} levels deep", _START)

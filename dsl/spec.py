@@ -321,12 +321,13 @@ def _check_given_params(definition: Definition | None, params: dict[str, object]
         p = declared[name]
         if p.type == "tensor":
             raise MaskTypeError(f"'{name}' is a tensor parameter: pass it when calling the pattern", p.span)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (isinstance(value, float) and not math.isfinite(value))
-        ):
-            if not (isinstance(value, bool) and (p.type == "bool" or isinstance(p.default, ast.BoolLit))):
-                raise MaskTypeError(f"parameter '{name}' must be a number or bool, got {value!r}", p.span)
+        number = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not (isinstance(value, float) and not math.isfinite(value))
+        )
+        flag = isinstance(value, bool) and (p.type == "bool" or isinstance(p.default, ast.BoolLit))
+        if not (number or flag):
+            raise MaskTypeError(f"parameter '{name}' must be a number or bool, got {value!r}", p.span)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
             raise MaskTypeError(f"parameter '{name}' = {value} is too large (limit ±2**62)", p.span)
