@@ -20,10 +20,13 @@
 Flex runs through `torch.compile(flex_attention)` (compiled once per process;
 Dynamo recompiles per distinct pattern structure and shape, so the recompile
 limit is raised around the call).  On CPU, FlexAttention has no backward and
-cannot return the log-sum-exp: the output comes from Flex, and the
-log-sum-exp, when wanted, from an exact pass over the same schedule's visited
-blocks (`schedule_lse`).  Elsewhere Flex returns it (`AuxRequest(lse=True)`,
-natural log).  Rows with no allowed key get output 0 and lse -inf.
+cannot return the log-sum-exp (its CPU lowering refuses `return_lse`): the
+output comes from Flex, and the log-sum-exp, when wanted, from maskc's CPU
+executor over the same schedule (`cpu_lse`, exact, with a one-channel v), which
+roughly doubles the cost of a CPU call; `lower` plus `compiled_flex_attention`
+time Flex alone.  Elsewhere Flex returns the log-sum-exp itself
+(`AuxRequest(lse=True)`, natural log).  Rows with no allowed key get output 0
+and lse -inf.
 """
 
 from __future__ import annotations
@@ -49,8 +52,6 @@ _WORD = 62
 # distinct pattern structure and shape); past the default of 8 Dynamo would
 # silently fall back to the unfused eager path.
 RECOMPILE_LIMIT = 256
-# Score elements per chunk in the CPU log-sum-exp pass.
-_LSE_CHUNK = 1 << 24
 
 _compiled: Callable | None = None
 
@@ -382,7 +383,7 @@ class _Lowering:
         last = hi - lo
 
         def f(env):
-            row = torch.clamp(c(env.q, env), 0, last)
+            row = torch.clamp(c(env.q, env) - lo, 0, last)
             kc = c(env.k, env)
             out = lookup(env, row, 0) == kc
             for j in range(1, width):
@@ -634,12 +635,6 @@ class _Lowering:
 # ---------------------------------------------------------------- block mask
 
 
-def _batch_varying(prepared: Prepared, group: int) -> bool:
-    """A data-dependent pattern whose tensors differ per batch element."""
-    batch = prepared.tensors.batch
-    return batch not in (None, 1) and ir.is_dynamic(prepared.forms[group].mask)
-
-
 def _ordered(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: int):
     """Row-major blocks -> (count [rows], indices [rows, num_cols]) in Flex's layout."""
     counts = torch.bincount(rows, minlength=num_rows)
@@ -654,10 +649,6 @@ def group_block_tables(prepared: Prepared, group: int):
     """(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) of one head group."""
     sched = prepared.schedule
     rows, cols, full = prepared.runs(group).blocks()
-    if _batch_varying(prepared, group):
-        # The schedule is shared by the batch; a block full for one element may not
-        # be for another, so the predicate is evaluated in every visited block.
-        full = torch.zeros_like(full)
     nq, nk = sched.num_q_blocks, sched.num_k_blocks
     kv_num, kv_idx = _ordered(rows[~full], cols[~full], nq, nk)
     full_num, full_idx = _ordered(rows[full], cols[full], nq, nk)
@@ -722,52 +713,12 @@ def lower(prepared: Prepared, device, compute_q_blocks: bool = True) -> FlexLowe
 # ---------------------------------------------------------------- log-sum-exp on CPU
 
 
-def schedule_lse(q: torch.Tensor, k: torch.Tensor, prepared: Prepared, scale: float) -> torch.Tensor:
-    """Exact log-sum-exp [B, H, lq] (float32, -inf for empty rows) over the schedule's
-    visited blocks, in execution order; the work grows with the visited blocks."""
-    batch, heads, lq, _ = q.shape
-    bq, bk = prepared.block_q, prepared.block_k
-    sched = prepared.schedule
-    nq, nk = sched.num_q_blocks, sched.num_k_blocks
-    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, nq * bq - lq)).view(batch, heads, nq, bq, -1)
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nk * bk - k.shape[2])).view(batch, k.shape[1], nk, bk, -1)
-    group_size = heads // k.shape[1]
-    lse = torch.full((batch, heads, nq, bq), -math.inf)
-    for g in range(len(prepared.forms)):
-        hs = torch.tensor(prepared.group_heads(g))
-        rows, cols, full = prepared.runs(g).blocks()
-        if rows.numel() == 0:
-            continue
-        if _batch_varying(prepared, g):
-            full = torch.zeros_like(full)
-        qg, kg = qf[:, hs], kf[:, hs // group_size]
-        per_block = batch * len(hs) * bq * bk
-        chunk = max(1, _LSE_CHUNK // per_block)
-        block_lse = []
-        for i in range(0, rows.numel(), chunk):
-            r, c, f = rows[i : i + chunk], cols[i : i + chunk], full[i : i + chunk]
-            scores = torch.einsum("bhnqd,bhnkd->bhnqk", qg[:, :, r], kg[:, :, c]) * scale
-            qp, qv, kp, kv = prepared.block_positions(r, c)
-            terms = evaluate.modifier_terms(prepared.modifiers(g), qp[:, :, None], kp[:, None, :], prepared.tensors)
-            terms = [(kind, v[:, None] if isinstance(v, torch.Tensor) and v.dim() == 4 else v) for kind, v in terms]
-            scores = evaluate.apply_terms(scores, terms)
-            allowed = qv[:, :, None] & kv[:, None, :]  # full blocks: every real pair
-            partial = ~f
-            if partial.any():
-                pairs = prepared.block_mask(g, r[partial], c[partial])  # [(batch,) n, bq, bk]
-                allowed = allowed.expand(*pairs.shape[:-3], *allowed.shape).clone()
-                allowed[..., partial, :, :] = pairs
-            if allowed.dim() == 4:  # per batch element: [B, 1, n, bq, bk]
-                allowed = allowed[:, None]
-            scores = scores.masked_fill(~allowed, -math.inf)
-            block_lse.append(torch.logsumexp(scores, dim=-1))  # [B, Hg, n, bq]
-        per = torch.cat(block_lse, dim=2)
-        index = rows.view(1, 1, -1, 1).expand_as(per)
-        top = torch.full((batch, len(hs), nq, bq), -math.inf).scatter_reduce(2, index, per, "amax")
-        safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        total = torch.zeros_like(top).scatter_add(2, index, torch.exp(per - safe_top.gather(2, index)))
-        lse[:, hs] = torch.where(total > 0, torch.log(total) + safe_top, torch.full_like(top, -math.inf))
-    return lse.view(batch, heads, nq * bq)[:, :, :lq]
+def cpu_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Prepared, scale: float) -> torch.Tensor:
+    """The exact log-sum-exp [B, H, lq] of the same schedule from maskc's CPU executor
+    (with one value channel: the log-sum-exp does not depend on v)."""
+    from .cpu import cpu_attention
+
+    return cpu_attention(q, k, v[..., :1], prepared, scale)[1].float()
 
 
 # ---------------------------------------------------------------- backend
@@ -826,7 +777,7 @@ def flex_backend(
         lse = lse.masked_fill(empty, -math.inf)
     else:
         out = result
-        lse = schedule_lse(q.detach(), k.detach(), prepared, scale).to(q.device) if need_lse else None
+        lse = cpu_lse(q, k, v, prepared, scale) if need_lse else None
         empty = None if lse is None else lse == -math.inf
     if empty is not None:
         out = out.masked_fill(empty[..., None], 0)
