@@ -156,6 +156,7 @@ class Spec:
         missing = [n for n in self.size_names if n not in names and n not in self.call_params]
         if len(missing) != 1:
             return names
+        known = {**self._literal_params(), **names}
         for sizes in self._grids():
             if not any(isinstance(v, ast.Name) and v.id == missing[0] for v in sizes):
                 continue
@@ -163,14 +164,24 @@ class Spec:
             for v in sizes:
                 if isinstance(v, ast.IntLit):
                     known_product *= v.value
-                elif isinstance(v, ast.Name) and v.id in names and isinstance(names[v.id], int):
-                    known_product *= names[v.id]
+                elif isinstance(v, ast.Name) and isinstance(known.get(v.id), int):
+                    known_product *= known[v.id]
                 elif not (isinstance(v, ast.Name) and v.id == missing[0]):
                     break
             else:
                 if known_product > 0 and lk % known_product == 0:
                     return {**names, missing[0]: lk // known_product}
         return names
+
+    def _literal_params(self) -> dict[str, int]:
+        """The entry's integer parameters known without evaluation: given ones, literal defaults."""
+        out: dict[str, int] = {}
+        if self.definition is not None:
+            for p in self.definition.node.params:
+                if isinstance(p.default, ast.IntLit):
+                    out[p.name] = p.default.value
+        out.update({k: v for k, v in self.params.items() if isinstance(v, int) and not isinstance(v, bool)})
+        return out
 
     def _grids(self) -> Iterable[tuple]:
         stack: list[object] = [self.body]
@@ -326,7 +337,11 @@ def _check_given_params(definition: Definition | None, params: dict[str, object]
             and not isinstance(value, bool)
             and not (isinstance(value, float) and not math.isfinite(value))
         )
-        flag = isinstance(value, bool) and (p.type == "bool" or isinstance(p.default, ast.BoolLit))
+        # A bool may go to a bool parameter or an untyped one whose default is not a number
+        # (the walk checks it against how the parameter is used).
+        flag = isinstance(value, bool) and (
+            p.type == "bool" or (p.type is None and not isinstance(p.default, (ast.IntLit, ast.FloatLit)))
+        )
         if not (number or flag):
             raise MaskTypeError(f"parameter '{name}' must be a number or bool, got {value!r}", p.span)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:

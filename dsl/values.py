@@ -99,7 +99,14 @@ class Env:
             raise MaskTypeError(f"unknown name '{node.id}'", node.span) from None
 
 
-_BUILTIN_FUNCS = {"min": min, "max": max, "abs": abs}
+# name -> (function, smallest and largest argument count)
+_BUILTIN_FUNCS = {
+    "min": (min, 2, None),
+    "max": (max, 2, None),
+    "abs": (abs, 1, 1),
+    "bit_length": (lambda x: abs(x).bit_length(), 1, 1),  # bits of |x|: 0 -> 0, 5 -> 3
+    "pow": (lambda a, b: a**b, 2, 2),  # exponent 0 .. 62
+}
 
 
 def evaluate(node: object, env: Env) -> object:
@@ -202,19 +209,21 @@ def _binop(node: ast.BinOp, env: Env) -> object:
 
 
 def _func(node: ast.Func, env: Env) -> object:
-    fn = _BUILTIN_FUNCS.get(node.name)
-    if fn is None:
+    entry = _BUILTIN_FUNCS.get(node.name)
+    if entry is None:
         raise MaskTypeError(
-            f"unknown function '{node.name}' (integer functions: min, max, abs)",
+            f"unknown function '{node.name}' (integer functions: {', '.join(_BUILTIN_FUNCS)})",
             node.span,
         )
+    fn, least, most = entry
     args = [evaluate(a, env) for a in node.args]
     for arg, sub in zip(args, node.args, strict=True):
         _expect_int(arg, sub, f"{node.name}()")
-    if node.name == "abs" and len(args) != 1:
-        raise MaskTypeError(f"abs() takes 1 argument, got {len(args)}", node.span)
-    if node.name != "abs" and len(args) < 2:
-        raise MaskTypeError(f"{node.name}() takes at least 2 arguments, got {len(args)}", node.span)
+    if len(args) < least or (most is not None and len(args) > most):
+        count = str(least) if least == most else f"at least {least}"
+        raise MaskTypeError(f"{node.name}() takes {count} argument{'s' if least != 1 else ''}, got {len(args)}", node.span)
     if not known(*args):
         return INT
-    return fn(*args) if node.name != "abs" else abs(args[0])
+    if node.name == "pow" and not 0 <= args[1] <= 62:
+        raise MaskTypeError(f"pow() needs an exponent in 0 .. 62, got {args[1]}", node.args[1].span)
+    return _checked(fn(*args), node.span)
