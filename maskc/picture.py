@@ -120,7 +120,9 @@ def write_png(reduced: Reduced, path: str, scale: int | None = None) -> None:
     for fractions in reduced.fractions:
         rows, cols = fractions.shape
         s = scale or max(1, 512 // max(rows, cols))
-        pixels = (255 * (1 - fractions)).round().clamp(0, 255).to(torch.uint8)
+        # Any allowed pair shows at least light grey, so sparse cells stay visible.
+        darkness = torch.where(fractions > 0, 0.3 + 0.7 * fractions, torch.zeros_like(fractions))
+        pixels = (255 * (1 - darkness)).round().clamp(0, 255).to(torch.uint8)
         img = Image.fromarray(pixels.numpy(), mode="L").resize((cols * s, rows * s), Image.NEAREST)
         panels.append(img)
     gap = 8
