@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import progress, table, write_json  # noqa: E402
+from common import progress, table, write_json
+from maskc.codegen import aot
 
-import maskc  # noqa: E402
-from maskc import patterns  # noqa: E402
-from maskc.codegen import aot  # noqa: E402
+import maskc
+from maskc import patterns
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

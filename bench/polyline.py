@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, peak_rss_mb, progress, run_child, table, write_json  # noqa: E402
+from common import best_time, peak_rss_mb, progress, run_child, table, write_json
 
 H, W, HEADS, DIM = 56, 56, 4, 32
 N = H * W
@@ -59,7 +59,6 @@ def dense_polyline_mask(alpha, beta):
 
 
 def run_case(case: str, mode: str, repeat: int) -> dict:
-    import torch
     import torch.nn.functional as F
 
     import maskc

@@ -89,12 +89,7 @@ def free_names(definition: ast.PatternDef | None, body: ast.Body) -> list[str]:
         values: list[object] = list(sizes)
         while values:
             v = values.pop(0)
-            if (
-                isinstance(v, ast.Name)
-                and v.id not in params
-                and v.id not in BUILTIN_NAMES
-                and v.id not in found
-            ):
+            if isinstance(v, ast.Name) and v.id not in params and v.id not in BUILTIN_NAMES and v.id not in found:
                 found.append(v.id)
             values.extend(ast.children(v))
     return found

@@ -221,7 +221,9 @@ def _func(node: ast.Func, env: Env) -> object:
         _expect_int(arg, sub, f"{node.name}()")
     if len(args) < least or (most is not None and len(args) > most):
         count = str(least) if least == most else f"at least {least}"
-        raise MaskTypeError(f"{node.name}() takes {count} argument{'s' if least != 1 else ''}, got {len(args)}", node.span)
+        raise MaskTypeError(
+            f"{node.name}() takes {count} argument{'s' if least != 1 else ''}, got {len(args)}", node.span
+        )
     if not known(*args):
         return INT
     if node.name == "pow" and not 0 <= args[1] <= 62:

@@ -33,6 +33,13 @@ query blocks, each with the same number of key blocks.
   share of dQ, dK, dV; dK and dV are scatter-added onto the key tokens.  A
   gradient flowing into the returned log-sum-exp is added per segment.
 
+* Threads: the bookkeeping (gathers, merges, scatters) runs on one thread.  With
+  several threads and enough big calls, the fused calls (big segments cut into a
+  few row chunks per thread) run on a small pool of single-threaded workers, so
+  the load balances dynamically; a kernel's own static split waits for its
+  slowest thread, which on a shared machine is often descheduled.  Small calls
+  run on one thread, results are consumed in order (deterministic sums).
+
 Memory grows with the visited blocks: nothing of size lq x lk is built.
 Rows with no allowed key output 0, their log-sum-exp is -inf, and their
 gradients are 0.  Compute is float32 for half types (float64 stays float64).
@@ -42,7 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +76,12 @@ MIN_ROWS_PER_KIND = 4
 MAX_PIECES = 16
 # Gathered keys (or per-segment key gradients) of one call stay under this many elements.
 CHUNK_ELEMENTS = 1 << 23
+# Multiply-adds below which a fused call runs on one thread.
+PARALLEL_WORK = 1 << 24
+# Big segments are cut into about this many pieces per thread (dynamic load balance).
+PIECES_PER_THREAD = 4
+# Calls submitted ahead of the one whose result is consumed, per thread (bounds memory).
+IN_FLIGHT_PER_THREAD = 3
 # Masks hashed at once when looking for equal masks (elements).
 HASH_CHUNK = 1 << 22
 
@@ -446,10 +462,13 @@ def _keys_view(x: torch.Tensor, seg: Segment) -> torch.Tensor:
     return x.index_select(1, seg.tokens().reshape(-1)).view(n, seg.m, seg.nk, d)
 
 
-def _chunks(seg: Segment, width: int):
-    """Row ranges of a segment that keep gathered keys (and key gradients),
-    `width` elements per key token, under CHUNK_ELEMENTS."""
+def _chunks(seg: Segment, width: int, threads: int = 1):
+    """Row ranges of a segment: gathered keys (and key gradients), `width` elements
+    per key token, stay under CHUNK_ELEMENTS, and big segments give each thread a
+    few pieces to balance."""
     step = max(1, CHUNK_ELEMENTS // max(1, seg.nk * width))
+    if threads > 1 and seg.m * seg.block_q * seg.nk * width >= PARALLEL_WORK:
+        step = min(step, max(1, math.ceil(seg.m / (PIECES_PER_THREAD * threads))))
     for a in range(0, seg.m, step):
         yield a, min(seg.m, a + step)
 
@@ -583,18 +602,82 @@ def _fused_group_forward(prepared, group: _Group, qg, kg, vg, scale: float, batc
         acc_out[:, init] = 0
         acc_lse[:, init] = -math.inf
     heads = len(group.heads)
+
+    def call(task):
+        seg, mask = task
+        qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
+        out, lse = _FLASH(qs, ks, vs, 0.0, False, attn_mask=mask, scale=scale)
+        if seg.any_key is not None:  # the kernel leaves lse = 0 on rows without keys
+            lse = lse.masked_fill(~_expand_rows(seg.any_key, heads, n), -math.inf)
+        return out, lse
+
+    for (seg, _), (out, lse) in _run(call, _tasks(prepared, group, qg, vg, batch, threads), threads, qg):
+        _merge(acc_out, acc_lse, seg, out, lse)
+    return acc_out, acc_lse
+
+
+def _tasks(prepared, group: _Group, qg, vg, batch: int, threads: int) -> list[tuple[Segment, torch.Tensor | None]]:
+    """(segment piece, its additive mask) for every fused call of a group."""
+    heads = len(group.heads)
+    width = qg.shape[0] * max(qg.shape[-1], vg.shape[-1])
+    out = []
     for whole in group.plan.segments:
         mask_whole = _float_mask(prepared, group.index, whole, qg.dtype, heads, batch)
-        for a, b in _chunks(whole, qg.shape[0] * max(qg.shape[-1], vg.shape[-1])):
-            seg = whole.slice(a, b)
-            mask = _slice_mask(mask_whole, a, b, whole.m)
-            qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
-            with _threads(threads):
-                out, lse = _FLASH(qs, ks, vs, 0.0, False, attn_mask=mask, scale=scale)
-            if seg.any_key is not None:
-                lse = lse.masked_fill(~_expand_rows(seg.any_key, heads, n), -math.inf)
-            _merge(acc_out, acc_lse, seg, out, lse)
-    return acc_out, acc_lse
+        for a, b in _chunks(whole, width, threads):
+            out.append((whole.slice(a, b), _slice_mask(mask_whole, a, b, whole.m)))
+    return out
+
+
+def _work(seg: Segment, qg: torch.Tensor) -> int:
+    return qg.shape[0] * seg.m * seg.block_q * seg.nk * qg.shape[-1]
+
+
+def _run(call, tasks: list, threads: int, qg: torch.Tensor):
+    """Yield (task, call(task)) in order.  With several threads and enough big
+    tasks, the calls run on a pool of single-threaded workers, which balances the
+    load dynamically (a kernel's own static split waits for its slowest thread,
+    and on a shared machine one of them is often descheduled); otherwise inline,
+    each call with all threads when it is big enough to profit."""
+    big = sum(_work(seg, qg) >= PARALLEL_WORK for seg, _ in tasks)
+    if threads > 1 and big >= 2 * threads:
+        pool = _pool(threads)
+        pending: deque = deque()
+        for task in tasks:  # at most IN_FLIGHT_PER_THREAD * threads results wait, in order
+            pending.append((task, pool.submit(_no_grad_call, call, task)))
+            if len(pending) >= IN_FLIGHT_PER_THREAD * threads:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+        return
+    for task in tasks:
+        with _threads(threads if _work(task[0], qg) >= PARALLEL_WORK else 1):
+            result = call(task)
+        yield task, result
+
+
+def _no_grad_call(call, task):
+    with torch.no_grad():  # grad mode is per thread; these calls never build graphs
+        return call(task)
+
+
+_POOL: dict = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """Workers that run one kernel call at a time on one intra-op thread each.
+    Created (and first used) while the caller runs on one thread, so ATen's lazy
+    per-thread setup gives them one thread; the initializer makes that explicit."""
+    key = (os.getpid(), threads)
+    if key not in _POOL:
+        for old in _POOL.values():
+            old.shutdown(wait=False)
+        _POOL.clear()
+        _POOL[key] = ThreadPoolExecutor(
+            threads, thread_name_prefix="maskc-cpu", initializer=torch.set_num_threads, initargs=(1,)
+        )
+    return _POOL[key]
 
 
 def _slice_mask(mask, a: int, b: int, m: int):
@@ -613,41 +696,41 @@ def _expand_rows(x: torch.Tensor, heads: int, n: int) -> torch.Tensor:
 def _fused_group_backward(prepared, group: _Group, qg, kg, vg, out, lse, gout, glse, scale, batch, threads):
     bq = prepared.block_q
     n = qg.shape[0]
-    heads = len(group.heads)
     dq = torch.empty_like(qg).view(n, -1, bq, qg.shape[-1])
     if group.plan.init_rows.numel():
         dq[:, group.plan.init_rows] = 0
     dk = torch.zeros_like(kg)
     dv = torch.zeros_like(vg)
-    lse_bwd = torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)
+    lse_bwd = torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)  # P = 0 on rows without keys
     out_rows = out.flatten(1, 2)
     gout_rows = gout.flatten(1, 2)
     lse_rows = lse_bwd.flatten(1, 2)
     glse_rows = None if glse is None else glse.flatten(1, 2)
-    for whole in group.plan.segments:
-        mask_whole = _float_mask(prepared, group.index, whole, qg.dtype, heads, batch)
-        for a, b in _chunks(whole, qg.shape[0] * max(qg.shape[-1], vg.shape[-1])):
-            seg = whole.slice(a, b)
-            mask = _slice_mask(mask_whole, a, b, whole.m)
-            qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
-            ls = _rows_view(lse_rows, seg, bq)
-            gos, outs = _rows_view(gout_rows, seg, bq), _rows_view(out_rows, seg, bq)
-            with _threads(threads):
-                dqs, dks, dvs = _FLASH_BWD(gos, qs, ks, vs, outs, ls, 0.0, False, attn_mask=mask, scale=scale)
-            if glse_rows is not None:
-                # d lse / d logits = P: dS += P * glse
-                logits = torch.matmul(qs, ks.transpose(-1, -2)) * scale
-                if mask is not None:
-                    logits = logits + mask
-                ds = torch.exp(logits - ls[..., None]) * _rows_view(glse_rows, seg, bq)[..., None]
-                dqs = dqs + torch.matmul(ds, ks) * scale
-                dks = dks + torch.matmul(ds.transpose(-1, -2), qs) * scale
-            if seg.fresh:
-                _write_rows(dq, seg, dqs)
-            else:
-                _add_rows(dq, seg, dqs)
-            _add_keys(dk, seg, dks)
-            _add_keys(dv, seg, dvs)
+
+    def call(task):
+        seg, mask = task
+        qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
+        ls = _rows_view(lse_rows, seg, bq)
+        gos, outs = _rows_view(gout_rows, seg, bq), _rows_view(out_rows, seg, bq)
+        dqs, dks, dvs = _FLASH_BWD(gos, qs, ks, vs, outs, ls, 0.0, False, attn_mask=mask, scale=scale)
+        if glse_rows is not None:
+            # d lse / d logits = P: dS += P * glse
+            logits = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+            if mask is not None:
+                logits = logits + mask
+            ds = torch.exp(logits - ls[..., None]) * _rows_view(glse_rows, seg, bq)[..., None]
+            dqs = dqs + torch.matmul(ds, ks) * scale
+            dks = dks + torch.matmul(ds.transpose(-1, -2), qs) * scale
+        return dqs, dks, dvs
+
+    tasks = _tasks(prepared, group, qg, vg, batch, threads)
+    for (seg, _), (dqs, dks, dvs) in _run(call, tasks, threads, qg):
+        if seg.fresh:
+            _write_rows(dq, seg, dqs)
+        else:
+            _add_rows(dq, seg, dqs)
+        _add_keys(dk, seg, dks)
+        _add_keys(dv, seg, dvs)
     return dq.view(n, -1, qg.shape[-1]), dk, dv
 
 

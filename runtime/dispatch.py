@@ -12,10 +12,9 @@ import math
 from collections.abc import Callable
 
 import torch
-
 from maskc.dsl.errors import MaskTypeError
 
-from . import op as _op  # noqa: F401  (registers torch.ops.maskc.attention)
+from . import op as _op
 from .prepare import Prepared
 
 BACKENDS = ("auto", "triton", "cpu", "flex", "reference")
@@ -81,7 +80,7 @@ def run(
         return program.reference(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, **bindings)
     tensor_names = [n for n, x in bindings.items() if isinstance(x, torch.Tensor)]
     size_names = [n for n, x in bindings.items() if not isinstance(x, torch.Tensor)]
-    out, lse = torch.ops.maskc.attention(
+    out, lse = _op.attention(
         q,
         k,
         v,

@@ -1,11 +1,18 @@
-"""`maskc::attention` as a `torch.library` custom op, with its backward.
+"""Autograd wiring for every backend, eagerly and under `torch.compile`.
 
-Registering the kernels as an opaque op lets `torch.compile(fullgraph=True)`
-trace models that call maskc, and gives every backend the same autograd
-wiring.  Programs are referred to by a string key (registered when a
-`Program` is made); call-time bindings travel as parallel lists of names and
-values.  The Triton backend has its own backward kernels; the other backends
-recompute their (differentiable) forward under autograd.
+Eager calls go through `_Attention`, a plain `torch.autograd.Function`.
+Under `torch.compile`, the same work is the `torch.library` custom op
+`maskc::attention` (with `maskc::attention_backward`), which Dynamo traces as
+one opaque node, so `torch.compile(fullgraph=True)` works on models that call
+maskc.  (Registering is cheap; the first *use* of a custom op imports Dynamo,
+which would cost eager users seconds on their first call.)
+
+Programs are referred to by a string key made when a `Program` is created;
+call-time bindings travel as names joined by commas plus parallel lists of
+values.  Backwards: the Triton and CPU backends differentiate from the saved
+output and log-sum-exp with their own kernels; patterns whose CPU path needs
+autograd (softcap, gradients for modifier tensors) recompute the forward
+under autograd outside any op.  FlexAttention has no CPU backward.
 """
 
 from __future__ import annotations
@@ -60,8 +67,153 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
     return prepared
 
 
+# ----------------------------------------------------------------- the work itself
+
+
+def forward_impl(q, k, v, key, backend, scale, q_offset, bindings) -> tuple[torch.Tensor, torch.Tensor]:
+    from .dispatch import run_prepared
+
+    prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
+    with torch.no_grad():
+        out, lse = run_prepared(backend, q, k, v, prepared, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+def needs_recompute(backend: str, prepared: Prepared, wanted: list[bool]) -> bool:
+    """Whether gradients need the forward again under autograd (CPU softcap / modifier tensors)."""
+    if backend != "cpu":
+        return False
+    from . import cpu
+
+    return any(wanted) or cpu._needs_generic(prepared, for_backward=True)
+
+
+def backward_kernels(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, bindings, wanted):
+    """(dq, dk, dv, {tensor name: grad}) from the saved output and log-sum-exp."""
+    from .dispatch import inverse_permutation
+
+    if backend == "flex":
+        raise NotImplementedError("FlexAttention has no CPU backward: use backend='cpu' or 'triton' to train")
+    prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
+    perm_q, perm_k = prepared.perm_q, prepared.perm_k
+    if perm_q is not None:
+        pq = perm_q.to(q.device)
+        q, out, lse, dout, dlse = (x[:, :, pq] for x in (q, out, lse, dout, dlse))
+    if perm_k is not None:
+        pk = perm_k.to(k.device)
+        k, v = k[:, :, pk], v[:, :, pk]
+    if backend == "triton":
+        from . import triton_backend
+
+        dq, dk, dv, grads = triton_backend.backward(q, k, v, out, lse, dout, dlse, prepared, scale, any(wanted))
+    else:
+        from . import cpu
+
+        dq, dk, dv = cpu.backward(q, k, v, out, lse, dout, dlse, prepared, scale)
+        grads = {}
+    if perm_q is not None:
+        dq = dq[:, :, inverse_permutation(perm_q.to(q.device))]
+    if perm_k is not None:
+        inverse = inverse_permutation(perm_k.to(k.device))
+        dk, dv = dk[:, :, inverse], dv[:, :, inverse]
+    return dq, dk, dv, grads
+
+
+def recompute_grads(
+    q, k, v, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted
+):
+    """Gradients by running the differentiable forward again under autograd."""
+    from .dispatch import run_prepared
+
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        extra = [t.detach().requires_grad_() if w else t for t, w in zip(tensors, wanted, strict=True)]
+        bindings = _bindings(tensor_names, extra, size_names, sizes)
+        prepared = prepare(_PROGRAMS[key], leaves[0], leaves[1], *_blocks(backend, q, v), q_offset, bindings)
+        out, lse = run_prepared(backend, *leaves, prepared, scale)
+        inputs = leaves + [t for t, w in zip(extra, wanted, strict=True) if w]
+        grads = torch.autograd.grad((out, lse), inputs, (dout, dlse), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+    rest = iter(grads[3:])
+    return grads[0], grads[1], grads[2], [next(rest) if w else None for w in wanted]
+
+
+def _blocks(backend, q, v):
+    from .dispatch import blocks_for
+
+    return blocks_for(backend, q, v)
+
+
+def gradients(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+              wanted, kernel_backward):  # fmt: skip
+    """dq, dk, dv and a gradient (or None) per bound tensor; `kernel_backward` runs the kernels."""
+    dout = torch.zeros_like(out) if dout is None else dout
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    bindings = _bindings(tensor_names, tensors, size_names, sizes)
+    prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
+    if needs_recompute(backend, prepared, wanted):
+        return recompute_grads(
+            q, k, v, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted
+        )
+    dq, dk, dv, extra = kernel_backward(dout, dlse, q, k, v, out, lse, bindings, wanted)
+    return dq, dk, dv, [g if w else None for g, w in zip(extra, wanted, strict=True)]
+
+
+def _ordered_grads(grads: dict, names: list[str], tensors, wanted) -> list[torch.Tensor]:
+    out = []
+    for name, t, w in zip(names, tensors, wanted, strict=True):
+        g = grads.get(name) if w else None
+        out.append(torch.zeros_like(t) if g is None else g.reshape(t.shape).to(t.dtype))
+    return out
+
+
+# ----------------------------------------------------------------- eager autograd
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, meta, *tensors):
+        key, backend, scale, q_offset, tensor_names, size_names, sizes = meta
+        bindings = _bindings(tensor_names, tensors, size_names, sizes)
+        out, lse = forward_impl(q, k, v, key, backend, scale, q_offset, bindings)
+        ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        ctx.meta = meta
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        key, backend, scale, q_offset, tensor_names, size_names, sizes = ctx.meta
+        wanted = [
+            bool(needs) and t.is_floating_point() for needs, t in zip(ctx.needs_input_grad[4:], tensors, strict=True)
+        ]
+
+        def kernels(dout, dlse, q, k, v, out, lse, bindings, wanted):
+            dq, dk, dv, grads = backward_kernels(
+                q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, bindings, wanted
+            )
+            return dq, dk, dv, _ordered_grads(grads, _names(tensor_names), tensors, wanted)
+
+        dq, dk, dv, extra = gradients(
+            q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+            wanted, kernels,
+        )  # fmt: skip
+        return dq, dk, dv, None, *extra
+
+
+def attention(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes):
+    """Run the program `key` with its bindings; (out, lse).  Traced as one op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return attention_op(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes)
+    meta = (key, backend, scale, q_offset, tensor_names, size_names, tuple(sizes))
+    return _Attention.apply(q, k, v, meta, *tensors)
+
+
+# ----------------------------------------------------------------- torch.compile
+
+
 @torch.library.custom_op("maskc::attention", mutates_args=())
-def attention(
+def attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -74,25 +226,18 @@ def attention(
     size_names: str,
     sizes: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from .dispatch import run_prepared
-
     bindings = _bindings(tensor_names, tensors, size_names, sizes)
-    prepared = prepared_for(program, backend, q, k, v, q_offset, bindings)
-    with torch.no_grad():
-        out, lse = run_prepared(backend, q, k, v, prepared, scale)
-    return out.contiguous(), lse.contiguous()
+    return forward_impl(q, k, v, program, backend, scale, q_offset, bindings)
 
 
-@attention.register_fake
+@attention_op.register_fake
 def _(q, k, v, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes):
     batch, heads, lq, _ = q.shape
-    out = q.new_empty(batch, heads, lq, v.shape[-1])
-    lse = q.new_empty(batch, heads, lq, dtype=torch.float32)
-    return out, lse
+    return q.new_empty(batch, heads, lq, v.shape[-1]), q.new_empty(batch, heads, lq, dtype=torch.float32)
 
 
 @torch.library.custom_op("maskc::attention_backward", mutates_args=())
-def attention_backward(
+def attention_backward_op(
     dout: torch.Tensor,
     dlse: torch.Tensor,
     q: torch.Tensor,
@@ -108,89 +253,44 @@ def attention_backward(
     tensors: list[torch.Tensor],
     size_names: str,
     sizes: list[int],
-    tensor_grads: list[bool],
+    wanted: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    from .dispatch import run_prepared
-
     bindings = _bindings(tensor_names, tensors, size_names, sizes)
-    prepared = prepared_for(program, backend, q, k, v, q_offset, bindings)
-    differentiable = [g and t.is_floating_point() for t, g in zip(tensors, tensor_grads, strict=True)]
-    if backend == "triton":
-        from . import triton_backend
-
-        names = _names(tensor_names)
-        dq, dk, dv, grads = _triton_backward(
-            triton_backend, q, k, v, out, lse, dout, dlse, prepared, scale, any(differentiable)
-        )
-        extra = []
-        for name, t, wanted in zip(names, tensors, differentiable, strict=True):
-            g = grads.get(name) if wanted else None
-            extra.append(torch.zeros_like(t) if g is None else g.reshape(t.shape).to(t.dtype))
-        return dq, dk, dv, extra
-    # Other backends: recompute the differentiable forward and let autograd do the rest.
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        extra = [t.detach().requires_grad_() if d else t for t, d in zip(tensors, differentiable, strict=True)]
-        if any(differentiable):
-            bindings = _bindings(tensor_names, extra, size_names, sizes)
-            prepared = prepare(
-                _PROGRAMS[program], leaves[0], leaves[1], prepared.block_q, prepared.block_k, q_offset, bindings
-            )
-        o, l = run_prepared(backend, *leaves, prepared, scale)
-        inputs = leaves + [t for t, d in zip(extra, differentiable, strict=True) if d]
-        grads = torch.autograd.grad((o, l), inputs, (dout, dlse), allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
-    rest = iter(grads[3:])
-    extra_grads = [next(rest) if d else torch.zeros_like(t) for t, d in zip(tensors, differentiable, strict=True)]
-    return grads[0], grads[1], grads[2], extra_grads
+    dq, dk, dv, grads = backward_kernels(
+        q, k, v, out, lse, dout, dlse, program, backend, scale, q_offset, bindings, wanted
+    )
+    return dq, dk, dv, _ordered_grads(grads, _names(tensor_names), tensors, wanted)
 
 
-def _triton_backward(triton_backend, q, k, v, out, lse, dout, dlse, prepared, scale, tensor_grads=False):
-    """The Triton backward in the schedule's token order, gradients back in the given order."""
-    from .dispatch import inverse_permutation
-
-    perm_q, perm_k = prepared.perm_q, prepared.perm_k
-    if perm_q is not None:
-        pq = perm_q.to(q.device)
-        q, out, lse, dout, dlse = (x[:, :, pq] for x in (q, out, lse, dout, dlse))
-    if perm_k is not None:
-        pk = perm_k.to(k.device)
-        k, v = k[:, :, pk], v[:, :, pk]
-    dq, dk, dv, grads = triton_backend.backward(q, k, v, out, lse, dout, dlse, prepared, scale, tensor_grads)
-    if perm_q is not None:
-        dq = dq[:, :, inverse_permutation(perm_q.to(q.device))]
-    if perm_k is not None:
-        inverse = inverse_permutation(perm_k.to(k.device))
-        dk, dv = dk[:, :, inverse], dv[:, :, inverse]
-    return dq, dk, dv, grads
-
-
-@attention_backward.register_fake
+@attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
-      tensor_grads):  # fmt: skip
+      wanted):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(t) for t in tensors]
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *tensors)
+    ctx.save_for_backward(q, k, v, *output, *tensors)
     ctx.args = (program, backend, scale, q_offset, tensor_names, size_names, sizes)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     program, backend, scale, q_offset, tensor_names, size_names, sizes = ctx.args
-    dout = torch.zeros_like(out) if dout is None else dout
-    dlse = torch.zeros_like(lse) if dlse is None else dlse
     wanted = [t.requires_grad and t.is_floating_point() for t in tensors]
-    dq, dk, dv, extra = attention_backward(
-        dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
-        wanted,
+
+    def kernels(dout, dlse, q, k, v, out, lse, bindings, wanted):
+        return attention_backward_op(
+            dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names,
+            sizes, wanted,
+        )  # fmt: skip
+
+    dq, dk, dv, extra = gradients(
+        q, k, v, out, lse, dout, dlse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+        wanted, kernels,
     )  # fmt: skip
-    extra = extra if ctx.needs_input_grad[8] else [None] * len(extra)
-    # The gradient must mirror the inputs' pytree: an empty list of ints counts as a list.
+    # The gradient mirrors the inputs' pytree: an empty list of ints counts as a list.
     return dq, dk, dv, None, None, None, None, None, extra, None, (None if sizes else [])
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+attention_op.register_autograd(_backward, setup_context=_setup_context)

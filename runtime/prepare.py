@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-
 from maskc.codegen import plan
 from maskc.codegen.schedule import BlockSchedule, Runs
 from maskc.dsl import evaluate, ir

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from maskc.codegen import emit
+
 import maskc
 from maskc import cli, testing
-from maskc.codegen import emit
 
 
 def test_fuzz_passes_on_correct_programs():

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from maskc.codegen import aot
 
 import maskc
 from maskc import patterns
-from maskc.codegen import aot
 
 
 def _example(name: str) -> tuple[int, dict[str, int]]:
