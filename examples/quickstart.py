@@ -25,5 +25,6 @@ out = natten(q, k, v, h=16, w=16)
 ref = natten.reference(q, k, v, h=16, w=16)
 allowed = natten.mask(256, h=16, w=16)
 print(
-    f"natten2d(k=7) on 16x16: {int(allowed.sum())} allowed pairs of {256 * 256}, max |out - reference| = {(out - ref).abs().max():.2e}"
+    f"natten2d(k=7) on 16x16: {int(allowed.sum())} allowed pairs of {256 * 256}, "
+    f"max |out - reference| = {(out - ref).abs().max():.2e}"
 )

@@ -52,7 +52,7 @@ class Case:
         return cls(**fixed, sizes=tuple((k, int(v)) for k, v in values.items()))
 
 
-class FuzzFailure(AssertionError):
+class FuzzError(AssertionError):
     def __init__(self, case: Case, check: str, detail: str) -> None:
         self.case, self.check, self.detail = case, check, detail
         super().__init__(f"{check}: {detail}")
@@ -63,7 +63,7 @@ class Report:
     spec: str
     examples: int
     backends: tuple[str, ...]
-    failure: FuzzFailure | None = None
+    failure: FuzzError | None = None
     command: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -191,12 +191,12 @@ def _heads_fit(program, heads: int) -> bool:
 
 def _close(name: str, case: Case, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     if got.shape != want.shape:
-        raise FuzzFailure(case, name, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
+        raise FuzzError(case, name, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
     err = (got.double() - want.double()).abs()
     bound = tol + tol * want.double().abs()
     if not bool((err <= bound).all()):
         where = tuple(int(i) for i in torch.nonzero(err > bound)[0])
-        raise FuzzFailure(case, name, f"max error {float(err.max()):.3g} (tolerance {tol:g}), first at {where}")
+        raise FuzzError(case, name, f"max error {float(err.max()):.3g} (tolerance {tol:g}), first at {where}")
 
 
 def check_schedule(program, case: Case, tensors: dict) -> None:
@@ -211,7 +211,7 @@ def check_schedule(program, case: Case, tensors: dict) -> None:
     got = sched.to_dense()
     if not torch.equal(got, states):
         bad = torch.nonzero(got != states)[0].tolist()
-        raise FuzzFailure(
+        raise FuzzError(
             case,
             "schedule",
             f"block {tuple(bad)} is {int(got[tuple(bad)])}, the dense mask says {int(states[tuple(bad)])}",
@@ -302,7 +302,7 @@ def fuzz(
     names, skipped = available_backends(backends)
     spec_text = program.source().strip()
     report = Report(spec_text, examples, names, skipped=skipped)
-    failures: list[FuzzFailure] = []
+    failures: list[FuzzError] = []
     count = [0]
 
     @settings(
@@ -320,7 +320,7 @@ def fuzz(
             progress(count[0], case)
         try:
             check_case(program, case, names)
-        except FuzzFailure as failure:
+        except FuzzError as failure:
             failures.append(failure)
             raise
 
@@ -328,7 +328,7 @@ def fuzz(
         run = hypothesis_seed(seed)(run)
     try:
         run()
-    except FuzzFailure:
+    except FuzzError:
         report.failure = failures[-1]  # hypothesis replays the smallest failing case last
         base = command or f"maskc fuzz {shlex.quote(spec_text)}"
         report.command = f"{base} --case {shlex.quote(report.failure.case.text())} --backend {' '.join(names)}"
@@ -342,6 +342,6 @@ def replay(program, case_text: str, backends: tuple[str, ...] | None = None) -> 
     report = Report(program.source().strip(), 1, names, skipped=skipped)
     try:
         check_case(program, case, names)
-    except FuzzFailure as failure:
+    except FuzzError as failure:
         report.failure = failure
     return report

@@ -115,7 +115,7 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
     if table.kind == "alibi":
         slopes = torch.zeros(s.heads, dtype=torch.float32)
         for h, g in enumerate(prepared.head_group):
-            alibi = [m for m in prepared.forms[g].modifiers if isinstance(m, ir.Alibi)][0]
+            alibi = next(m for m in prepared.forms[g].modifiers if isinstance(m, ir.Alibi))
             slopes[h] = t.get(alibi.tensor)[h].detach().float() if alibi.tensor else alibi.slope
         return [slopes.to(device)]
     if table.kind == "bias":
