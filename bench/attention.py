@@ -187,7 +187,7 @@ def interleaved(fns: dict, rounds: int) -> dict:
 
 def side_by_side(name: str, rounds: int) -> dict:
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
     from maskc.runtime.cpu import cpu_attention
     from maskc.runtime.dispatch import BLOCKS
     from maskc.runtime.prepare import prepare
