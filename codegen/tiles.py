@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from maskc.dsl.errors import MaskTypeError
+
 DECODE_ROWS = 16
 
 
@@ -24,7 +26,7 @@ class Config:
 def padded_dim(d: int) -> int:
     """Head dims are padded to a power of two of at least 16 inside the kernels."""
     if not 1 <= d <= 256:
-        raise ValueError(f"head dims 1 to 256 are supported, got {d}")
+        raise MaskTypeError(f"the Triton kernels support head dims 1 to 256, got {d}")
     return max(16, 1 << (d - 1).bit_length())
 
 

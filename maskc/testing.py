@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from maskc.dsl import ir
+from maskc.dsl import ast, ir
 from maskc.dsl.errors import MaskError
 
 DEFAULT_BACKENDS = ("cpu", "triton", "flex")
@@ -140,25 +140,49 @@ def _fits(program, case: Case) -> bool:
     return True
 
 
-def case_strategy(program, max_len: int = 80):
-    """Hypothesis strategy of cases the pattern accepts (grid sizes when it has grids)."""
+# Above this many keys a case keeps to one batch element and at most two heads,
+# so that the dense reference stays small.
+LARGE = 2048
+
+
+def size_hints(program) -> dict[str, list[int]]:
+    """Grid sizes worth trying besides small ones: a library pattern's documented example."""
+    from maskc import patterns
+
+    entry = patterns.entries().get(program.name or "")
+    if entry is None or program.spec.unit.filename != entry.definition.unit.filename:
+        return {}
+    return {name: [value] for name, value in entry.example.items() if name != "lq"}
+
+
+def case_strategy(program, max_len: int = 80, hints: dict[str, list[int]] | None = None):
+    """Hypothesis strategy of cases the pattern accepts (grid sizes when it has grids).
+
+    Grid sizes are drawn from 1 .. 9 and from `hints` (default: the library
+    example's sizes), since some patterns need large grids (a 7x7x7 window)."""
     from hypothesis import strategies as st
 
     spec = program.spec
     names = spec.bindable()
     grids = [g for g in spec._grids()]
     head_options = [h for h in range(1, 9) if _heads_fit(program, h)] or [1]
+    hints = size_hints(program) if hints is None else hints
+
+    def size(name: str):
+        small = st.integers(1, 9)
+        return st.one_of(small, st.sampled_from(hints[name])) if hints.get(name) else small
 
     @st.composite
     def draw(draw_):
-        heads = draw_(st.sampled_from(head_options))
+        sizes = {name: draw_(size(name)) for name in names}
+        large = 1
+        for value in sizes.values():
+            large *= value
+        options = [h for h in head_options if large <= LARGE or h <= 2] or head_options[:1]
+        heads = draw_(st.sampled_from(options))
         kv_heads = draw_(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
-        sizes = {name: draw_(st.integers(1, 9)) for name in names}
         if grids:
-            lq = lk = 1
-            for value in grids[0]:
-                lk *= sizes.get(getattr(value, "id", None), getattr(value, "value", 1))
-            lq = lk
+            lq = lk = _tokens(grids[0], sizes)
         else:
             lk = draw_(st.integers(1, max_len))
             lq = draw_(st.integers(1, lk))
@@ -167,13 +191,37 @@ def case_strategy(program, max_len: int = 80):
             lk=lk,
             heads=heads,
             kv_heads=kv_heads,
-            batch=draw_(st.integers(1, 2)),
+            batch=1 if lk > LARGE else draw_(st.integers(1, 2)),
             dim=draw_(st.sampled_from([16, 24, 40])),
             seed=draw_(st.integers(0, 2**16)),
             sizes=tuple(sorted(sizes.items())),
         )
 
-    return draw().filter(lambda c: c.lk <= 4 * max_len and _fits(program, c))
+    return draw().filter(lambda c: (c.lk <= 4 * max_len or c.lk <= _product_of_hints(hints)) and _fits(program, c))
+
+
+def _tokens(grid: tuple, sizes: dict[str, int]) -> int:
+    """Tokens of a grid whose sizes are names or numbers; else the product of all size
+    names (a grid over tiles, `grid(h // th, w // tw)`, still covers h * w tokens)."""
+    total = 1
+    for value in grid:
+        if isinstance(value, ast.Name) and value.id in sizes:
+            total *= sizes[value.id]
+        elif isinstance(value, ast.IntLit):
+            total *= value.value
+        else:
+            total = 1
+            for size in sizes.values():
+                total *= size
+            return total
+    return total
+
+
+def _product_of_hints(hints: dict[str, list[int]]) -> int:
+    total = 1
+    for values in hints.values():
+        total *= max(values)
+    return total
 
 
 def _heads_fit(program, heads: int) -> bool:
@@ -238,10 +286,10 @@ def check_backend(program, case: Case, tensors: dict, backend: str) -> None:
     sizes = dict(case.sizes)
     grads_wanted = backend != "flex"  # FlexAttention has no CPU backward
     floats = [n for n, t in tensors.items() if t.is_floating_point() and n not in ("q", "k", "v", "centroids")]
-    leaves = {n: t.detach().clone().requires_grad_(grads_wanted) for n, t in tensors.items()}
-    for n, t in leaves.items():
-        if not t.is_floating_point() or n == "centroids":
-            t.requires_grad_(False)
+    leaves = {
+        n: t.detach().clone().requires_grad_(grads_wanted and t.is_floating_point() and n != "centroids")
+        for n, t in tensors.items()
+    }
     bindings = {n: t for n, t in leaves.items() if n not in ("q", "k", "v")}
     q, k, v = leaves["q"], leaves["k"], leaves["v"]
     try:
@@ -294,6 +342,7 @@ def fuzz(
     max_len: int = 80,
     progress: Callable[[int, Case], None] | None = None,
     command: str | None = None,
+    hints: dict[str, list[int]] | None = None,
 ) -> Report:
     """Check `program` on `examples` random cases; see the module docstring."""
     from hypothesis import HealthCheck, given, settings
@@ -313,7 +362,7 @@ def fuzz(
         derandomize=seed is None,
         print_blob=False,
     )
-    @given(case=case_strategy(program, max_len))
+    @given(case=case_strategy(program, max_len, hints))
     def run(case: Case) -> None:
         count[0] += 1
         if progress is not None:

@@ -25,6 +25,7 @@ class Prepared:
     forms: list[ir.HeadPattern]  # normal form per head group (index = schedule group)
     schedule: BlockSchedule
     tensors: evaluate.Tensors
+    title: str = "pattern"  # the program's source, for generated files' headers
     _block_masks: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------ shapes
@@ -132,4 +133,4 @@ def prepare(
     if instance.sizes.lq != instance.sizes.lk or instance.dynamic:
         layout = "rowmajor" if layout == "auto" else layout
     schedule = plan.plan_schedule(instance, block_q, block_k, layout, tensors)
-    return Prepared(instance, forms, schedule, tensors)
+    return Prepared(instance, forms, schedule, tensors, program.source().strip())

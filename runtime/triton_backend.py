@@ -32,17 +32,13 @@ def dtype_class(dtype: torch.dtype) -> str:
     return "half" if dtype in (torch.float16, torch.bfloat16) else "single"
 
 
-def padded_dim(d: int) -> int:
-    try:
-        return tiles.padded_dim(d)
-    except ValueError as e:
-        raise MaskTypeError(f"the Triton backend: {e}") from None
+padded_dim = tiles.padded_dim
 
 
 def kernel_source(prepared: Prepared, group: int) -> KernelSource:
     key = ("source", group)
     if key not in prepared._block_masks:
-        title = prepared.title if hasattr(prepared, "title") else "pattern"
+        title = prepared.title
         prepared._block_masks[key] = emit(
             prepared.forms[group], title, prepared.block_q, prepared.block_k, maskc.__version__
         )
