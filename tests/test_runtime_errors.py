@@ -44,7 +44,7 @@ def test_mixed_dtypes_and_unknown_backend(program):
 def test_bindings_that_do_not_fit(program):
     q = t(1, 1, 16, 16)
     grid = maskc.compile("natten2d", k=3)
-    with pytest.raises(maskc.MaskError, match="grid size 'w' is not bound|holds"):
+    with pytest.raises(maskc.MaskError, match="grid size 'w' is not bound"):
         grid(q, q, q, backend="cpu", h=5)
     with pytest.raises(maskc.MaskError, match="holds 25 positions"):
         grid(q, q, q, backend="cpu", h=5, w=5)
