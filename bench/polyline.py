@@ -84,7 +84,7 @@ def run_case(case: str, mode: str, repeat: int) -> dict:
         program = maskc.compile(ROUTE)
 
         def fn():
-            mask = program.mask(N, h=H, w=W, q=q.detach(), k=k.detach())[0]
+            mask = program.mask(N, heads=HEADS, h=H, w=W, q=q.detach(), k=k.detach())[0]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:  # full attention, no mask
 

@@ -48,6 +48,7 @@ gradients are 0.  Compute is float32 for half types (float64 stays float64).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections import deque
@@ -604,7 +605,7 @@ def _fused_group_forward(prepared, group: _Group, qg, kg, vg, scale: float, batc
     heads = len(group.heads)
 
     def call(task):
-        seg, mask = task
+        seg, mask = task[0], _mask_of(task)
         qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
         out, lse = _FLASH(qs, ks, vs, 0.0, False, attn_mask=mask, scale=scale)
         if seg.any_key is not None:  # the kernel leaves lse = 0 on rows without keys
@@ -616,16 +617,33 @@ def _fused_group_forward(prepared, group: _Group, qg, kg, vg, scale: float, batc
     return acc_out, acc_lse
 
 
-def _tasks(prepared, group: _Group, qg, vg, batch: int, threads: int) -> list[tuple[Segment, torch.Tensor | None]]:
-    """(segment piece, its additive mask) for every fused call of a group."""
+def _tasks(prepared, group: _Group, qg, vg, batch: int, threads: int) -> list[tuple[Segment, object]]:
+    """(segment piece, its additive mask or a function making it) for every fused call.
+
+    Boolean masks are made once per segment and cached; masks carrying modifier
+    logits are made piece by piece when the piece runs, so that memory stays
+    bounded by a chunk rather than by every visited block."""
     heads = len(group.heads)
     width = qg.shape[0] * max(qg.shape[-1], vg.shape[-1])
     out = []
     for whole in group.plan.segments:
+        if prepared.modifiers(group.index):
+            # Modifier logits are built through int64 coordinate temporaries: smaller pieces.
+            for a, b in _chunks(whole, 4 * max(width, batch * heads * whole.block_q), threads):
+                piece = whole.slice(a, b)
+                out.append(
+                    (piece, functools.partial(_float_mask, prepared, group.index, piece, qg.dtype, heads, batch))
+                )
+            continue
         mask_whole = _float_mask(prepared, group.index, whole, qg.dtype, heads, batch)
         for a, b in _chunks(whole, width, threads):
             out.append((whole.slice(a, b), _slice_mask(mask_whole, a, b, whole.m)))
     return out
+
+
+def _mask_of(task) -> torch.Tensor | None:
+    mask = task[1]
+    return mask() if callable(mask) else mask
 
 
 def _work(seg: Segment, qg: torch.Tensor) -> int:
@@ -708,7 +726,7 @@ def _fused_group_backward(prepared, group: _Group, qg, kg, vg, out, lse, gout, g
     glse_rows = None if glse is None else glse.flatten(1, 2)
 
     def call(task):
-        seg, mask = task
+        seg, mask = task[0], _mask_of(task)
         qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
         ls = _rows_view(lse_rows, seg, bq)
         gos, outs = _rows_view(gout_rows, seg, bq), _rows_view(out_rows, seg, bq)
@@ -853,7 +871,14 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
 
 def _generic(q, k, v, prepared: Prepared, scale: float):
     """The same segments with differentiable torch ops, for softcap and for modifier
-    tensors that need gradients.  Scores exist only for the visited blocks."""
+    tensors that need gradients.
+
+    Each chunk of rows computes its own partial softmax (output and log-sum-exp)
+    under non-reentrant checkpointing, so its scores are recomputed in the backward
+    instead of kept: memory stays bounded by one chunk, not by every visited block.
+    The partials of a row are merged exactly through their log-sum-exps."""
+    from torch.utils.checkpoint import checkpoint
+
     compute = _compute_dtype(q.dtype)
     batch, heads, lq, _ = q.shape
     kv_heads = k.shape[1]
@@ -865,54 +890,62 @@ def _generic(q, k, v, prepared: Prepared, scale: float):
         qg, kg, vg = _group_inputs(group, qc, kc, vc, prepared, fused=False)
         n, lq_pad, _ = qg.shape
         hg = len(group.heads)
-        nqb = lq_pad // bq
-        dvdim = vg.shape[-1]
-        num = torch.zeros(n, nqb, bq, dvdim, dtype=compute)
-        den = torch.zeros(n, nqb, bq, dtype=compute)
-        top = torch.full((n, nqb, bq), -math.inf, dtype=compute)  # running max (no gradient)
+        rows_out, rows_lse, rows_index = [], [], []
         for whole in group.plan.segments:
-            for a, b in _chunks(whole, qg.shape[0] * max(qg.shape[-1], vg.shape[-1])):
+            for a, b in _chunks(whole, 4 * qg.shape[0] * max(qg.shape[-1], vg.shape[-1], bq)):
                 seg = whole.slice(a, b)
-                qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
-                logits = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # [N, m, bq, nk]
-                if prepared.modifiers(group.index):
-                    qp, kp = _positions(prepared, seg)
-                    # scores as [B, m, Hg, bq, nk] so per-batch modifier terms [B, m, 1, bq, nk] line up
-                    s5 = logits.view(batch, hg, *logits.shape[1:]).transpose(1, 2)
-                    s5 = prepared.apply_modifiers(group.index, s5, qp[:, None, :, None], kp[:, None, None, :])
-                    logits = s5.transpose(1, 2).reshape(logits.shape)
-                if seg.allowed is not None:
-                    allowed = _expand_rows(seg.allowed, hg, n)
-                    logits = logits.masked_fill(~allowed, -math.inf)
-                seg_max = logits.detach().amax(-1)
-                old = _rows_view(top.flatten(1, 2), seg, bq)
-                new = torch.maximum(old, seg_max)
-                safe = torch.where(new == -math.inf, torch.zeros_like(new), new)
-                keep = torch.exp(old - safe)
-                weights = torch.exp(logits - safe[..., None])
-                num_rows = _rows_view(num.flatten(1, 2), seg, bq) * keep[..., None] + torch.matmul(weights, vs)
-                den_rows = _rows_view(den.flatten(1, 2), seg, bq) * keep + weights.sum(-1)
-                num = _put_rows(num, seg, num_rows)
-                den = _put_rows(den, seg, den_rows)
-                top = _put_rows(top, seg, new)
-        safe_den = torch.where(den > 0, den, torch.ones_like(den))
-        out = num / safe_den[..., None]
-        top_safe = torch.where(top == -math.inf, torch.zeros_like(top), top)
-        lse = torch.where(den > 0, torch.log(safe_den) + top_safe, torch.full_like(den, -math.inf))
-        outs.append(out)
-        lses.append(lse)
+                out_c, lse_c = checkpoint(
+                    _generic_chunk, prepared, group.index, seg, qg, kg, vg, scale, batch, hg, n, use_reentrant=False
+                )
+                token_rows = (seg.rows[:, None] * bq + torch.arange(bq)[None, :]).reshape(-1)
+                rows_out.append(out_c.reshape(n, -1, out_c.shape[-1]))
+                rows_lse.append(lse_c.reshape(n, -1))
+                rows_index.append(token_rows)
+        out, lse = _merge_partials(rows_out, rows_lse, rows_index, n, lq_pad, vg.shape[-1], compute)
+        outs.append(out.view(n, lq_pad // bq, bq, -1))
+        lses.append(lse.view(n, lq_pad // bq, bq))
     dv = v.shape[-1]
     out = _ungroup(outs, groups, batch, heads, lq, (dv,), compute).to(q.dtype)
     lse = _ungroup(lses, groups, batch, heads, lq, (), compute).to(torch.float32)
     return out, lse
 
 
-def _put_rows(acc: torch.Tensor, seg: Segment, value: torch.Tensor) -> torch.Tensor:
-    """acc with the segment's rows replaced by value, out of place (autograd)."""
-    if seg.row_step == 1:
-        start = int(seg.rows[0])
-        return torch.cat([acc[:, :start], value, acc[:, start + seg.m :]], dim=1)
-    return acc.index_copy(1, seg.rows, value)
+def _generic_chunk(prepared, group: int, seg, qg, kg, vg, scale, batch, hg, n):
+    """Partial softmax of a chunk: (out [N, m, bq, Dv], lse [N, m, bq]), -inf where a
+    row has no allowed key in the chunk."""
+    bq = prepared.block_q
+    qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
+    logits = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # [N, m, bq, nk]
+    if prepared.modifiers(group):
+        qp, kp = _positions(prepared, seg)
+        # scores as [B, m, Hg, bq, nk] so per-batch modifier terms [B, m, 1, bq, nk] line up
+        s5 = logits.view(batch, hg, *logits.shape[1:]).transpose(1, 2)
+        s5 = prepared.apply_modifiers(group, s5, qp[:, None, :, None], kp[:, None, None, :])
+        logits = s5.transpose(1, 2).reshape(logits.shape)
+    if seg.allowed is not None:
+        logits = logits.masked_fill(~_expand_rows(seg.allowed, hg, n), -math.inf)
+    lse = torch.logsumexp(logits, -1)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.matmul(torch.exp(logits - safe[..., None]), vs)
+    return out, lse
+
+
+def _merge_partials(outs, lses, index, n: int, rows: int, dv: int, dtype):
+    """Exact softmax over all partials of each row (rows without any stay out 0, lse -inf)."""
+    out_parts = torch.cat(outs, 1)  # [N, P, Dv]
+    lse_parts = torch.cat(lses, 1)  # [N, P]
+    where = torch.cat(index)
+    top = torch.full((n, rows), -math.inf, dtype=dtype).scatter_reduce_(
+        1, where.expand(n, -1), lse_parts.detach(), "amax", include_self=True
+    )
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weight = torch.exp(lse_parts - top[:, where])  # 0 for empty partials
+    total = torch.zeros(n, rows, dtype=dtype).index_add(1, where, weight)
+    num = torch.zeros(n, rows, dv, dtype=dtype).index_add(1, where, weight[..., None] * out_parts)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out = num / safe[..., None]
+    lse = torch.where(total > 0, torch.log(safe) + top, torch.full_like(total, -math.inf))
+    return out, lse
 
 
 # ---------------------------------------------------------------- entry point

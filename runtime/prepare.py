@@ -130,7 +130,5 @@ def prepare(
     bindings = {"q": q, "k": k, **bindings}
     instance, tensors = program._prepare(q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
     forms = plan.normal_forms(instance)
-    if instance.sizes.lq != instance.sizes.lk or instance.dynamic:
-        layout = "rowmajor" if layout == "auto" else layout
     schedule = plan.plan_schedule(instance, block_q, block_k, layout, tensors)
     return Prepared(instance, forms, schedule, tensors, program.source().strip())
