@@ -240,8 +240,8 @@ def _heads_fit(program, heads: int) -> bool:
 def _close(name: str, case: Case, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     if got.shape != want.shape:
         raise FuzzError(case, name, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
-    err = (got.double() - want.double()).abs()
-    bound = tol + tol * want.double().abs()
+    err = (got.detach().double() - want.detach().double()).abs()
+    bound = tol + tol * want.detach().double().abs()
     if not bool((err <= bound).all()):
         where = tuple(int(i) for i in torch.nonzero(err > bound)[0])
         raise FuzzError(case, name, f"max error {float(err.max()):.3g} (tolerance {tol:g}), first at {where}")
