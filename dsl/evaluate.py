@@ -280,14 +280,34 @@ def _polyline(m: ir.Polyline, qp, kp, t: Tensors) -> torch.Tensor:
     col_sums = torch.cumsum(beta, dim=-2)  # along y within each column
     y1, y2 = _pair(qp, kp, ycoord)
     x1, x2 = _pair(qp, kp, xcoord)
-    xlo, xhi = torch.minimum(x1, x2), torch.maximum(x1, x2)
-    ylo, yhi = torch.minimum(y1, y2), torch.maximum(y1, y2)
-    if m.path == "hv":  # along the query's row, then down the key's column
-        horizontal = row_sums[:, y1, xhi] - row_sums[:, y1, xlo]
-        vertical = col_sums[:, yhi, x2] - col_sums[:, ylo, x2]
-    else:  # along the query's column, then across the key's row
-        vertical = col_sums[:, yhi, x1] - col_sums[:, ylo, x1]
-        horizontal = row_sums[:, y2, xhi] - row_sums[:, y2, xlo]
+    # M(q, k) splits into a part that depends on the query and one coordinate of
+    # the key, and a part that depends on the key and one coordinate of the query.
+    # Each is computed as a small table first and then looked up per pair, which
+    # is the same sum as indexing the prefix sums per pair but far cheaper to
+    # differentiate (the backward scatters into the tables, not into alpha per pair).
+    lead = torch.broadcast_shapes(y1.shape[:-2], y2.shape[:-2])
+    full = (alpha.shape[0], *lead, y1.shape[-2], y2.shape[-1])  # [batch, ..., nq, nk]
+    xs, ys = torch.arange(w)[None, :], torch.arange(h)[:, None]
+
+    def segment(sums, line, a, b, along_x: bool):
+        """Sum of a row (along_x) or column between positions a and b, excluded-included."""
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        if along_x:
+            return sums[:, line, hi] - sums[:, line, lo]
+        return sums[:, hi, line] - sums[:, lo, line]
+
+    def by_key(table, key_coord):  # table [.., nq, n] -> [.., nq, nk] at each key's coordinate
+        return torch.gather(table.expand(*full[:-1], table.shape[-1]), -1, key_coord.expand(full))
+
+    def by_query(table, query_coord):  # table [.., n, nk] -> [.., nq, nk] at each query's coordinate
+        return torch.gather(table.expand(*full[:-2], table.shape[-2], full[-1]), -2, query_coord.expand(full))
+
+    if m.path == "hv":  # along the query's row to the key's column, then down that column
+        horizontal = by_key(segment(row_sums, y1, x1, xs, True), x2)  # table [.., nq, w]
+        vertical = by_query(segment(col_sums, x2, ys, y2, False), y1)  # table [.., h, nk]
+    else:  # along the query's column to the key's row, then across that row
+        vertical = by_key(segment(col_sums, x1, y1, ys.T, False), y2)  # table [.., nq, h]
+        horizontal = by_query(segment(row_sums, y2, xs.T, x2, True), x1)  # table [.., w, nk]
     return horizontal + vertical
 
 
