@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import cluster_members, expand_kv_heads, region_ids, route_selection
+from maskc.dsl.dynamic import region_ids
 
 E, F, M, U = 0, 1, 2, 4
 
@@ -133,10 +133,7 @@ def _incidence(geometry, regions: tuple[ir.Coord, ...], n: int) -> torch.Tensor:
 
 def _route(node: ir.Route, r) -> torch.Tensor:
     def build():
-        s = r.tensors.instance.sizes
-        q, k = r.tensors.get("q").detach().cpu(), r.tensors.get("k").detach().cpu()
-        qp = torch.arange(s.lq) + s.q_offset
-        sel = route_selection(node, q, k, qp, torch.arange(s.lk))[:, 0].double()  # [B, n, n]
+        sel = evaluate.route_table(r.tensors, node).double()  # [B, n, n]
         n = sel.shape[-1]
         counts = _incidence(r.q, node.regions, n) @ sel @ _incidence(r.k, node.regions, n).T
         return _prefix2d(counts.round()), _prefix2d(_block_pairs(r))
@@ -153,18 +150,16 @@ def _route(node: ir.Route, r) -> torch.Tensor:
 def _cluster(node: ir.Cluster, r) -> torch.Tensor:
     def build():
         s = r.tensors.instance.sizes
-        q, k = r.tensors.get("q").detach().cpu(), r.tensors.get("k").detach().cpu()
-        k = expand_kv_heads(k, q.shape[1])
-        centroids = r.tensors.get("centroids").detach().cpu()
-        h = node.head
-        mq = cluster_members(q[:, h], centroids[h], node.size).double()  # [B, n, lq]
-        mk = cluster_members(k[:, h], centroids[h], node.size).double()
+        bits_q, bits_k = evaluate.cluster_table(r.tensors, node)  # [B, words, len]
         touch = []
-        for geometry, members, offset in ((r.q, mq, s.q_offset), (r.k, mk, 0)):
+        for geometry, bits, offset in ((r.q, bits_q, s.q_offset), (r.k, bits_k, 0)):
             pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
-            rows = (pos - offset).clamp(0, members.shape[-1] - 1)
-            hit = members[:, :, rows] * valid.double()  # [B, n, blocks, block]
-            touch.append(hit.sum(-1) > 0)
+            rows = (pos - offset).clamp(0, bits.shape[-1] - 1)
+            hit = bits[:, :, rows] * valid.long()  # [B, words, blocks, block]
+            clusters = torch.arange(63)
+            # [B, words * 63, blocks]: which clusters each block touches
+            any_bit = ((hit[:, :, None] >> clusters[None, None, :, None, None]) & 1).amax(-1)
+            touch.append(any_bit.flatten(1, 2))
         shared = torch.einsum("bnq,bnk->bqk", touch[0].double(), touch[1].double()) > 0
         return _prefix2d(shared.double())
 

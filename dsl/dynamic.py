@@ -46,15 +46,16 @@ def route_selection(
         q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.detach().to(compute), k.detach().to(compute)
-    rq = region_ids(q_positions, node.regions)
-    rk = region_ids(k_positions, node.regions)
+    device = q.device
+    rq = region_ids(q_positions.to(device), node.regions)
+    rk = region_ids(k_positions.to(device), node.regions)
     pooled_q = _region_means(q, rq, n)
     pooled_k = _region_means(k, rk, n)
     scores = torch.einsum("bhrd,bhsd->brs", pooled_q, pooled_k)  # sum over heads
-    present = torch.zeros(n, dtype=torch.bool)
+    present = torch.zeros(n, dtype=torch.bool, device=device)
     present[rk] = True
     scores = scores.masked_fill(~present[None, None, :], -math.inf)
-    ids = torch.arange(n)
+    ids = torch.arange(n, device=device)
     if node.causal:
         scores = scores.masked_fill(ids[None, None, :] > ids[None, :, None], -math.inf)
     if node.own:
@@ -62,14 +63,14 @@ def route_selection(
     # Stable descending order: equal scores keep the lower region first.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : node.topk]
     picked = torch.gather(scores, -1, order) > -math.inf
-    selected = torch.zeros(scores.shape, dtype=torch.bool)
+    selected = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     selected.scatter_(-1, order, picked)
     return selected[:, None]
 
 
 def _region_means(x: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
     b, h, _, d = x.shape
-    sums = torch.zeros(b, h, n, d, dtype=x.dtype)
+    sums = torch.zeros(b, h, n, d, dtype=x.dtype, device=x.device)
     sums.index_add_(2, ids, x)
     counts = torch.bincount(ids, minlength=n).clamp(min=1).to(x.dtype)
     return sums / counts[None, None, :, None]
@@ -86,6 +87,18 @@ def cluster_members(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torc
     sims = torch.einsum("bld,nd->bnl", x, mu)
     take = min(size, x.shape[1])
     order = torch.sort(sims, dim=-1, descending=True, stable=True).indices[..., :take]
-    members = torch.zeros(sims.shape, dtype=torch.bool)
+    members = torch.zeros(sims.shape, dtype=torch.bool, device=x.device)
     members.scatter_(-1, order, True)
     return members
+
+
+def membership_bits(members: torch.Tensor) -> torch.Tensor:
+    """[B, n, L] bool -> [B, words, L] int64: bit c % 63 of word c // 63 set when
+    the token is in cluster c.  Two tokens share a cluster when any word has a
+    common bit, without a dense L x L table."""
+    b, n, length = members.shape
+    words = -(-n // 63)
+    out = torch.zeros(b, words, length, dtype=torch.int64, device=members.device)
+    for c in range(n):
+        out[:, c // 63] |= members[:, c].long() << (c % 63)
+    return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ir
-from .dynamic import cluster_members, expand_kv_heads, region_ids, route_selection
+from .dynamic import cluster_members, expand_kv_heads, membership_bits, region_ids, route_selection
 from .errors import MaskTypeError
 from .random_blocks import draw
 from .spec import Instance
@@ -162,27 +162,28 @@ def _qk(t: Tensors, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"{what} needs q [batch, {s.heads}, {s.lq}, dim] and k [batch, heads dividing {s.heads}, "
             f"{s.lk}, dim]; got q {list(q.shape)}, k {list(k.shape)}"
         )
-    return q.cpu(), k.cpu()
+    return q.detach(), k.detach()
 
 
-def _route(node: ir.Route, qp, kp, t: Tensors) -> torch.Tensor:
+def route_table(t: Tensors, node: ir.Route) -> torch.Tensor:
+    """Selected key regions per query region, bool [B, regions, regions] on the CPU:
+    computed once per call on the tensors' own device (only the table moves)."""
     key = ("route", node)
     if key not in t.cache:
         q, k = _qk(t, "route")
         s = t.instance.sizes
         all_q = torch.arange(s.lq) + s.q_offset
-        t.cache[key] = route_selection(node, q, k, all_q, torch.arange(s.lk))[:, 0]
-    selected = t.cache[key]
-    rq = region_ids(qp, node.regions)
-    rk = region_ids(kp, node.regions)
-    return selected[:, rq, rk]
+        t.cache[key] = route_selection(node, q, k, all_q, torch.arange(s.lk))[:, 0].cpu()
+    return t.cache[key]
 
 
-def _cluster(node: ir.Cluster, qp, kp, t: Tensors) -> torch.Tensor:
+def cluster_table(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster membership bits of queries [B, words, lq] and keys [B, words, lk]
+    (int64, on the CPU), computed once per call on the tensors' device."""
     key = ("cluster", node)
     if key not in t.cache:
         q, k = _qk(t, "cluster")
-        centroids = t.get("centroids").cpu()
+        centroids = t.get("centroids").detach()
         if centroids.dim() != 3 or centroids.shape[0] != q.shape[1] or centroids.shape[1] != node.clusters:
             raise MaskTypeError(
                 f"cluster({node.clusters}, ...) needs centroids of shape [{q.shape[1]}, {node.clusters}, dim], "
@@ -192,12 +193,23 @@ def _cluster(node: ir.Cluster, qp, kp, t: Tensors) -> torch.Tensor:
             raise MaskTypeError(f"centroids have dim {centroids.shape[2]}, q has {q.shape[3]}")
         k = expand_kv_heads(k, q.shape[1])
         h = node.head
-        mq = cluster_members(q[:, h], centroids[h], node.size).float()
-        mk = cluster_members(k[:, h], centroids[h], node.size).float()
-        t.cache[key] = torch.einsum("bnq,bnk->bqk", mq, mk) > 0
-    allowed = t.cache[key]
+        centroids = centroids.to(q.device)
+        mq = cluster_members(q[:, h], centroids[h], node.size)
+        mk = cluster_members(k[:, h], centroids[h], node.size)
+        t.cache[key] = (membership_bits(mq).cpu(), membership_bits(mk).cpu())
+    return t.cache[key]
+
+
+def _route(node: ir.Route, qp, kp, t: Tensors) -> torch.Tensor:
+    selected = route_table(t, node)
+    return selected[:, region_ids(qp, node.regions), region_ids(kp, node.regions)]
+
+
+def _cluster(node: ir.Cluster, qp, kp, t: Tensors) -> torch.Tensor:
+    bits_q, bits_k = cluster_table(t, node)
     s = t.instance.sizes
-    return allowed[:, qp - s.q_offset, kp]
+    common = bits_q[:, :, qp - s.q_offset] & bits_k[:, :, kp]  # [B, words, ...]
+    return (common != 0).any(1)
 
 
 # ---------------------------------------------------------------- modifiers

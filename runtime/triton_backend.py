@@ -15,8 +15,7 @@ from maskc.codegen.emit import KernelSource, emit
 from maskc.codegen.schedule import Runs
 from maskc.codegen.tiles import config
 from maskc.codegen.triton_exprs import Table
-from maskc.dsl import ir
-from maskc.dsl.dynamic import cluster_members, expand_kv_heads, route_selection
+from maskc.dsl import evaluate, ir
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
 
@@ -88,24 +87,17 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
         data = ids.to(device=device, dtype=torch.int32).contiguous()
         return [data, data.shape[1] if data.shape[0] > 1 else 0]
     if table.kind == "route":
-        q, k = t.get("q"), t.get("k")
-        qp = torch.arange(s.lq) + s.q_offset
-        kp = torch.arange(s.lk)
-        sel = route_selection(node, q.detach().cpu(), k.detach().cpu(), qp, kp)[:, 0]
-        data = sel.to(device=device, dtype=torch.int8).contiguous()
+        data = evaluate.route_table(t, node).to(device=device, dtype=torch.int8).contiguous()
         n = data.shape[-1]
         return [data, n * n if data.shape[0] > 1 else 0, n]
     if table.kind == "cluster":
         if node.clusters > 63:
             raise MaskTypeError(f"the Triton backend handles at most 63 clusters, got {node.clusters}")
-        q, k = t.get("q").detach().cpu(), expand_kv_heads(t.get("k").detach().cpu(), s.heads)
-        centroids = t.get("centroids").detach().cpu()
-        bits = 1 << torch.arange(node.clusters, dtype=torch.int64)
+        bits_q, bits_k = evaluate.cluster_table(t, node)  # one word: at most 63 clusters
         width = max(s.lq, s.lk)
-        data = torch.zeros(q.shape[0], 2, width, dtype=torch.int64)
-        for side, x in enumerate((q, k)):
-            members = cluster_members(x[:, node.head], centroids[node.head], node.size)  # [B, n, len]
-            data[:, side, : members.shape[-1]] = (members.long() * bits[None, :, None]).sum(1)
+        data = torch.zeros(bits_q.shape[0], 2, width, dtype=torch.int64)
+        data[:, 0, : s.lq] = bits_q[:, 0]
+        data[:, 1, : s.lk] = bits_k[:, 0]
         data = data.to(device).contiguous()
         return [data, 2 * width if data.shape[0] > 1 else 0, width]
     if table.kind == "alibi":
