@@ -23,7 +23,8 @@ import torch
 from maskc.dsl import ast, ir
 from maskc.dsl.errors import MaskError
 
-DEFAULT_BACKENDS = ("cpu", "triton", "flex")
+# FlexAttention compiles once per shape (seconds on CPU), so fuzzing it is opt-in: --backend flex.
+DEFAULT_BACKENDS = ("cpu", "triton")
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
@@ -333,6 +334,11 @@ def available_backends(requested: tuple[str, ...] | None = None) -> tuple[tuple[
     return tuple(ok), skipped
 
 
+def _describe(program) -> str:
+    params = ", ".join(f"{k}={v!r}" for k, v in program.params.items())
+    return program.source().strip() + (f" [{params}]" if params else "")
+
+
 def fuzz(
     program,
     *,
@@ -349,7 +355,7 @@ def fuzz(
     from hypothesis import seed as hypothesis_seed
 
     names, skipped = available_backends(backends)
-    spec_text = program.source().strip()
+    spec_text = _describe(program)
     report = Report(spec_text, examples, names, skipped=skipped)
     failures: list[FuzzError] = []
     count = [0]
@@ -379,7 +385,7 @@ def fuzz(
         run()
     except FuzzError:
         report.failure = failures[-1]  # hypothesis replays the smallest failing case last
-        base = command or f"maskc fuzz {shlex.quote(spec_text)}"
+        base = command or f"maskc fuzz {shlex.quote(program.source().strip())}"
         report.command = f"{base} --case {shlex.quote(report.failure.case.text())} --backend {' '.join(names)}"
     return report
 
@@ -388,7 +394,7 @@ def replay(program, case_text: str, backends: tuple[str, ...] | None = None) -> 
     """Run the checks of one case (from a `--case` string)."""
     names, skipped = available_backends(backends)
     case = Case.parse(case_text)
-    report = Report(program.source().strip(), 1, names, skipped=skipped)
+    report = Report(_describe(program), 1, names, skipped=skipped)
     try:
         check_case(program, case, names)
     except FuzzError as failure:
