@@ -385,7 +385,8 @@ def fuzz(
         run()
     except FuzzError:
         report.failure = failures[-1]  # hypothesis replays the smallest failing case last
-        base = command or f"maskc fuzz {shlex.quote(program.source().strip())}"
+        sets = "".join(f" --set {k}={v}" for k, v in program.params.items())
+        base = command or f"maskc fuzz {shlex.quote(program.source().strip())}{sets}"
         report.command = f"{base} --case {shlex.quote(report.failure.case.text())} --backend {' '.join(names)}"
     return report
 
