@@ -46,6 +46,7 @@ class Resources:
 def _signature(fn, source: KernelSource, dtype: torch.dtype, constexprs: dict) -> dict:
     data = "*" + _DTYPES[dtype]
     kinds = {t.name: t.kind for t in source.tables}
+    grads = {g.name for g in source.grads}
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -60,6 +61,8 @@ def _signature(fn, source: KernelSource, dtype: torch.dtype, constexprs: dict) -
             sig[name] = "fp32"
         elif name in kinds:
             sig[name] = _TABLE_TYPES[kinds[name]]
+        elif name in grads:
+            sig[name] = "*fp32"  # gradient buffers of modifier tensors
         else:
             sig[name] = "i32"
     return sig
@@ -129,9 +132,10 @@ def kernel_sources(program, lq: int, heads: int = 2, head_dim: int = 64, **sizes
     from .emit import emit
 
     instance = program.instantiate(lq, heads=heads, **sizes)
-    tile = tiles.config(head_dim, lq)
+    forms = plan.normal_forms(instance)
+    tile = tiles.config(head_dim, lq, tiles.heavy_forms(forms))
     seen: dict[str, KernelSource] = {}
-    for form in plan.normal_forms(instance):
+    for form in forms:
         source = emit(form, program.source(), tile.block_q, tile.block_k, maskc.__version__)
         seen.setdefault(source.text, source)
     return list(seen.values())
@@ -143,13 +147,16 @@ def check_program(program, lq: int, dtype: torch.dtype, head_dim: int, arch: int
 
     from . import tiles
 
-    tile = tiles.config(head_dim, lq)
+    from . import plan
+
+    heavy = tiles.heavy_forms(plan.normal_forms(program.instantiate(lq, heads=2, **sizes)))
+    tile = tiles.config(head_dim, lq, heavy)
     out = []
     for source in kernel_sources(program, lq, head_dim=head_dim, **sizes):
         key = cache.key_of(source.text, "aot", "0")
         module = cache.load(key, source.text, interpret=False)
         for name in KERNELS:
-            warps = tile.fwd_warps if name == "attn_fwd" else tile.bwd_warps
+            warps = {"attn_fwd": tile.fwd_warps, "attn_bwd_dkdv": tile.dkdv_warps}.get(name, tile.dq_warps)
             compiled = compile_kernel(module, name, source, dtype, tiles.padded_dim(head_dim), tile.block_q,
                                       tile.block_k, warps, arch)  # fmt: skip
             regs, spill_st, spill_ld = ptxas_resources(compiled.asm["ptx"], arch)

@@ -183,6 +183,23 @@ class Spec:
         out.update({k: v for k, v in self.params.items() if isinstance(v, int) and not isinstance(v, bool)})
         return out
 
+    def modifier_names(self) -> set[str]:
+        """Names of the modifiers this pattern (with the patterns it calls) applies."""
+        names: set[str] = set()
+        stack: list[object] = [self.body]
+        seen: set[str] = set()
+        while stack:
+            node = stack.pop()
+            if isinstance(node, ast.Body):
+                names.update(m.name for m in node.modifiers)
+            if isinstance(node, ast.Call) and node.name not in seen:
+                callee = self.resolver(node.name)
+                if callee is not None:
+                    seen.add(node.name)
+                    stack.append(callee.node.body)
+            stack.extend(ast.children(node))
+        return names
+
     def _grids(self) -> Iterable[tuple]:
         stack: list[object] = [self.body]
         seen: set[str] = set()

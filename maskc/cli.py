@@ -150,9 +150,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.emit == "normal":
             print(pattern_text(form))
         else:
-            from maskc.codegen.tiles import config
+            from maskc.codegen.tiles import config, heavy_forms
 
-            c = config(args.head_dim, args.lq)
+            c = config(args.head_dim, args.lq, heavy_forms(forms))
             print(emit(form, program.source(), c.block_q, c.block_k, maskc.__version__).text)
     return 0
 

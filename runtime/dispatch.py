@@ -42,11 +42,14 @@ def backend_function(name: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def blocks_for(name: str, q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+def blocks_for(name: str, q: torch.Tensor, v: torch.Tensor, program=None) -> tuple[int, int]:
+    """Block sizes to schedule with; Triton's depend on the head dim and on whether
+    the pattern's modifiers read tables per pair (smaller tiles, see codegen/tiles.py)."""
     if name == "triton":
-        from maskc.codegen.tiles import config
+        from maskc.codegen.tiles import HEAVY_MODIFIERS, config
 
-        c = config(max(q.shape[-1], v.shape[-1]), q.shape[2])
+        heavy = program is not None and bool(program.spec.modifier_names() & set(HEAVY_MODIFIERS))
+        c = config(max(q.shape[-1], v.shape[-1]), q.shape[2], heavy)
         return c.block_q, c.block_k
     return BLOCKS[name]
 

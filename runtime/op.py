@@ -52,7 +52,7 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
     """Prepare (instantiate + schedule), reusing the result for static patterns."""
     from .dispatch import blocks_for
 
-    block_q, block_k = blocks_for(backend, q, v)
+    block_q, block_k = blocks_for(backend, q, v, _PROGRAMS[key])
     sizes = tuple(sorted((n, x) for n, x in bindings.items() if not isinstance(x, torch.Tensor)))
     cache_key = (key, backend, tuple(q.shape), tuple(k.shape), v.shape[-1], q_offset, sizes, str(q.device))
     has_tensors = any(isinstance(x, torch.Tensor) for x in bindings.values())
@@ -129,7 +129,7 @@ def recompute_grads(
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         extra = [t.detach().requires_grad_() if w else t for t, w in zip(tensors, wanted, strict=True)]
         bindings = _bindings(tensor_names, extra, size_names, sizes)
-        prepared = prepare(_PROGRAMS[key], leaves[0], leaves[1], *_blocks(backend, q, v), q_offset, bindings)
+        prepared = prepare(_PROGRAMS[key], leaves[0], leaves[1], *_blocks(backend, q, v, key), q_offset, bindings)
         out, lse = run_prepared(backend, *leaves, prepared, scale)
         inputs = leaves + [t for t, w in zip(extra, wanted, strict=True) if w]
         grads = torch.autograd.grad((out, lse), inputs, (dout, dlse), allow_unused=True)
@@ -138,10 +138,10 @@ def recompute_grads(
     return grads[0], grads[1], grads[2], [next(rest) if w else None for w in wanted]
 
 
-def _blocks(backend, q, v):
+def _blocks(backend, q, v, key):
     from .dispatch import blocks_for
 
-    return blocks_for(backend, q, v)
+    return blocks_for(backend, q, v, _PROGRAMS[key])
 
 
 def gradients(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,

@@ -13,7 +13,7 @@ import torch
 from maskc.codegen import tiles
 from maskc.codegen.emit import KernelSource, emit
 from maskc.codegen.schedule import Runs
-from maskc.codegen.tiles import config
+from maskc.codegen.tiles import config, heavy_forms
 from maskc.codegen.triton_exprs import Table
 from maskc.dsl import evaluate, ir
 from maskc.dsl.errors import MaskTypeError
@@ -249,7 +249,7 @@ def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, to
             HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
             INPUT_PRECISION=_precision(q.dtype),
             UPCAST=interpret and q.dtype == torch.bfloat16,
-            num_warps=config(max(d, dv), lq).fwd_warps,
+            num_warps=config(max(d, dv), lq, heavy_forms(prepared.forms)).fwd_warps,
         )  # fmt: skip
     return out, lse
 
@@ -283,8 +283,8 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
             HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
             INPUT_PRECISION=_precision(q.dtype), SOFTCAP=source.softcap,
             UPCAST=interpret and q.dtype == torch.bfloat16,
-            num_warps=config(max(d, dv), lq).bwd_warps,
         )  # fmt: skip
+        tile = config(max(d, dv), lq, heavy_forms(prepared.forms))
         perms = (_or(perm_q, group_heads), _or(perm_k, group_heads))
         sizes = (heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group)
         with cache.mode(interpret):
@@ -297,7 +297,7 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dvv.stride(0), dvv.stride(1), dvv.stride(2),
-            *sizes, *tables, **common,
+            *sizes, *tables, **common, num_warps=tile.dkdv_warps,
         )  # fmt: skip
         with cache.mode(interpret):
             module.attn_bwd_dq[(math.ceil(lq / bm), batch * group_heads.numel())](
@@ -309,6 +309,7 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             *sizes, *dq_tables, **common, TENSOR_GRADS=buffers is not None and bool(source.grads),
+            num_warps=tile.dq_warps,
         )  # fmt: skip
     dk = dk.view(batch, kv_heads, kv_group, lk, d).sum(2)
     dvv = dvv.view(batch, kv_heads, kv_group, lk, dv).sum(2)

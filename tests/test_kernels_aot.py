@@ -42,3 +42,10 @@ def test_library_kernels_compile_without_spills(name, dtype, head_dim, arch):
     assert resources
     for r in resources:
         assert r.spill_stores == 0, (name, r)
+
+
+def test_modifier_gradient_kernels_compile_for_sm90():
+    """Polyline and bias gradients use atomics into float32 buffers: typed as pointers ahead of time."""
+    program = maskc.compile("pattern p(a: tensor, b: tensor, t: tensor) on grid(h, w) = all with polyline(a, b), bias(t)")
+    resources = aot.check_program(program, 64, torch.float16, 64, 90, h=8, w=8)
+    assert all(r.spill_stores == 0 for r in resources), resources
