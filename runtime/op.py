@@ -174,14 +174,38 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, meta, *tensors):
         key, backend, scale, q_offset, tensor_names, size_names, sizes = meta
+        ctx.meta = meta
         bindings = _bindings(tensor_names, tensors, size_names, sizes)
+        wanted = [bool(n) and t.is_floating_point() for n, t in zip(ctx.needs_input_grad[4:], tensors, strict=True)]
+        if any(ctx.needs_input_grad) and needs_recompute(
+            backend, prepared_for(key, backend, q, k, v, q_offset, bindings), wanted
+        ):
+            # Differentiable forward now, its graph kept for the backward (no second forward).
+            from .dispatch import run_prepared
+
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                extra = [t.detach().requires_grad_() if w else t for t, w in zip(tensors, wanted, strict=True)]
+                graph_bindings = _bindings(tensor_names, extra, size_names, sizes)
+                prepared = prepare(_PROGRAMS[key], leaves[0], leaves[1], *_blocks(backend, q, v, key), q_offset,
+                                   graph_bindings)  # fmt: skip
+                out, lse = run_prepared(backend, *leaves, prepared, scale)
+            ctx.graph = (out, lse, leaves + [t for t, w in zip(extra, wanted, strict=True) if w], wanted)
+            return out.detach(), lse.detach()
         out, lse = forward_impl(q, k, v, key, backend, scale, q_offset, bindings)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
-        ctx.meta = meta
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if getattr(ctx, "graph", None) is not None:
+            out, lse, inputs, wanted = ctx.graph
+            ctx.graph = None
+            dout = torch.zeros_like(out) if dout is None else dout
+            dlse = torch.zeros_like(lse) if dlse is None else dlse
+            grads = torch.autograd.grad((out, lse), inputs, (dout, dlse), allow_unused=True)
+            rest = iter(grads[3:])
+            return grads[0], grads[1], grads[2], None, *(next(rest) if w else None for w in wanted)
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         key, backend, scale, q_offset, tensor_names, size_names, sizes = ctx.meta
         wanted = [
