@@ -5,7 +5,9 @@
 Every library pattern (at its documented example size) is lowered to Triton,
 compiled ahead of time for each GPU architecture with `triton.compile`, and
 `ptxas -v` on the PTX reports registers and spill bytes; shared memory comes
-from Triton's metadata.  No GPU is needed.
+from Triton's metadata.  The tile configuration is the first rung of the
+pattern's ladder (codegen/tiles.py) on which no kernel spills, the one the
+runtime picks on that GPU.  No GPU is needed.
 """
 
 from __future__ import annotations
@@ -43,14 +45,18 @@ def main() -> None:
             for head_dim in args.head_dim:
                 for arch in args.arch:
                     progress(f"{name} {dtype} d={head_dim} sm_{arch}")
-                    for r in aot.check_program(program, lq, DTYPES[dtype], head_dim, arch, **example):
+                    tile, resources = aot.check_program(program, lq, DTYPES[dtype], head_dim, arch, **example)
+                    for r in resources:
                         spilled += r.spill_stores > 0
-                        results.append({"pattern": name, "dtype": dtype, "head_dim": head_dim, **r.__dict__})
+                        tile_size = [tile.block_q, tile.block_k]
+                        results.append(
+                            {"pattern": name, "dtype": dtype, "head_dim": head_dim, "tile": tile_size, **r.__dict__}
+                        )
                         rows.append(
-                            [name, dtype, head_dim, f"sm_{arch}", r.kernel, r.num_warps, r.registers,
-                             r.shared_bytes, r.spill_stores, r.spill_loads]
+                            [name, dtype, head_dim, f"sm_{arch}", f"{tile.block_q}x{tile.block_k}", r.kernel,
+                             r.num_warps, r.registers, r.shared_bytes, r.spill_stores, r.spill_loads]
                         )  # fmt: skip
-    header = ["pattern", "dtype", "d", "arch", "kernel", "warps", "regs", "smem B", "spill st B", "spill ld B"]
+    header = ["pattern", "dtype", "d", "arch", "tile", "kernel", "warps", "regs", "smem B", "spill st B", "spill ld B"]
     print(table(rows, header))
     print(f"\n{len(rows)} kernels compiled; {spilled} spill.")
     write_json(args.json, results)

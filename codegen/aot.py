@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .emit import KernelSource
+from .tiles import KERNELS
 
-KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _TABLE_TYPES = {
     "random": "*i32",
@@ -124,41 +124,76 @@ def ptxas_resources(ptx: str, arch: int) -> tuple[int, int, int]:
     return max(regs, default=0), max((s for s, _ in spills), default=0), max((l for _, l in spills), default=0)
 
 
-def kernel_sources(program, lq: int, heads: int = 2, head_dim: int = 64, **sizes) -> list[KernelSource]:
-    """The distinct kernel files a program needs for these sizes."""
+def kernel_sources(program, lq: int, heads: int = 2, head_dim: int = 64, tile=None, **sizes) -> list[KernelSource]:
+    """The distinct kernel files a program needs for these sizes (and tiles)."""
+    from . import plan, tiles
+
+    forms = plan.normal_forms(program.instantiate(lq, heads=heads, **sizes))
+    tile = tile or tiles.config(head_dim, lq, tiles.heavy_forms(forms))
+    return sources_for(forms, program.source(), tile)
+
+
+def sources_for(forms, title: str, tile) -> list[KernelSource]:
     import maskc
 
-    from . import plan, tiles
     from .emit import emit
 
-    instance = program.instantiate(lq, heads=heads, **sizes)
-    forms = plan.normal_forms(instance)
-    tile = tiles.config(head_dim, lq, tiles.heavy_forms(forms))
     seen: dict[str, KernelSource] = {}
     for form in forms:
-        source = emit(form, program.source(), tile.block_q, tile.block_k, maskc.__version__)
+        source = emit(form, title, tile.block_q, tile.block_k, maskc.__version__)
         seen.setdefault(source.text, source)
     return list(seen.values())
 
 
-def check_program(program, lq: int, dtype: torch.dtype, head_dim: int, arch: int, **sizes) -> list[Resources]:
-    """Compile every kernel of a program ahead of time; report resources per kernel."""
-    from maskc.runtime import cache
-
+def resources_of(load, sources, dtype, head_dim: int, tile, kernel: str, warps: int, arch: int) -> list[Resources]:
+    """Compile one kernel of every source with these warps; its resources per source."""
     from . import tiles
+
+    out = []
+    for source in sources:
+        module = load(source)
+        compiled = compile_kernel(module, kernel, source, dtype, tiles.padded_dim(head_dim), tile.block_q,
+                                  tile.block_k, warps, arch)  # fmt: skip
+        regs, spill_st, spill_ld = ptxas_resources(compiled.asm["ptx"], arch)
+        out.append(Resources(kernel, arch, regs, spill_st, spill_ld, compiled.metadata.shared, warps))
+    return out
+
+
+def choose_config(load, forms, title: str, dtype, head_dim: int, lq: int, arch: int):
+    """The first rung of the tile ladder on which every kernel compiles without
+    spills for `arch` (trying each kernel's preferred warps, then the other count).
+
+    `load(source)` imports a kernel source as a module.  Returns (config,
+    resources); if no rung is spill-free, the last rung and its resources."""
+    from . import tiles
+
+    ladder = tiles.candidates(head_dim, lq, tiles.heavy_forms(forms))
+    resources: list[Resources] = []
+    for tile in ladder:
+        sources = sources_for(forms, title, tile)
+        chosen, resources = tile, []
+        for kernel in KERNELS:
+            preferred = tile.warps(kernel)
+            for warps in (preferred, 12 - preferred):  # 4 <-> 8
+                found = resources_of(load, sources, dtype, head_dim, tile, kernel, warps, arch)
+                if all(r.spill_stores == 0 for r in found):
+                    break
+            chosen = chosen.with_warps(kernel, warps)
+            resources += found
+        if all(r.spill_stores == 0 for r in resources):
+            return chosen, resources
+    return chosen, resources
+
+
+def check_program(program, lq: int, dtype: torch.dtype, head_dim: int, arch: int, **sizes):
+    """Choose a spill-free configuration for a program and report (config, resources)."""
+    from maskc.runtime import cache
 
     from . import plan
 
-    heavy = tiles.heavy_forms(plan.normal_forms(program.instantiate(lq, heads=2, **sizes)))
-    tile = tiles.config(head_dim, lq, heavy)
-    out = []
-    for source in kernel_sources(program, lq, head_dim=head_dim, **sizes):
-        key = cache.key_of(source.text, "aot", "0")
-        module = cache.load(key, source.text, interpret=False)
-        for name in KERNELS:
-            warps = {"attn_fwd": tile.fwd_warps, "attn_bwd_dkdv": tile.dkdv_warps}.get(name, tile.dq_warps)
-            compiled = compile_kernel(module, name, source, dtype, tiles.padded_dim(head_dim), tile.block_q,
-                                      tile.block_k, warps, arch)  # fmt: skip
-            regs, spill_st, spill_ld = ptxas_resources(compiled.asm["ptx"], arch)
-            out.append(Resources(name, arch, regs, spill_st, spill_ld, compiled.metadata.shared, warps))
-    return out
+    forms = plan.normal_forms(program.instantiate(lq, heads=2, **sizes))
+
+    def load(source):
+        return cache.load(cache.key_of(source.text, "aot", "0"), source.text, interpret=False)
+
+    return choose_config(load, forms, program.source(), dtype, head_dim, lq, arch)

@@ -1,17 +1,15 @@
 """Tile sizes and warps of the generated kernels.
 
-Chosen with `ptxas -v` on sm_90a (bench/kernels.py) so that no kernel spills.
-"Heavy" patterns read tables per pair in their modifiers (polyline prefix
-sums, bias tables) and need smaller tiles:
-
-| head dim | pattern | tiles (q x k) | warps fwd / dK,dV / dQ |
-|---|---|---|---|
-| <= 64 | light | 64 x 64 | 4 / 8 / 8 |
-| > 64 | light | 32 x 32 | 8 / 8 / 8 |
-| <= 64 | heavy | 32 x 32 | 4 / 4 / 8 |
-| > 64 | heavy | 16 x 32 | 8 / 8 / 8 |
-
-Short query sequences (decoding, lq <= 16) use a 16-row query tile.
+A kernel that spills registers is a bug (DESIGN §4), and what spills depends on
+the pattern (its predicate and modifiers), the head dim and the architecture
+(ptxas allocates differently on sm_80 and sm_90).  So each kind of pattern has
+a ladder of configurations, largest tiles first; `codegen.aot.choose_config`
+compiles a pattern's kernels for the target GPU and keeps the first rung on
+which every kernel (with one of two warp counts) compiles without spills.  The
+first rung is also the default when nothing is compiled (the interpreter).
+"Heavy" patterns read a table per pair in their modifiers (polyline prefix
+sums, bias tables); "wide" heads have more than 64 dims.  Decoding (lq <= 16)
+uses 16-row query tiles.
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ from dataclasses import dataclass
 from maskc.dsl.errors import MaskTypeError
 
 DECODE_ROWS = 16
-# Modifiers that read a table for every (query, key) pair.
 HEAVY_MODIFIERS = ("polyline", "bias")
+KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,13 @@ class Config:
     dkdv_warps: int
     dq_warps: int
 
+    def warps(self, kernel: str) -> int:
+        return {"attn_fwd": self.fwd_warps, "attn_bwd_dkdv": self.dkdv_warps}.get(kernel, self.dq_warps)
+
+    def with_warps(self, kernel: str, warps: int) -> Config:
+        field = {"attn_fwd": "fwd_warps", "attn_bwd_dkdv": "dkdv_warps"}.get(kernel, "dq_warps")
+        return Config(**{**self.__dict__, field: warps})
+
 
 def padded_dim(d: int) -> int:
     """Head dims are padded to a power of two of at least 16 inside the kernels."""
@@ -41,15 +46,32 @@ def padded_dim(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def config(head_dim: int, lq: int, heavy: bool = False) -> Config:
+# (wide, heavy) -> configurations, largest first; each ends on 16 x 16 tiles.
+_LADDERS = {
+    (False, False): [
+        Config(64, 64, 4, 8, 8),
+        Config(32, 32, 4, 4, 8),
+        Config(16, 32, 4, 4, 4),
+        Config(16, 16, 4, 4, 4),
+    ],
+    (True, False): [Config(32, 32, 8, 8, 8), Config(32, 32, 4, 4, 4), Config(16, 32, 8, 8, 8), Config(16, 16, 4, 4, 4)],
+    (False, True): [Config(32, 32, 4, 4, 8), Config(16, 32, 4, 4, 8), Config(16, 16, 4, 4, 4)],
+    (True, True): [Config(16, 32, 8, 8, 8), Config(16, 16, 4, 4, 4), Config(16, 16, 8, 8, 8)],
+}
+
+
+def candidates(head_dim: int, lq: int, heavy: bool = False) -> list[Config]:
     wide = padded_dim(head_dim) > 64
-    if lq <= DECODE_ROWS:
-        block_k = 32 if wide or heavy else 64
-        warps = 8 if wide else 4
-        return Config(DECODE_ROWS, block_k, warps, warps, 8 if heavy else warps)
-    if heavy:
-        return Config(16, 32, 8, 8, 8) if wide else Config(32, 32, 4, 4, 8)
-    return Config(32, 32, 8, 8, 8) if wide else Config(64, 64, 4, 8, 8)
+    ladder = _LADDERS[(wide, heavy)]
+    if lq <= DECODE_ROWS:  # decoding: short query tiles
+        ladder = [Config(DECODE_ROWS, c.block_k, c.fwd_warps, c.dkdv_warps, c.dq_warps) for c in ladder]
+        ladder = list(dict.fromkeys(ladder))
+    return ladder
+
+
+def config(head_dim: int, lq: int, heavy: bool = False) -> Config:
+    """The default (first) configuration, used where nothing is compiled ahead."""
+    return candidates(head_dim, lq, heavy)[0]
 
 
 def heavy_forms(forms) -> bool:

@@ -60,10 +60,24 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
         _PREPARED.move_to_end(cache_key)
         return _PREPARED[cache_key]
     prepared = prepare(_PROGRAMS[key], q, k, block_q, block_k, q_offset, bindings)
+    if backend == "triton" and q.is_cuda:
+        prepared = _with_spill_free_tiles(prepared, key, q, k, v, q_offset, bindings)
     if not has_tensors and not prepared.instance.dynamic:
         _PREPARED[cache_key] = prepared
         while len(_PREPARED) > PREPARED_CACHE_SIZE:
             _PREPARED.popitem(last=False)
+    return prepared
+
+
+def _with_spill_free_tiles(prepared: Prepared, key: str, q, k, v, q_offset, bindings) -> Prepared:
+    """On a GPU: the first tile configuration whose kernels do not spill there."""
+    from .tuning import architecture, spill_free_config
+
+    head_dim = max(q.shape[-1], v.shape[-1])
+    tile = spill_free_config(prepared.forms, prepared.title, q.dtype, head_dim, q.shape[2], architecture(q.device))
+    if (tile.block_q, tile.block_k) != (prepared.block_q, prepared.block_k):
+        prepared = prepare(_PROGRAMS[key], q, k, tile.block_q, tile.block_k, q_offset, bindings)
+    prepared.tile = tile
     return prepared
 
 

@@ -26,6 +26,7 @@ class Prepared:
     schedule: BlockSchedule
     tensors: evaluate.Tensors
     title: str = "pattern"  # the program's source, for generated files' headers
+    tile: object = None  # the Triton tile configuration (codegen.tiles.Config) when chosen
     _block_masks: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------ shapes

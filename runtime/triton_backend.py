@@ -213,6 +213,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _tile(prepared: Prepared, head_dim: int, lq: int):
+    """The configuration chosen for this GPU, else the ladder's first rung."""
+    if prepared.tile is not None:
+        return prepared.tile
+    return config(head_dim, lq, heavy_forms(prepared.forms))
+
+
 def _or(tensor, fallback):
     return tensor if tensor is not None else fallback
 
@@ -249,7 +256,7 @@ def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, to
             HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
             INPUT_PRECISION=_precision(q.dtype),
             UPCAST=interpret and q.dtype == torch.bfloat16,
-            num_warps=config(max(d, dv), lq, heavy_forms(prepared.forms)).fwd_warps,
+            num_warps=_tile(prepared, max(d, dv), lq).fwd_warps,
         )  # fmt: skip
     return out, lse
 
@@ -284,7 +291,7 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
             INPUT_PRECISION=_precision(q.dtype), SOFTCAP=source.softcap,
             UPCAST=interpret and q.dtype == torch.bfloat16,
         )  # fmt: skip
-        tile = config(max(d, dv), lq, heavy_forms(prepared.forms))
+        tile = _tile(prepared, max(d, dv), lq)
         perms = (_or(perm_q, group_heads), _or(perm_k, group_heads))
         sizes = (heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group)
         with cache.mode(interpret):

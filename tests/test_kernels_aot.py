@@ -1,5 +1,8 @@
 """Generated kernels compile ahead of time for sm_80 and sm_90 without spilling.
 
+`aot.check_program` walks the pattern's tile ladder (codegen/tiles.py) and
+keeps the first configuration whose kernels compile without spill stores.
+
 The whole library matrix (every pattern, forward and backward, fp16 and bf16,
 head dims 64 and 128, sm_80 and sm_90) takes tens of minutes on two cores, so
 it carries the `slow` mark: run it with `pytest -m slow tests/test_kernels_aot.py`.
@@ -24,7 +27,8 @@ def _example(name: str) -> tuple[int, dict[str, int]]:
 
 def test_representative_pattern_compiles_for_sm90_without_spills():
     program = maskc.compile("causal & window(256) | sink(4) with softcap(30.0)")
-    resources = aot.check_program(program, 1024, torch.float16, 64, 90)
+    tile, resources = aot.check_program(program, 1024, torch.float16, 64, 90)
+    assert tile.block_q >= 16 and tile.block_k >= 16
     assert {r.kernel for r in resources} == set(aot.KERNELS)
     for r in resources:
         assert r.spill_stores == 0, r
@@ -38,7 +42,7 @@ def test_representative_pattern_compiles_for_sm90_without_spills():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_library_kernels_compile_without_spills(name, dtype, head_dim, arch):
     lq, sizes = _example(name)
-    resources = aot.check_program(maskc.compile(name), lq, dtype, head_dim, arch, **sizes)
+    _, resources = aot.check_program(maskc.compile(name), lq, dtype, head_dim, arch, **sizes)
     assert resources
     for r in resources:
         assert r.spill_stores == 0, (name, r)
@@ -46,6 +50,28 @@ def test_library_kernels_compile_without_spills(name, dtype, head_dim, arch):
 
 def test_modifier_gradient_kernels_compile_for_sm90():
     """Polyline and bias gradients use atomics into float32 buffers: typed as pointers ahead of time."""
-    program = maskc.compile("pattern p(a: tensor, b: tensor, t: tensor) on grid(h, w) = all with polyline(a, b), bias(t)")
-    resources = aot.check_program(program, 64, torch.float16, 64, 90, h=8, w=8)
+    program = maskc.compile(
+        "pattern p(a: tensor, b: tensor, t: tensor) on grid(h, w) = all with polyline(a, b), bias(t)"
+    )
+    _, resources = aot.check_program(program, 64, torch.float16, 64, 90, h=8, w=8)
     assert all(r.spill_stores == 0 for r in resources), resources
+
+
+def test_tile_choice_is_remembered(tmp_path, monkeypatch):
+    """The runtime's choice per pattern structure and GPU is compiled once, then read back."""
+    from maskc.codegen import plan
+    from maskc.runtime import tuning
+
+    monkeypatch.setenv("MASKC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_CHOICES", {})
+    program = maskc.compile("causal & window(64)")
+    forms = plan.normal_forms(program.instantiate(512))
+    chosen = tuning.spill_free_config(forms, program.source(), torch.float16, 64, 512, 90)
+    assert (tmp_path / "tiles.json").exists()
+    monkeypatch.setattr(tuning, "_CHOICES", {})  # a new process: only the file remains
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(aot, "choose_config", no_compiling)
+    assert tuning.spill_free_config(forms, program.source(), torch.float16, 64, 512, 90) == chosen
