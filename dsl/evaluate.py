@@ -288,39 +288,34 @@ def _polyline(m: ir.Polyline, qp, kp, t: Tensors) -> torch.Tensor:
             )
         decays.append(x[:, m.head if x.shape[1] > 1 else 0])
     alpha, beta = decays
-    row_sums = torch.cumsum(alpha, dim=-1)  # along x within each row
-    col_sums = torch.cumsum(beta, dim=-2)  # along y within each column
+    # Every path is one row segment plus one column segment.  All segments of a
+    # grid form two small tables, rows [B, h, w, w] and columns [B, w, h, h]
+    # (O(N^1.5) for an N-token grid), so each pair costs two lookups, and the
+    # backward scatters into the tables rather than into alpha and beta per pair.
+    rows = _segment_table(torch.cumsum(alpha, dim=-1))  # [B, y, x1, x2]: alpha summed over (x1, x2]
+    columns = _segment_table(torch.cumsum(beta, dim=-2).transpose(-1, -2))  # [B, x, y1, y2]
     y1, y2 = _pair(qp, kp, ycoord)
     x1, x2 = _pair(qp, kp, xcoord)
-    # M(q, k) splits into a part that depends on the query and one coordinate of
-    # the key, and a part that depends on the key and one coordinate of the query.
-    # Each is computed as a small table first and then looked up per pair, which
-    # is the same sum as indexing the prefix sums per pair but far cheaper to
-    # differentiate (the backward scatters into the tables, not into alpha per pair).
-    lead = torch.broadcast_shapes(y1.shape[:-2], y2.shape[:-2])
-    full = (alpha.shape[0], *lead, y1.shape[-2], y2.shape[-1])  # [batch, ..., nq, nk]
-    xs, ys = torch.arange(w)[None, :], torch.arange(h)[:, None]
+    if m.path == "hv":  # along the query's row to the key's column, then along that column
+        row_at, column_at = (y1 * w + x1) * w + x2, (x2 * h + y1) * h + y2
+    else:  # along the query's column to the key's row, then along that row
+        column_at, row_at = (x1 * h + y1) * h + y2, (y2 * w + x1) * w + x2
+    return _lookup(rows, row_at) + _lookup(columns, column_at)
 
-    def segment(sums, line, a, b, along_x: bool):
-        """Sum of a row (along_x) or column between positions a and b, excluded-included."""
-        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-        if along_x:
-            return sums[:, line, hi] - sums[:, line, lo]
-        return sums[:, hi, line] - sums[:, lo, line]
 
-    def by_key(table, key_coord):  # table [.., nq, n] -> [.., nq, nk] at each key's coordinate
-        return torch.gather(table.expand(*full[:-1], table.shape[-1]), -1, key_coord.expand(full))
+def _segment_table(sums: torch.Tensor) -> torch.Tensor:
+    """[B, lines, n] inclusive prefix sums -> [B, lines, n, n]: the sum over the
+    positions after min(a, b) up to max(a, b) of each line."""
+    a, b = sums[..., :, None], sums[..., None, :]
+    n = sums.shape[-1]
+    later = torch.arange(n)[:, None] >= torch.arange(n)[None, :]
+    return torch.where(later.to(sums.device), a - b, b - a)
 
-    def by_query(table, query_coord):  # table [.., n, nk] -> [.., nq, nk] at each query's coordinate
-        return torch.gather(table.expand(*full[:-2], table.shape[-2], full[-1]), -2, query_coord.expand(full))
 
-    if m.path == "hv":  # along the query's row to the key's column, then down that column
-        horizontal = by_key(segment(row_sums, y1, x1, xs, True), x2)  # table [.., nq, w]
-        vertical = by_query(segment(col_sums, x2, ys, y2, False), y1)  # table [.., h, nk]
-    else:  # along the query's column to the key's row, then across that row
-        vertical = by_key(segment(col_sums, x1, y1, ys.T, False), y2)  # table [.., nq, h]
-        horizontal = by_query(segment(row_sums, y2, xs.T, x2, True), x1)  # table [.., w, nk]
-    return horizontal + vertical
+def _lookup(table: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """table [B, ...] read at flat indices `at` [...]: [B, *at.shape]."""
+    flat = table.reshape(table.shape[0], -1)
+    return flat.index_select(1, at.reshape(-1)).view(table.shape[0], *at.shape)
 
 
 def apply_terms(scores: torch.Tensor, terms: list[tuple[str, object]]) -> torch.Tensor:
