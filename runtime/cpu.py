@@ -51,6 +51,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -131,11 +132,6 @@ class Segment:
             self.col_step,
             self.fresh,
         )
-
-    def tokens(self) -> torch.Tensor:
-        """Key token indices [m, nk] (execution order, padded)."""
-        bk = self.block_k
-        return (self.cols[:, :, None] * bk + torch.arange(bk)).reshape(self.m, -1)
 
 
 def _affine(x: torch.Tensor) -> int | None:
@@ -451,7 +447,7 @@ def _rows_view(x: torch.Tensor, seg: Segment, block: int) -> torch.Tensor:
     return blocks.index_select(1, seg.rows)
 
 
-def _keys_view(x: torch.Tensor, seg: Segment) -> torch.Tensor:
+def _keys_view(x: torch.Tensor, seg: Segment, slot: int | None = None) -> torch.Tensor:
     """x [N, lk_padded, D] -> the segment's keys [N, m, nk, D] (a view when strided)."""
     n, _, d = x.shape
     bk = seg.block_k
@@ -460,7 +456,28 @@ def _keys_view(x: torch.Tensor, seg: Segment) -> torch.Tensor:
         s = x.stride()
         strides = (s[0], seg.col_step * bk * s[1], s[1], s[2])
         return x.as_strided((n, seg.m, seg.nk, d), strides, x.storage_offset() + start * s[1])
-    return x.index_select(1, seg.tokens().reshape(-1)).view(n, seg.m, seg.nk, d)
+    # whole blocks at a time: a few long copies instead of one short copy per token
+    index = seg.cols.reshape(-1).long()
+    if slot is None:
+        blocks = x.view(n, -1, bk * d).index_select(1, index)
+    else:
+        scratch = _buffer(slot, (n, index.numel(), bk * d), x.dtype)
+        blocks = torch.index_select(x.view(n, -1, bk * d), 1, index, out=scratch)
+    return blocks.view(n, seg.m, seg.nk, d)
+
+
+_BUFFERS = threading.local()
+
+
+def _buffer(slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch tensor reused across calls: fresh gathers of tens of
+    megabytes cost more in page faults than in copying."""
+    pool = _BUFFERS.__dict__.setdefault("pool", {})
+    size = math.prod(shape)
+    held = pool.get((slot, dtype))
+    if held is None or held.numel() < size:
+        held = pool[(slot, dtype)] = torch.empty(size, dtype=dtype)
+    return held[:size].view(shape)
 
 
 def _chunks(seg: Segment, width: int, threads: int = 1):
@@ -523,13 +540,14 @@ def _add_rows(acc: torch.Tensor, seg: Segment, value: torch.Tensor) -> None:
 
 def _add_keys(acc: torch.Tensor, seg: Segment, value: torch.Tensor) -> None:
     """acc [N, lk_padded, D] += value [N, m, nk, D] at the segment's key tokens."""
-    n, m, nk, d = value.shape
+    n, m, _, d = value.shape
     if seg.col_step is not None and seg.col_step >= seg.cols.shape[1] and m > 1:
         # non-overlapping strided windows: a strided view receives the sum directly
         view = _keys_view(acc, seg)
         view += value
         return
-    acc.index_add_(1, seg.tokens().reshape(-1), value.reshape(n, m * nk, d))
+    bk = seg.block_k
+    acc.view(n, -1, bk * d).index_add_(1, seg.cols.reshape(-1).long(), value.reshape(n, -1, bk * d))
 
 
 # ---------------------------------------------------------------- per group
@@ -606,7 +624,7 @@ def _fused_group_forward(prepared, group: _Group, qg, kg, vg, scale: float, batc
 
     def call(task):
         seg, mask = task[0], _mask_of(task)
-        qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
+        qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg, 0), _keys_view(vg, seg, 1)
         out, lse = _FLASH(qs, ks, vs, 0.0, False, attn_mask=mask, scale=scale)
         if seg.any_key is not None:  # the kernel leaves lse = 0 on rows without keys
             lse = lse.masked_fill(~_expand_rows(seg.any_key, heads, n), -math.inf)
@@ -727,7 +745,7 @@ def _fused_group_backward(prepared, group: _Group, qg, kg, vg, out, lse, gout, g
 
     def call(task):
         seg, mask = task[0], _mask_of(task)
-        qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
+        qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg, 0), _keys_view(vg, seg, 1)
         ls = _rows_view(lse_rows, seg, bq)
         gos, outs = _rows_view(gout_rows, seg, bq), _rows_view(out_rows, seg, bq)
         dqs, dks, dvs = _FLASH_BWD(gos, qs, ks, vs, outs, ls, 0.0, False, attn_mask=mask, scale=scale)
