@@ -1,4 +1,5 @@
-"""PPMA's polyline path mask and BiFormer-style routing: maskc vs dense attention, on CPU.
+"""PPMA's polyline path mask, BiFormer-style routing and Routing Transformer
+clusters: maskc vs dense attention, on CPU.
 
     .venv/bin/python bench/polyline.py [--json PATH] [--repeat N]
 
@@ -10,6 +11,9 @@
 - route: `route(topk = 12, block = (8, 8))` on the grid (49 regions of 8 x 8,
   about 25% of region pairs kept) vs dense SDPA with the same mask materialised,
   and vs full attention without a mask.
+- cluster: `cluster(16, size = 196)` (Routing Transformer: 16 clusters of 196
+  queries and keys each, about 6% of pairs) vs dense SDPA with the same mask
+  materialised, and vs full attention.
 Forward and forward + backward, best time of `--repeat` runs, and peak memory
 (RSS above the process's baseline) from a fresh process per measurement.
 """
@@ -29,6 +33,7 @@ H, W, HEADS, DIM = 56, 56, 4, 32
 N = H * W
 POLY = "pattern ppma_core(alpha: tensor, beta: tensor) on grid(h, w) = all with polyline(alpha, beta)"
 ROUTE = "route(topk = 12, block = (8, 8)) on grid(h, w)"
+CLUSTER = "cluster(16, size = 196)"
 
 
 def _inputs(grad: bool):
@@ -43,6 +48,12 @@ def _inputs(grad: bool):
         for t in tensors:
             t.requires_grad_()
     return tensors
+
+
+def _centroids():
+    import torch
+
+    return torch.randn(HEADS, 16, DIM, generator=torch.Generator().manual_seed(1))
 
 
 def dense_polyline_mask(alpha, beta):
@@ -86,6 +97,19 @@ def run_case(case: str, mode: str, repeat: int) -> dict:
         def fn():
             mask = program.mask(N, heads=HEADS, h=H, w=W, q=q.detach(), k=k.detach())[0]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    elif case == "maskc-cluster":
+        program = maskc.compile(CLUSTER)
+        centroids = _centroids()
+
+        def fn():
+            return program(q, k, v, centroids=centroids)
+    elif case == "dense-cluster":
+        program = maskc.compile(CLUSTER)
+        centroids = _centroids()
+
+        def fn():
+            mask = program.mask(N, heads=HEADS, q=q.detach(), k=k.detach(), centroids=centroids)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:  # full attention, no mask
 
         def fn():
@@ -119,6 +143,7 @@ def main() -> None:
     groups = [
         ("polyline", "maskc-polyline", ["dense-polyline"]),
         ("route 25%", "maskc-route", ["dense-route", "full-attention"]),
+        ("cluster 16x196", "maskc-cluster", ["dense-cluster", "full-attention"]),
     ]
     rows = []
     for title, ours, others in groups:

@@ -76,8 +76,9 @@ def _region_means(x: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
     return sums / counts[None, None, :, None]
 
 
-def cluster_members(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
-    """Each cluster's `size` nearest tokens by cosine similarity: bool [B, n, L].
+def cluster_indices(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
+    """Each cluster's `size` nearest tokens by cosine similarity, as positions in
+    ascending order: long [B, n, min(size, L)].
 
     x [B, L, D] for one head, centroids [n, D].  Ties go to the lower position.
     """
@@ -87,9 +88,13 @@ def cluster_members(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torc
     sims = torch.einsum("bld,nd->bnl", x, mu)
     take = min(size, x.shape[1])
     order = torch.sort(sims, dim=-1, descending=True, stable=True).indices[..., :take]
-    members = torch.zeros(sims.shape, dtype=torch.bool, device=x.device)
-    members.scatter_(-1, order, True)
-    return members
+    return torch.sort(order, dim=-1).values
+
+
+def cluster_members(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Clusters from `cluster_indices` as a table: bool [B, n, length]."""
+    members = torch.zeros(*index.shape[:2], length, dtype=torch.bool, device=index.device)
+    return members.scatter_(-1, index, True)
 
 
 def membership_bits(members: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ir
-from .dynamic import cluster_members, expand_kv_heads, membership_bits, region_ids, route_selection
+from .dynamic import (
+    cluster_indices,
+    cluster_members,
+    expand_kv_heads,
+    membership_bits,
+    region_ids,
+    route_selection,
+)
 from .errors import MaskTypeError
 from .random_blocks import draw
 from .spec import Instance
@@ -177,10 +184,10 @@ def route_table(t: Tensors, node: ir.Route) -> torch.Tensor:
     return t.cache[key]
 
 
-def cluster_table(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster membership bits of queries [B, words, lq] and keys [B, words, lk]
-    (int64, on the CPU), computed once per call on the tensors' device."""
-    key = ("cluster", node)
+def cluster_selection(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of each cluster's queries and keys, long [B, n, w] ascending, on the
+    tensors' device; computed once per call."""
+    key = ("cluster-index", node)
     if key not in t.cache:
         q, k = _qk(t, "cluster")
         centroids = t.get("centroids").detach()
@@ -194,9 +201,23 @@ def cluster_table(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Ten
         k = expand_kv_heads(k, q.shape[1])
         h = node.head
         centroids = centroids.to(q.device)
-        mq = cluster_members(q[:, h], centroids[h], node.size)
-        mk = cluster_members(k[:, h], centroids[h], node.size)
-        t.cache[key] = (membership_bits(mq).cpu(), membership_bits(mk).cpu())
+        t.cache[key] = (
+            cluster_indices(q[:, h], centroids[h], node.size),
+            cluster_indices(k[:, h], centroids[h], node.size),
+        )
+    return t.cache[key]
+
+
+def cluster_table(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster membership bits of queries [B, words, lq] and keys [B, words, lk]
+    (int64, on the CPU)."""
+    key = ("cluster", node)
+    if key not in t.cache:
+        s = t.instance.sizes
+        index_q, index_k = cluster_selection(t, node)
+        bits_q = membership_bits(cluster_members(index_q, s.lq))
+        bits_k = membership_bits(cluster_members(index_k, s.lk))
+        t.cache[key] = (bits_q.cpu(), bits_k.cpu())
     return t.cache[key]
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from maskc.dsl.errors import MaskTypeError
 
+from . import clustered
 from . import op as _op
 from .prepare import Prepared
 
@@ -99,6 +100,11 @@ def run(
     return (out, lse) if return_lse else out
 
 
+def clustered_heads(name: str, prepared: Prepared) -> list[clustered.ClusterHead] | None:
+    """Clustered execution plan for maskc's own backends (FlexAttention keeps the block schedule)."""
+    return clustered.plan(prepared) if name in ("cpu", "triton") else None
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -106,7 +112,11 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 
 def run_prepared(name: str, q, k, v, prepared: Prepared, scale: float):
-    """Permute into the schedule's token order, run the backend, permute back."""
+    """Permute into the schedule's token order, run the backend, permute back
+    (clustered patterns: gather into cluster order instead, see runtime/clustered.py)."""
+    heads = clustered_heads(name, prepared)
+    if heads is not None:
+        return clustered.clustered_attention(q, k, v, prepared, scale, heads)
     perm_q, perm_k = prepared.perm_q, prepared.perm_k
     if perm_q is not None:
         q = q[:, :, perm_q.to(q.device)]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import cluster_members, expand_kv_heads, region_ids, route_selection
+from maskc.dsl.dynamic import cluster_indices, cluster_members, expand_kv_heads, region_ids, route_selection
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
 from torch.nn.attention import flex_attention as _flex
@@ -444,8 +444,8 @@ class _Lowering:
 
         q_tables, k_tables = {}, {}
         for g, n in nodes.items():
-            q_tables[g] = bits(cluster_members(q[:, n.head], centroids[n.head], n.size))
-            k_tables[g] = bits(cluster_members(k[:, n.head], centroids[n.head], n.size))
+            q_tables[g] = bits(cluster_members(cluster_indices(q[:, n.head], centroids[n.head], n.size), q.shape[2]))
+            k_tables[g] = bits(cluster_members(cluster_indices(k[:, n.head], centroids[n.head], n.size), k.shape[2]))
         q_lookup = self.stacked(q_tables, 0)
         k_lookup = self.stacked(k_tables, 0)
         batched = next(iter(q_tables.values())).shape[0] > 1

@@ -50,7 +50,7 @@ def _bindings(tensor_names: str, tensors, size_names: str, sizes) -> dict:
 
 def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> Prepared:
     """Prepare (instantiate + schedule), reusing the result for static patterns."""
-    from .dispatch import blocks_for
+    from .dispatch import blocks_for, clustered_heads
 
     block_q, block_k = blocks_for(backend, q, v, _PROGRAMS[key])
     sizes = tuple(sorted((n, x) for n, x in bindings.items() if not isinstance(x, torch.Tensor)))
@@ -60,7 +60,7 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
         _PREPARED.move_to_end(cache_key)
         return _PREPARED[cache_key]
     prepared = prepare(_PROGRAMS[key], q, k, block_q, block_k, q_offset, bindings)
-    if backend == "triton" and q.is_cuda:
+    if backend == "triton" and q.is_cuda and clustered_heads(backend, prepared) is None:
         prepared = _with_spill_free_tiles(prepared, key, q, k, v, q_offset, bindings)
     if not has_tensors and not prepared.instance.dynamic:
         _PREPARED[cache_key] = prepared
@@ -94,7 +94,12 @@ def forward_impl(q, k, v, key, backend, scale, q_offset, bindings) -> tuple[torc
 
 
 def needs_recompute(backend: str, prepared: Prepared, wanted: list[bool]) -> bool:
-    """Whether gradients need the forward again under autograd (CPU softcap / modifier tensors)."""
+    """Whether gradients need the forward again under autograd (CPU softcap / modifier
+    tensors; clustered attention, which is differentiable torch)."""
+    from .dispatch import clustered_heads
+
+    if clustered_heads(backend, prepared) is not None:
+        return True
     if backend != "cpu":
         return False
     from . import cpu

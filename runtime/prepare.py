@@ -10,6 +10,7 @@ never needs to know about layouts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,11 +24,19 @@ from maskc.dsl.spec import Instance
 class Prepared:
     instance: Instance
     forms: list[ir.HeadPattern]  # normal form per head group (index = schedule group)
-    schedule: BlockSchedule
+    build_schedule: Callable[[], BlockSchedule] = field(repr=False)
     tensors: evaluate.Tensors
     title: str = "pattern"  # the program's source, for generated files' headers
     tile: object = None  # the Triton tile configuration (codegen.tiles.Config) when chosen
     _block_masks: dict = field(default_factory=dict, repr=False)
+    _schedule: BlockSchedule | None = field(default=None, repr=False)
+
+    @property
+    def schedule(self) -> BlockSchedule:
+        """Built on first use: clustered attention (runtime.clustered) never needs it."""
+        if self._schedule is None:
+            self._schedule = self.build_schedule()
+        return self._schedule
 
     # ------------------------------------------------------------ shapes
 
@@ -45,7 +54,7 @@ class Prepared:
 
     @property
     def head_group(self) -> list[int]:
-        return self.schedule.head_group
+        return self.instance.head_group
 
     def group_heads(self, group: int) -> list[int]:
         return [h for h, g in enumerate(self.head_group) if g == group]
@@ -131,5 +140,8 @@ def prepare(
     bindings = {"q": q, "k": k, **bindings}
     instance, tensors = program._prepare(q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
     forms = plan.normal_forms(instance)
-    schedule = plan.plan_schedule(instance, block_q, block_k, layout, tensors)
-    return Prepared(instance, forms, schedule, tensors, program.source().strip())
+
+    def build() -> BlockSchedule:
+        return plan.plan_schedule(instance, block_q, block_k, layout, tensors)
+
+    return Prepared(instance, forms, build, tensors, program.source().strip())

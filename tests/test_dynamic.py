@@ -156,6 +156,64 @@ def test_cluster_forward_and_gradients(backend):
     _assert_grads(out, ref, (q, k, v))
 
 
+CLUSTER_CASES = [
+    # spec, lq, lk, kv_heads: overlapping clusters (90 slots over 80 tokens), causal on true
+    # positions, a static window, more than 63 clusters (two words of membership bits),
+    # cross attention with lq != lk, grouped kv heads; most queries of the sparse ones
+    # belong to no cluster (rows without keys)
+    ("cluster(3, size = 30)", 80, 80, None),
+    ("causal & cluster(4, size = 16)", 64, 64, None),
+    ("cluster(5, size = 12) & window(20)", 70, 70, None),
+    ("cluster(70, size = 3)", 90, 90, 1),
+    ("causal & cluster(3, size = 10)", 24, 56, None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec,lq,lk,kv_heads", CLUSTER_CASES)
+def test_clustered_execution_matches_reference(backend, spec, lq, lk, kv_heads):
+    from maskc.runtime import dispatch
+    from maskc.runtime.op import prepared_for
+
+    program = maskc.compile(spec)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, lq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, kv_heads or 2, lk, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, kv_heads or 2, lk, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    clusters = int(spec.split("cluster(")[1].split(",")[0])
+    centroids = torch.randn(2, clusters, 8, generator=g, dtype=torch.float64)
+    bindings = {"q": q, "k": k, "centroids": centroids}
+    prepared = prepared_for(program.key, backend, q, k, v, None, bindings)
+    assert dispatch.clustered_heads(backend, prepared) is not None  # gathered, not the block schedule
+    out, lse = program(q, k, v, backend=backend, centroids=centroids, return_lse=True)
+    ref, ref_lse = program.reference(q, k, v, centroids=centroids, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)  # lse is float32
+    assert torch.isinf(ref_lse).any() or "size = 30" in spec or "size = 16" in spec
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cluster_in_a_union_runs_on_the_block_schedule(backend):
+    from maskc.runtime import dispatch
+    from maskc.runtime.op import prepared_for
+
+    program = maskc.compile("cluster(3, size = 20) | window(2)")
+    q, k, v = _qkv(1, 2, 48, 16)
+    centroids = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))
+    prepared = prepared_for(program.key, backend, q, k, v, None, {"q": q, "k": k, "centroids": centroids})
+    assert dispatch.clustered_heads(backend, prepared) is None
+    out = program(q, k, v, backend=backend, centroids=centroids)
+    ref = program.reference(q, k, v, centroids=centroids)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    _assert_grads(out, ref, (q, k, v))
+
+
 def test_sparse_attention_keeps_centroids_and_updates_them_in_training():
     attn = maskc.SparseAttention("causal & cluster(4, size = 16)", backend="cpu")
     q, k, v = _qkv(1, 2, 64, 8)

@@ -1,0 +1,156 @@
+"""Clustered attention (Routing Transformer) as a gather plus a block-diagonal schedule.
+
+In the given token order, the members of a cluster are scattered over the
+whole sequence, so an exact block schedule of `cluster(n, size = w)` visits
+nearly every block.  In *cluster order* the same pattern is block diagonal:
+per batch element and head, cluster c's w queries attend to cluster c's w keys,
+n blocks of w x w instead of L x L.  This module runs that:
+
+1. select each cluster's queries and keys (`dsl.evaluate.cluster_selection`,
+   the same selection the reference uses) and gather q, k, v into cluster order;
+2. attend within each cluster block, with the pattern's static conjuncts
+   (`causal & cluster(...)`: causal on the true positions) as a mask;
+3. merge each query's partial softmaxes over the clusters it belongs to through
+   their log-sum-exps.
+
+A token may sit in several clusters, and the mask is their union: a key that
+shares two clusters with a query must count once, so in cluster c a pair is
+kept only when c is the first cluster the two share (from the membership bits).
+Queries in no cluster output 0 with log-sum-exp -inf.
+
+Everything is differentiable torch (batched matmuls, gathers and scatters on the
+tensors' own device), so gradients come from autograd; the selection itself is
+not differentiated, as in the Routing Transformer.  Memory per head grows with
+n * w * w, not with L * L.  It applies when every head's pattern is one
+`cluster` atom, possibly intersected with static atoms, without modifiers;
+other patterns (`cluster(...) | window(...)`, heads mixing clusters and windows)
+run on the exact block schedule instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from maskc.dsl import evaluate, ir
+from maskc.dsl.dynamic import expand_kv_heads, membership_bits
+
+from .prepare import Prepared
+
+
+@dataclass(frozen=True)
+class ClusterHead:
+    """Head `head` attends within the clusters of `node`, where `rest` also allows."""
+
+    head: int
+    node: ir.Cluster
+    rest: ir.Mask | None
+
+
+def plan(prepared: Prepared) -> list[ClusterHead] | None:
+    """One entry per head when every head fits clustered execution, else None."""
+    heads = []
+    for head, group in enumerate(prepared.head_group):
+        form = prepared.forms[group]
+        split = None if form.modifiers else _split(form.mask)
+        if split is None:
+            return None
+        heads.append(ClusterHead(head, *split))
+    return heads
+
+
+def _split(mask: ir.Mask) -> tuple[ir.Cluster, ir.Mask | None] | None:
+    if isinstance(mask, ir.Cluster):
+        return mask, None
+    if not isinstance(mask, ir.And):
+        return None
+    clusters = [p for p in mask.parts if isinstance(p, ir.Cluster)]
+    rest = [p for p in mask.parts if not isinstance(p, ir.Cluster)]
+    if len(clusters) != 1 or any(ir.is_dynamic(p) for p in rest):
+        return None
+    return clusters[0], rest[0] if len(rest) == 1 else ir.And(tuple(rest))
+
+
+def clustered_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Prepared, scale: float, heads: list[ClusterHead]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out like q with v's head dim, lse float32 [batch, heads, lq])."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+    outs, lses = [], []
+    for plan_h in heads:
+        h = plan_h.head
+        out, lse = _head(q[:, h].to(compute), k[:, h].to(compute), v[:, h].to(compute), prepared, scale, plan_h)
+        outs.append(out)
+        lses.append(lse)
+    return torch.stack(outs, 1).to(q.dtype), torch.stack(lses, 1).to(torch.float32)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D] at index [B, n, w] -> [B, n, w, D]."""
+    b, n, w = index.shape
+    flat = index.reshape(b, n * w, 1).expand(b, n * w, x.shape[-1])
+    return torch.gather(x, 1, flat).view(b, n, w, x.shape[-1])
+
+
+def _allowed(prepared: Prepared, plan_h: ClusterHead, index_q: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
+    """Pairs kept in each cluster block: bool [B, n, w, w]."""
+    s = prepared.instance.sizes
+    bits_q = membership_bits(_members(index_q, s.lq)).transpose(1, 2)  # [B, lq, words]
+    bits_k = membership_bits(_members(index_k, s.lk)).transpose(1, 2)
+    words = bits_q.shape[-1]
+    gq = torch.gather(bits_q, 1, index_q.flatten(1)[..., None].expand(-1, -1, words)).view(*index_q.shape, words)
+    gk = torch.gather(bits_k, 1, index_k.flatten(1)[..., None].expand(-1, -1, words)).view(*index_k.shape, words)
+    earlier = _earlier_clusters(plan_h.node.clusters, words, index_q.device)  # [n, words]
+    shared_before = gq[:, :, :, None, :] & gk[:, :, None, :, :] & earlier[None, :, None, None, :]
+    allowed = (shared_before == 0).all(-1)
+    if plan_h.rest is not None:
+        qp = (index_q + s.q_offset)[..., :, None]
+        kp = index_k[..., None, :]
+        allowed = allowed & evaluate.mask(plan_h.rest, qp.cpu(), kp.cpu(), prepared.tensors).to(allowed.device)
+    return allowed
+
+
+def _members(index: torch.Tensor, length: int) -> torch.Tensor:
+    members = torch.zeros(*index.shape[:2], length, dtype=torch.bool, device=index.device)
+    return members.scatter_(-1, index, True)
+
+
+def _earlier_clusters(n: int, words: int, device) -> torch.Tensor:
+    """Bit masks of the clusters before each cluster, in `membership_bits` layout: [n, words]."""
+    ids = torch.arange(n)
+    before = (ids[None, :] < ids[:, None]).long() << (ids % 63)[None, :]
+    return torch.zeros(n, words, dtype=torch.int64).index_add_(1, ids // 63, before).to(device)
+
+
+def _head(q, k, v, prepared: Prepared, scale: float, plan_h: ClusterHead):
+    """One head: q [B, lq, D], k [B, lk, D], v [B, lk, Dv] -> out [B, lq, Dv], lse [B, lq]."""
+    index_q, index_k = evaluate.cluster_selection(prepared.tensors, plan_h.node)  # [B', n, w]
+    batch = q.shape[0]
+    index_q, index_k = index_q.expand(batch, -1, -1), index_k.expand(batch, -1, -1)
+    allowed = _allowed(prepared, plan_h, index_q, index_k)
+    qc, kc, vc = _gather(q, index_q), _gather(k, index_k), _gather(v, index_k)
+    logits = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, n, w, w]
+    has_key = allowed.any(-1)
+    logits = logits.masked_fill(~allowed, -math.inf).masked_fill(~has_key[..., None], 0.0)
+    lse = torch.logsumexp(logits, -1)
+    out = torch.matmul(torch.exp(logits - lse[..., None]), vc) * has_key[..., None]
+    lse = lse.masked_fill(~has_key, -math.inf)
+    return _merge(out.flatten(1, 2), lse.flatten(1), index_q.flatten(1), q.shape[1])
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, length: int):
+    """Exact softmax of each row over its partials: out [B, P, Dv], lse [B, P] at rows [B, P]."""
+    b, _, dv = out.shape
+    top = torch.full((b, length), -math.inf, dtype=lse.dtype, device=lse.device)
+    top = top.scatter_reduce(1, rows, lse.detach(), "amax", include_self=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weight = torch.exp(lse - torch.gather(top, 1, rows))  # 0 for partials without keys
+    total = torch.zeros(b, length, dtype=lse.dtype, device=lse.device).scatter_add(1, rows, weight)
+    num = torch.zeros(b, length, dv, dtype=out.dtype, device=out.device)
+    num = num.scatter_add(1, rows[..., None].expand(-1, -1, dv), weight[..., None] * out)
+    some = total > 0
+    safe = torch.where(some, total, torch.ones_like(total))
+    merged_lse = torch.where(some, torch.log(safe) + top, torch.full_like(total, -math.inf))
+    return num / safe[..., None], merged_lse
