@@ -87,8 +87,15 @@ def cluster_indices(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torc
     mu = torch.nn.functional.normalize(centroids.detach().to(compute), dim=-1)
     sims = torch.einsum("bld,nd->bnl", x, mu)
     take = min(size, x.shape[1])
-    order = torch.sort(sims, dim=-1, descending=True, stable=True).indices[..., :take]
-    return torch.sort(order, dim=-1).values
+    # The take-th largest similarity is the threshold; among tokens equal to it the
+    # lowest positions are taken first.  Linear time, unlike a full sort.
+    threshold = torch.topk(sims, take, dim=-1).values[..., -1:]
+    above = sims > threshold
+    tied = sims == threshold
+    room = take - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (torch.cumsum(tied, -1) <= room))
+    positions = chosen.nonzero()[:, -1]  # row-major: ascending within each cluster
+    return positions.view(*sims.shape[:-1], take)
 
 
 def cluster_members(index: torch.Tensor, length: int) -> torch.Tensor:

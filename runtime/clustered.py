@@ -15,7 +15,7 @@ n blocks of w x w instead of L x L.  This module runs that:
 
 A token may sit in several clusters, and the mask is their union: a key that
 shares two clusters with a query must count once, so in cluster c a pair is
-kept only when c is the first cluster the two share (from the membership bits).
+kept only when c is the first cluster the two share.
 Queries in no cluster output 0 with log-sum-exp -inf.
 
 Everything is differentiable torch (batched matmuls, gathers and scatters on the
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import expand_kv_heads, membership_bits
+from maskc.dsl.dynamic import expand_kv_heads
 
 from .prepare import Prepared
 
@@ -95,16 +95,22 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _allowed(prepared: Prepared, plan_h: ClusterHead, index_q: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
-    """Pairs kept in each cluster block: bool [B, n, w, w]."""
+    """Pairs kept in each cluster block: bool [B, n, w, w].
+
+    A pair is a duplicate in block c when an earlier cluster holds both tokens:
+    the count of such clusters is a product of membership tables,
+    [B, n, w, n] (query a of block c is in an earlier cluster c') times the
+    transposed [B, n, w, n] (key b of block c is in cluster c')."""
     s = prepared.instance.sizes
-    bits_q = membership_bits(_members(index_q, s.lq)).transpose(1, 2)  # [B, lq, words]
-    bits_k = membership_bits(_members(index_k, s.lk)).transpose(1, 2)
-    words = bits_q.shape[-1]
-    gq = torch.gather(bits_q, 1, index_q.flatten(1)[..., None].expand(-1, -1, words)).view(*index_q.shape, words)
-    gk = torch.gather(bits_k, 1, index_k.flatten(1)[..., None].expand(-1, -1, words)).view(*index_k.shape, words)
-    earlier = _earlier_clusters(plan_h.node.clusters, words, index_q.device)  # [n, words]
-    shared_before = gq[:, :, :, None, :] & gk[:, :, None, :, :] & earlier[None, :, None, None, :]
-    allowed = (shared_before == 0).all(-1)
+    n = plan_h.node.clusters
+    dtype = torch.float32
+    in_q = _members(index_q, s.lq).to(dtype)  # [B, n, lq]
+    in_k = _members(index_k, s.lk).to(dtype)
+    q_in = _membership_of_gathered(in_q, index_q)  # [B, n(c), w, n(c')]
+    k_in = _membership_of_gathered(in_k, index_k)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=index_q.device).tril(-1)  # [c, c']: c' < c
+    q_in = q_in * earlier[None, :, None, :].to(dtype)
+    allowed = torch.matmul(q_in, k_in.transpose(-1, -2)) == 0
     if plan_h.rest is not None:
         qp = (index_q + s.q_offset)[..., :, None]
         kp = index_k[..., None, :]
@@ -117,11 +123,11 @@ def _members(index: torch.Tensor, length: int) -> torch.Tensor:
     return members.scatter_(-1, index, True)
 
 
-def _earlier_clusters(n: int, words: int, device) -> torch.Tensor:
-    """Bit masks of the clusters before each cluster, in `membership_bits` layout: [n, words]."""
-    ids = torch.arange(n)
-    before = (ids[None, :] < ids[:, None]).long() << (ids % 63)[None, :]
-    return torch.zeros(n, words, dtype=torch.int64).index_add_(1, ids // 63, before).to(device)
+def _membership_of_gathered(members: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """members [B, n, L] read at the gathered tokens index [B, n, w]: [B, n, w, n]."""
+    b, n, w = index.shape
+    at = index.reshape(b, 1, n * w).expand(b, n, n * w)
+    return torch.gather(members, 2, at).view(b, n, n, w).permute(0, 2, 3, 1)
 
 
 def _head(q, k, v, prepared: Prepared, scale: float, plan_h: ClusterHead):
