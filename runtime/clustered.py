@@ -139,7 +139,7 @@ def _head(q, k, v, prepared: Prepared, scale: float, plan_h: ClusterHead):
     qc, kc, vc = _gather(q, index_q), _gather(k, index_k), _gather(v, index_k)
     logits = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, n, w, w]
     has_key = allowed.any(-1)
-    logits = logits.masked_fill(~allowed, -math.inf).masked_fill(~has_key[..., None], 0.0)
+    logits = logits.masked_fill_(~allowed, -math.inf).masked_fill_(~has_key[..., None], 0.0)
     lse = torch.logsumexp(logits, -1)
     out = torch.matmul(torch.exp(logits - lse[..., None]), vc) * has_key[..., None]
     lse = lse.masked_fill(~has_key, -math.inf)
