@@ -22,6 +22,9 @@ from .geometry import Geometry
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Block pairs evaluated at once when the predicate settles undecided blocks.
 EVAL_CHUNK = 2048
+# Patterns over call-time tensors with up to this many block pairs have every pair
+# labelled in one pass (a constant bound: cost never grows with q_blocks x kv_blocks).
+DIRECT_BLOCKS = 4096
 
 
 @dataclass
@@ -103,9 +106,15 @@ def _merge_intervals(rows, start, end, full, num_rows: int) -> Runs:
 
 def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensors | None) -> Runs:
     """Classify every block pair of one head pattern; see the module docstring."""
-    z = torch.zeros(1, dtype=torch.long)
-    qb0, qb1 = z.clone(), torch.tensor([q.num_blocks])
-    kb0, kb1 = z.clone(), torch.tensor([k.num_blocks])
+    if ir.is_dynamic(mask) and q.num_blocks * k.num_blocks <= DIRECT_BLOCKS:
+        # rebuilt on every call and few blocks: label them all at once, not level by level
+        qb0 = torch.arange(q.num_blocks).repeat_interleave(k.num_blocks)
+        kb0 = torch.arange(k.num_blocks).repeat(q.num_blocks)
+        qb1, kb1 = qb0 + 1, kb0 + 1
+    else:
+        z = torch.zeros(1, dtype=torch.long)
+        qb0, qb1 = z.clone(), torch.tensor([q.num_blocks])
+        kb0, kb1 = z.clone(), torch.tensor([k.num_blocks])
     kept: list[tuple] = []  # (qb0, qb1, kb0, kb1, full) rectangles of final state
     undecided: list[tuple[torch.Tensor, torch.Tensor]] = []
     while qb0.numel():
