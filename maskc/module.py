@@ -52,9 +52,7 @@ class SparseAttention(nn.Module):
         clusters = self._clusters(q, k, bindings)
         if clusters:
             if self.centroids is None:
-                g = torch.Generator().manual_seed(0)
-                init = torch.randn(q.shape[1], clusters, q.shape[-1], generator=g)
-                self.centroids = F.normalize(init, dim=-1).to(q.device, torch.float32)
+                self.centroids = _initial_centroids(q.shape[1], clusters, q.shape[-1], q.device)
             bindings = {"centroids": self.centroids.to(q.dtype), **bindings}
         out = self.program(q, k, v, backend=self.backend, scale=self.scale, **bindings)
         if clusters and self.training:
@@ -87,6 +85,14 @@ class SparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.program.source().strip()!r}, backend={self.backend!r}"
+
+
+def _initial_centroids(heads: int, clusters: int, dim: int, device) -> torch.Tensor:
+    """Deterministic, well-spread unit vectors [heads, clusters, dim].  A hash of the
+    index rather than a seeded generator, so a compiled model can create them."""
+    index = torch.arange(heads * clusters * dim, device=device, dtype=torch.float32)
+    noise = torch.frac(torch.sin(index * 12.9898 + 78.233) * 43758.5453) * 2 - 1
+    return F.normalize(noise.view(heads, clusters, dim), dim=-1)
 
 
 class PolylineAttention(nn.Module):

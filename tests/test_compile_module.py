@@ -41,3 +41,25 @@ def test_module_matches_reference():
     q, k, v = (torch.randn(1, 2, 36, 16) for _ in range(3))
     torch.testing.assert_close(attn(q, k, v, h=6, w=6), attn.program.reference(q, k, v, h=6, w=6), atol=2e-5, rtol=2e-5)
     assert "natten2d" in repr(attn)
+
+
+def test_fullgraph_compile_of_clustered_attention_from_the_first_call():
+    """The module creates its centroids inside the traced graph, runs the gathered
+    block-diagonal path, and updates the centroids in training mode."""
+    attn = maskc.SparseAttention("causal & cluster(4, size = 16)", backend="cpu").eval()
+    q, k, v = (
+        torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3)
+    )
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    assert attn.centroids.shape == (2, 4, 8)
+    ref = attn.program.reference(q, k, v, centroids=attn.centroids)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    attn.train()
+    before = attn.centroids.clone()
+    torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")(q, k, v)
+    assert not torch.equal(attn.centroids, before)
