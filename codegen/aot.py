@@ -25,6 +25,7 @@ _TABLE_TYPES = {
     "ids": "*i32",
     "route": "*i8",
     "cluster": "*i64",
+    "clusters": "*i64",
     "alibi": "*fp32",
     "bias": "*fp32",
     "prefix_alpha": "*fp32",
@@ -136,11 +137,16 @@ def kernel_sources(program, lq: int, heads: int = 2, head_dim: int = 64, tile=No
 def sources_for(forms, title: str, tile) -> list[KernelSource]:
     import maskc
 
-    from .emit import emit
+    from .emit import emit, emit_clustered
+    from .plan import clustered_splits
 
     seen: dict[str, KernelSource] = {}
-    for form in forms:
-        source = emit(form, title, tile.block_q, tile.block_k, maskc.__version__)
+    splits = clustered_splits(forms)
+    for i, form in enumerate(forms):
+        if splits is not None:
+            source = emit_clustered(form, splits[i][1], title, tile.block_q, tile.block_k, maskc.__version__)
+        else:
+            source = emit(form, title, tile.block_q, tile.block_k, maskc.__version__)
         seen.setdefault(source.text, source)
     return list(seen.values())
 

@@ -16,7 +16,7 @@ from maskc.dsl import ir
 
 from .irtext import mask_text, modifier_text
 from .kernel_template import KERNELS
-from .triton_exprs import Emitter, GradTable, Step, Table, modifier_steps, predicate
+from .triton_exprs import Emitter, GradTable, Step, Table, clustered_predicate, modifier_steps, predicate
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,25 @@ def _function(name: str, params: str, body: list[str], doc: str) -> str:
 def emit(form: ir.HeadPattern, title: str, block_m: int, block_n: int, version: str) -> KernelSource:
     """The kernel file for one normal form (`title`: the pattern's source)."""
     e = Emitter()
-    e.lines = []
     expr = predicate(form.mask, e)
-    allowed_body = [*e.lines, f"return {expr}"]
+    return _assemble(form, [*e.lines, f"return {expr}"], e, title, block_m, block_n, version)
+
+
+def emit_clustered(
+    form: ir.HeadPattern, rest: ir.Mask | None, title: str, block_m: int, block_n: int, version: str
+) -> KernelSource:
+    """The kernel file for clustered execution of `form` (a cluster atom, and the
+    static `rest`): the same kernels, run over sequences gathered into cluster
+    order with a block-diagonal schedule (runtime/clustered.py)."""
+    e = Emitter()
+    expr = clustered_predicate(rest, e)
+    note = "# execution: gathered into cluster order, block-diagonal schedule over the gathered rows\n"
+    source = _assemble(form, [*e.lines, f"return {expr}"], e, title, block_m, block_n, version)
+    return replace(source, text=source.text.replace("\nimport triton", note + "\nimport triton", 1))
+
+
+def _assemble(form: ir.HeadPattern, allowed_body: list[str], e: Emitter, title: str, block_m: int, block_n: int,
+              version: str) -> KernelSource:  # fmt: skip
     e.lines, e.counter = [], 0
     steps = modifier_steps(form.modifiers, e)
     modify_body, grad_body, backward_body = _modifier_bodies(steps, list(e.lines))

@@ -87,3 +87,32 @@ def plan_schedule(
                 if best is None or sched.visited_blocks() < best.visited_blocks():
                     best = sched
     return best
+
+
+def clustered_splits(forms) -> list[tuple] | None:
+    """(cluster atom, static rest) per form when every form runs clustered on
+    the Triton backend (runtime/clustered.py), else None."""
+    splits = []
+    for form in forms:
+        split = None if form.modifiers else split_cluster(form.mask)
+        if split is None or split[0].clusters > MAX_TRITON_CLUSTERS:
+            return None
+        splits.append(split)
+    return splits
+
+
+# Clustered Triton kernels keep each token's clusters in one 63-bit word.
+MAX_TRITON_CLUSTERS = 63
+
+
+def split_cluster(mask):
+    """(the cluster atom, the static rest or None) of `cluster(...) & static...`, else None."""
+    if isinstance(mask, ir.Cluster):
+        return mask, None
+    if not isinstance(mask, ir.And):
+        return None
+    clusters = [p for p in mask.parts if isinstance(p, ir.Cluster)]
+    rest = [p for p in mask.parts if not isinstance(p, ir.Cluster)]
+    if len(clusters) != 1 or any(ir.is_dynamic(p) for p in rest):
+        return None
+    return clusters[0], rest[0] if len(rest) == 1 else ir.And(tuple(rest))

@@ -25,7 +25,7 @@ class Table:
     `name_r0 ..` (the table's reach per axis)."""
 
     name: str
-    kind: str  # "random", "ids", "route", "cluster", "alibi", "bias", "prefix_alpha", "prefix_beta"
+    kind: str  # "random", "ids", "route", "cluster", "clusters", "alibi", "bias", "prefix_alpha", "prefix_beta"
     node: object  # the ir node it serves (head-specific data comes from the group)
     strides: int
     reaches: int = 0
@@ -166,6 +166,36 @@ def predicate(node: ir.Mask, e: Emitter) -> str:
         bits_k = f"tl.load({t} + b * {t}_s0 + {t}_s1 + kpos)"
         return f"(({bits_q} & {bits_k}) != 0)"
     raise TypeError(f"no Triton lowering for {node!r}")
+
+
+@dataclass(frozen=True)
+class ClusterBlocks:
+    """The table of clustered execution (runtime/clustered.py): per batch element
+    and head, four rows over the gathered sequence (true query position, true key
+    position, query cluster bits, key cluster bits; -1 positions are padding)."""
+
+
+def clustered_predicate(rest: ir.Mask | None, e: Emitter) -> str:
+    """`allowed` over *gathered* rows: the same cluster, no padding, no earlier
+    cluster shared by both tokens (each pair counts once in the union), and the
+    pattern's static conjuncts on the true positions.
+
+    The table's scalars: _s0, _s1 batch and head strides, _s2 the row length,
+    _s3 the padded cluster width, _s4 the true query offset."""
+    t = e.table("clusters", ClusterBlocks(), 5)
+    cq = e.let(f"qpos // {t}_s3")
+    ck = e.let(f"kpos // {t}_s3")
+    base = e.let(f"{t} + b * {t}_s0 + h * {t}_s1")
+    tq = e.let(f"tl.load({base} + qpos)")
+    tk = e.let(f"tl.load({base} + {t}_s2 + kpos)")
+    bits_q = e.let(f"tl.load({base} + 2 * {t}_s2 + qpos)")
+    bits_k = e.let(f"tl.load({base} + 3 * {t}_s2 + kpos)")
+    earlier = e.let(f"(tl.full([1, 1], 1, tl.int64) << {cq}.to(tl.int64)) - 1")
+    ok = e.let(f"({cq} == {ck}) & ({tq} >= 0) & ({tk} >= 0) & (({bits_q} & {bits_k} & {earlier}) == 0)")
+    if rest is None:
+        return ok
+    e.lines += [f"qpos = {tq} + {t}_s4", f"kpos = {tk}"]
+    return f"({ok} & {predicate(rest, e)})"
 
 
 def _region(pos: str, regions: tuple[ir.Coord, ...]) -> str:

@@ -12,7 +12,7 @@ import torch
 import maskc
 from maskc import patterns as library
 from maskc.codegen import plan
-from maskc.codegen.emit import emit
+from maskc.codegen.emit import emit, emit_clustered
 from maskc.codegen.irtext import pattern_text
 from maskc.dsl import evaluate, parse, printer
 from maskc.dsl.errors import MaskError
@@ -143,6 +143,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(str(e), file=sys.stderr)
         return 1
     forms = plan.normal_forms(instance)
+    clustered = plan.clustered_splits(forms)  # the Triton backend runs these gathered into cluster order
     for i, form in enumerate(forms):
         heads = [h for h, g in enumerate(instance.head_group) if g == i]
         if len(forms) > 1:
@@ -153,7 +154,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
             from maskc.codegen.tiles import config, heavy_forms
 
             c = config(args.head_dim, args.lq, heavy_forms(forms))
-            print(emit(form, program.source(), c.block_q, c.block_k, maskc.__version__).text)
+            title, version = program.source(), maskc.__version__
+            if clustered is not None:
+                source = emit_clustered(form, clustered[i][1], title, c.block_q, c.block_k, version)
+            else:
+                source = emit(form, title, c.block_q, c.block_k, version)
+            print(source.text)
     return 0
 
 

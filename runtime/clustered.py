@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from maskc.codegen.plan import split_cluster
 from maskc.dsl import evaluate, ir
 from maskc.dsl.dynamic import expand_kv_heads
 
@@ -53,23 +54,11 @@ def plan(prepared: Prepared) -> list[ClusterHead] | None:
     heads = []
     for head, group in enumerate(prepared.head_group):
         form = prepared.forms[group]
-        split = None if form.modifiers else _split(form.mask)
+        split = None if form.modifiers else split_cluster(form.mask)
         if split is None:
             return None
         heads.append(ClusterHead(head, *split))
     return heads
-
-
-def _split(mask: ir.Mask) -> tuple[ir.Cluster, ir.Mask | None] | None:
-    if isinstance(mask, ir.Cluster):
-        return mask, None
-    if not isinstance(mask, ir.And):
-        return None
-    clusters = [p for p in mask.parts if isinstance(p, ir.Cluster)]
-    rest = [p for p in mask.parts if not isinstance(p, ir.Cluster)]
-    if len(clusters) != 1 or any(ir.is_dynamic(p) for p in rest):
-        return None
-    return clusters[0], rest[0] if len(rest) == 1 else ir.And(tuple(rest))
 
 
 def clustered_attention(

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from maskc.codegen.plan import MAX_TRITON_CLUSTERS
 from maskc.dsl.errors import MaskTypeError
 
 from . import clustered
@@ -116,6 +117,10 @@ def run_prepared(name: str, q, k, v, prepared: Prepared, scale: float):
     (clustered patterns: gather into cluster order instead, see runtime/clustered.py)."""
     heads = clustered_heads(name, prepared)
     if heads is not None:
+        if name == "triton" and all(h.node.clusters <= MAX_TRITON_CLUSTERS for h in heads):
+            from .clustered_triton import triton_clustered_attention
+
+            return triton_clustered_attention(q, k, v, prepared, scale, heads)
         return clustered.clustered_attention(q, k, v, prepared, scale, heads)
     perm_q, perm_k = prepared.perm_q, prepared.perm_k
     if perm_q is not None:

@@ -30,6 +30,8 @@ class Prepared:
     tile: object = None  # the Triton tile configuration (codegen.tiles.Config) when chosen
     _block_masks: dict = field(default_factory=dict, repr=False)
     _schedule: BlockSchedule | None = field(default=None, repr=False)
+    # kernel tables made by the runtime rather than from bindings (clustered execution)
+    extra_tables: dict = field(default_factory=dict, repr=False)
 
     @property
     def schedule(self) -> BlockSchedule:

@@ -100,6 +100,8 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
         data[:, 1, : s.lk] = bits_k[:, 0]
         data = data.to(device).contiguous()
         return [data, 2 * width if data.shape[0] > 1 else 0, width]
+    if table.kind == "clusters":
+        return prepared.extra_tables["clusters"]
     if table.kind == "alibi":
         slopes = torch.zeros(s.heads, dtype=torch.float32)
         for h, g in enumerate(prepared.head_group):
