@@ -175,12 +175,17 @@ def child(args: list[str]) -> None:
 
 
 def interleaved(fns: dict, rounds: int) -> dict:
-    """Best time of each function over `rounds` rounds, one call of each per round."""
+    """Best time of each function over `rounds` rounds, one call of each per round.
+
+    The order rotates from round to round: a call right after compiled Flex shares
+    the machine with Flex's OpenMP threads while they spin down, so no function
+    may always come second."""
     best = dict.fromkeys(fns, math.inf)
-    for _ in range(rounds):
-        for key, fn in fns.items():
+    keys = list(fns)
+    for r in range(rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
             start = time.perf_counter()
-            fn()
+            fns[key]()
             best[key] = min(best[key], time.perf_counter() - start)
     return best
 
