@@ -37,6 +37,7 @@ from maskc.codegen.plan import split_cluster
 from maskc.dsl import evaluate, ir
 from maskc.dsl.dynamic import expand_kv_heads
 
+from .merge import merge_partials
 from .prepare import Prepared
 
 
@@ -132,20 +133,4 @@ def _head(q, k, v, prepared: Prepared, scale: float, plan_h: ClusterHead):
     lse = torch.logsumexp(logits, -1)
     out = torch.matmul(torch.exp(logits - lse[..., None]), vc) * has_key[..., None]
     lse = lse.masked_fill(~has_key, -math.inf)
-    return _merge(out.flatten(1, 2), lse.flatten(1), index_q.flatten(1), q.shape[1])
-
-
-def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, length: int):
-    """Exact softmax of each row over its partials: out [B, P, Dv], lse [B, P] at rows [B, P]."""
-    b, _, dv = out.shape
-    top = torch.full((b, length), -math.inf, dtype=lse.dtype, device=lse.device)
-    top = top.scatter_reduce(1, rows, lse.detach(), "amax", include_self=True)
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    weight = torch.exp(lse - torch.gather(top, 1, rows))  # 0 for partials without keys
-    total = torch.zeros(b, length, dtype=lse.dtype, device=lse.device).scatter_add(1, rows, weight)
-    num = torch.zeros(b, length, dv, dtype=out.dtype, device=out.device)
-    num = num.scatter_add(1, rows[..., None].expand(-1, -1, dv), weight[..., None] * out)
-    some = total > 0
-    safe = torch.where(some, total, torch.ones_like(total))
-    merged_lse = torch.where(some, torch.log(safe) + top, torch.full_like(total, -math.inf))
-    return num / safe[..., None], merged_lse
+    return merge_partials(out.flatten(1, 2), lse.flatten(1), index_q.flatten(1), q.shape[1])

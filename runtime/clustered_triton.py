@@ -27,7 +27,8 @@ from maskc.dsl.spec import Instance
 import maskc
 
 from . import triton_backend
-from .clustered import ClusterHead, _members, _merge
+from .clustered import ClusterHead, _members
+from .merge import merge_partials
 from .prepare import Prepared
 
 
@@ -84,7 +85,7 @@ def _group(q, k, v, prepared: Prepared, scale: float, group: list[ClusterHead]):
     out_g, lse_g = triton_backend.triton_attention(qg, kg, vg, gathered, scale)  # [B, G, rows, Dv], [B, G, rows]
     where = torch.stack(true_q, 1).clamp(min=0)
     g = len(group)
-    out, lse = _merge(out_g.float().flatten(0, 1), lse_g.flatten(0, 1), where.flatten(0, 1), s.lq)
+    out, lse = merge_partials(out_g.float().flatten(0, 1), lse_g.flatten(0, 1), where.flatten(0, 1), s.lq)
     return out.view(batch, g, s.lq, dv).to(q.dtype), lse.view(batch, g, s.lq)
 
 

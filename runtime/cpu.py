@@ -61,6 +61,7 @@ import torch
 from maskc.dsl import ir
 from torch.nn.functional import pad
 
+from .merge import merge_partials
 from .prepare import Prepared
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -919,7 +920,7 @@ def _generic(q, k, v, prepared: Prepared, scale: float):
                 rows_out.append(out_c.reshape(n, -1, out_c.shape[-1]))
                 rows_lse.append(lse_c.reshape(n, -1))
                 rows_index.append(token_rows)
-        out, lse = _merge_partials(rows_out, rows_lse, rows_index, n, lq_pad, vg.shape[-1], compute)
+        out, lse = merge_partials(torch.cat(rows_out, 1), torch.cat(rows_lse, 1), torch.cat(rows_index), lq_pad)
         outs.append(out.view(n, lq_pad // bq, bq, -1))
         lses.append(lse.view(n, lq_pad // bq, bq))
     dv = v.shape[-1]
@@ -945,24 +946,6 @@ def _generic_chunk(prepared, group: int, seg, qg, kg, vg, scale, batch, hg, n):
     lse = torch.logsumexp(logits, -1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     out = torch.matmul(torch.exp(logits - safe[..., None]), vs)
-    return out, lse
-
-
-def _merge_partials(outs, lses, index, n: int, rows: int, dv: int, dtype):
-    """Exact softmax over all partials of each row (rows without any stay out 0, lse -inf)."""
-    out_parts = torch.cat(outs, 1)  # [N, P, Dv]
-    lse_parts = torch.cat(lses, 1)  # [N, P]
-    where = torch.cat(index)
-    top = torch.full((n, rows), -math.inf, dtype=dtype).scatter_reduce_(
-        1, where.expand(n, -1), lse_parts.detach(), "amax", include_self=True
-    )
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    weight = torch.exp(lse_parts - top[:, where])  # 0 for empty partials
-    total = torch.zeros(n, rows, dtype=dtype).index_add(1, where, weight)
-    num = torch.zeros(n, rows, dv, dtype=dtype).index_add(1, where, weight[..., None] * out_parts)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    out = num / safe[..., None]
-    lse = torch.where(total > 0, torch.log(safe) + top, torch.full_like(total, -math.inf))
     return out, lse
 
 
