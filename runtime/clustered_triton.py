@@ -16,7 +16,7 @@ import math
 
 import torch
 from maskc.codegen import tiles
-from maskc.codegen.emit import emit_clustered, without_head_data
+from maskc.codegen.emit import emit_clustered
 from maskc.codegen.geometry import Geometry
 from maskc.codegen.schedule import BlockSchedule, Runs
 from maskc.dsl import evaluate, ir
@@ -48,11 +48,12 @@ def triton_clustered_attention(
 
 
 def _groups(heads: list[ClusterHead]) -> list[list[ClusterHead]]:
-    """Heads that can share one launch: the same cluster shape and the same static rest."""
+    """Heads that can share one launch: the same cluster shape and the same static
+    rest, per-head data included (the rest's tables, such as random draws, are
+    filled once per launch)."""
     groups: dict[tuple, list[ClusterHead]] = {}
     for plan_h in heads:
-        rest = None if plan_h.rest is None else without_head_data(plan_h.rest)
-        groups.setdefault((plan_h.node.clusters, plan_h.node.size, rest), []).append(plan_h)
+        groups.setdefault((plan_h.node.clusters, plan_h.node.size, plan_h.rest), []).append(plan_h)
     return list(groups.values())
 
 

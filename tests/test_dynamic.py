@@ -159,13 +159,14 @@ def test_cluster_forward_and_gradients(backend):
 CLUSTER_CASES = [
     # spec, lq, lk, kv_heads: overlapping clusters (90 slots over 80 tokens), causal on true
     # positions, a static window, more than 63 clusters (two words of membership bits),
-    # cross attention with lq != lk, grouped kv heads; most queries of the sparse ones
-    # belong to no cluster (rows without keys)
+    # cross attention with lq != lk, grouped kv heads, per-head data in the static part;
+    # most queries of the sparse ones belong to no cluster (rows without keys)
     ("cluster(3, size = 30)", 80, 80, None),
     ("causal & cluster(4, size = 16)", 64, 64, None),
     ("cluster(5, size = 12) & window(20)", 70, 70, None),
     ("cluster(70, size = 3)", 90, 90, 1),
     ("causal & cluster(3, size = 10)", 24, 56, None),
+    ("cluster(3, size = 24) & random(3, block = 8)", 64, 64, None),  # per-head random draws
 ]
 
 
