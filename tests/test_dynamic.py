@@ -163,7 +163,7 @@ CLUSTER_CASES = [
     # most queries of the sparse ones belong to no cluster (rows without keys)
     ("cluster(3, size = 30)", 80, 80, None),
     ("causal & cluster(4, size = 16)", 64, 64, None),
-    ("cluster(5, size = 12) & window(20)", 70, 70, None),
+    ("cluster(5, size = 12) & window(20)", 70, 70, 1),
     ("cluster(70, size = 3)", 90, 90, 1),
     ("causal & cluster(3, size = 10)", 24, 56, None),
     ("cluster(3, size = 24) & random(3, block = 8)", 64, 64, None),  # per-head random draws
