@@ -18,10 +18,12 @@ shares two clusters with a query must count once, so in cluster c a pair is
 kept only when c is the first cluster the two share.
 Queries in no cluster output 0 with log-sum-exp -inf.
 
-Everything is differentiable torch (batched matmuls, gathers and scatters on the
+This module is the CPU backend's way (and the Triton backend's beyond 63
+clusters): differentiable torch (batched matmuls, gathers and scatters on the
 tensors' own device), so gradients come from autograd; the selection itself is
 not differentiated, as in the Routing Transformer.  Memory per head grows with
-n * w * w, not with L * L.  It applies when every head's pattern is one
+n * w * w, not with L * L.  `runtime/clustered_triton.py` runs the same method
+on the generated Triton kernels.  It applies when every head's pattern is one
 `cluster` atom, possibly intersected with static atoms, without modifiers;
 other patterns (`cluster(...) | window(...)`, heads mixing clusters and windows)
 run on the exact block schedule instead.
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from maskc.codegen.plan import split_cluster
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import expand_kv_heads
+from maskc.dsl.dynamic import cluster_members, expand_kv_heads
 
 from .merge import merge_partials
 from .prepare import Prepared
@@ -94,8 +96,8 @@ def _allowed(prepared: Prepared, plan_h: ClusterHead, index_q: torch.Tensor, ind
     s = prepared.instance.sizes
     n = plan_h.node.clusters
     dtype = torch.float32
-    in_q = _members(index_q, s.lq).to(dtype)  # [B, n, lq]
-    in_k = _members(index_k, s.lk).to(dtype)
+    in_q = cluster_members(index_q, s.lq).to(dtype)  # [B, n, lq]
+    in_k = cluster_members(index_k, s.lk).to(dtype)
     q_in = _membership_of_gathered(in_q, index_q)  # [B, n(c), w, n(c')]
     k_in = _membership_of_gathered(in_k, index_k)
     earlier = torch.ones(n, n, dtype=torch.bool, device=index_q.device).tril(-1)  # [c, c']: c' < c
@@ -106,11 +108,6 @@ def _allowed(prepared: Prepared, plan_h: ClusterHead, index_q: torch.Tensor, ind
         kp = index_k[..., None, :]
         allowed = allowed & evaluate.mask(plan_h.rest, qp.cpu(), kp.cpu(), prepared.tensors).to(allowed.device)
     return allowed
-
-
-def _members(index: torch.Tensor, length: int) -> torch.Tensor:
-    members = torch.zeros(*index.shape[:2], length, dtype=torch.bool, device=index.device)
-    return members.scatter_(-1, index, True)
 
 
 def _membership_of_gathered(members: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -20,14 +20,14 @@ from maskc.codegen.emit import emit_clustered
 from maskc.codegen.geometry import Geometry
 from maskc.codegen.schedule import BlockSchedule, Runs
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import expand_kv_heads, membership_bits
+from maskc.dsl.dynamic import cluster_members, expand_kv_heads, membership_bits
 from maskc.dsl.lower import Sizes
 from maskc.dsl.spec import Instance
 
 import maskc
 
 from . import triton_backend
-from .clustered import ClusterHead, _members
+from .clustered import ClusterHead
 from .merge import merge_partials
 from .prepare import Prepared
 
@@ -109,7 +109,7 @@ def _pad(index: torch.Tensor, padded: int) -> torch.Tensor:
 
 def _bits_at(index: torch.Tensor, length: int, rows: torch.Tensor) -> torch.Tensor:
     """Cluster bits (one int64 word) of the tokens at gathered rows; 0 for padding."""
-    bits = membership_bits(_members(index, length))[:, 0]  # [B, length]
+    bits = membership_bits(cluster_members(index, length))[:, 0]  # [B, length]
     picked = torch.gather(bits, 1, rows.clamp(min=0))
     return torch.where(rows >= 0, picked, torch.zeros_like(picked))
 
