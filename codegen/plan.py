@@ -91,22 +91,23 @@ def plan_schedule(
 
 def clustered_splits(forms) -> list[tuple] | None:
     """(cluster atom, static rest) per form when every form runs clustered on
-    the Triton backend (runtime/clustered.py), else None."""
-    splits = []
-    for form in forms:
-        split = None if form.modifiers else split_cluster(form.mask)
-        if split is None or split[0].clusters > MAX_TRITON_CLUSTERS:
-            return None
-        splits.append(split)
+    the Triton backend (runtime/clustered_triton.py), else None."""
+    splits = [split_cluster(form) for form in forms]
+    if any(split is None or split[0].clusters > MAX_TRITON_CLUSTERS for split in splits):
+        return None
     return splits
 
 
-# Clustered Triton kernels keep each token's clusters in one 63-bit word.
+# Triton kernels keep each token's clusters in one 63-bit word.
 MAX_TRITON_CLUSTERS = 63
 
 
-def split_cluster(mask):
-    """(the cluster atom, the static rest or None) of `cluster(...) & static...`, else None."""
+def split_cluster(form: ir.HeadPattern) -> tuple[ir.Cluster, ir.Mask | None] | None:
+    """(the cluster atom, the static rest or None) of a form `cluster(...) & static...`
+    without modifiers, the forms that run gathered into cluster order; else None."""
+    mask = form.mask
+    if form.modifiers:
+        return None
     if isinstance(mask, ir.Cluster):
         return mask, None
     if not isinstance(mask, ir.And):

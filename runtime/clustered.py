@@ -56,8 +56,7 @@ def plan(prepared: Prepared) -> list[ClusterHead] | None:
     """One entry per head when every head fits clustered execution, else None."""
     heads = []
     for head, group in enumerate(prepared.head_group):
-        form = prepared.forms[group]
-        split = None if form.modifiers else split_cluster(form.mask)
+        split = split_cluster(prepared.forms[group])
         if split is None:
             return None
         heads.append(ClusterHead(head, *split))

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from maskc.codegen.plan import MAX_TRITON_CLUSTERS
+from maskc.codegen.plan import clustered_splits
 from maskc.dsl.errors import MaskTypeError
 
 from . import clustered
@@ -117,7 +117,7 @@ def run_prepared(name: str, q, k, v, prepared: Prepared, scale: float):
     (clustered patterns: gather into cluster order instead, see runtime/clustered.py)."""
     heads = clustered_heads(name, prepared)
     if heads is not None:
-        if name == "triton" and all(h.node.clusters <= MAX_TRITON_CLUSTERS for h in heads):
+        if name == "triton" and clustered_splits(prepared.forms) is not None:  # what AOT compiles, too
             from .clustered_triton import triton_clustered_attention
 
             return triton_clustered_attention(q, k, v, prepared, scale, heads)

@@ -12,6 +12,7 @@ import math
 import torch
 from maskc.codegen import tiles
 from maskc.codegen.emit import KernelSource, emit
+from maskc.codegen.plan import MAX_TRITON_CLUSTERS
 from maskc.codegen.schedule import Runs
 from maskc.codegen.tiles import config, heavy_forms
 from maskc.codegen.triton_exprs import Table
@@ -91,9 +92,11 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
         n = data.shape[-1]
         return [data, n * n if data.shape[0] > 1 else 0, n]
     if table.kind == "cluster":
-        if node.clusters > 63:
-            raise MaskTypeError(f"the Triton backend handles at most 63 clusters, got {node.clusters}")
-        bits_q, bits_k = evaluate.cluster_table(t, node)  # one word: at most 63 clusters
+        if node.clusters > MAX_TRITON_CLUSTERS:
+            raise MaskTypeError(
+                f"the Triton backend handles at most {MAX_TRITON_CLUSTERS} clusters, got {node.clusters}"
+            )
+        bits_q, bits_k = evaluate.cluster_table(t, node)  # one word of bits
         width = max(s.lq, s.lk)
         data = torch.zeros(bits_q.shape[0], 2, width, dtype=torch.int64)
         data[:, 0, : s.lq] = bits_q[:, 0]
