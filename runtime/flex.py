@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import cluster_indices, cluster_members, expand_kv_heads, region_ids, route_selection
+from maskc.dsl.dynamic import cluster_members, region_ids
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
 from torch.nn.attention import flex_attention as _flex
@@ -407,16 +407,9 @@ class _Lowering:
 
         return f
 
-    def _qk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tensors.get("q").detach().cpu(), self.tensors.get("k").detach().cpu()
-
     def _route(self, nodes):
         regions = next(iter(nodes.values())).regions
-        s = self.sizes
-        q, k = self._qk()
-        all_q = torch.arange(s.lq) + s.q_offset
-        all_k = torch.arange(s.lk)
-        tables = {g: route_selection(n, q, k, all_q, all_k)[:, 0] for g, n in nodes.items()}
+        tables = {g: evaluate.route_table(self.tensors, n) for g, n in nodes.items()}  # as the schedule saw them
         lookup = self.stacked(tables, False)
         batched = next(iter(tables.values())).shape[0] > 1
 
@@ -428,9 +421,6 @@ class _Lowering:
 
     def _cluster(self, nodes):
         s = self.sizes
-        q, k = self._qk()
-        centroids = self.tensors.get("centroids").detach().cpu()
-        k = expand_kv_heads(k, q.shape[1])
         count = next(iter(nodes.values())).clusters
         words = -(-count // _WORD)
         shifts = torch.arange(count, dtype=torch.int64) % _WORD
@@ -444,8 +434,9 @@ class _Lowering:
 
         q_tables, k_tables = {}, {}
         for g, n in nodes.items():
-            q_tables[g] = bits(cluster_members(cluster_indices(q[:, n.head], centroids[n.head], n.size), q.shape[2]))
-            k_tables[g] = bits(cluster_members(cluster_indices(k[:, n.head], centroids[n.head], n.size), k.shape[2]))
+            index_q, index_k = evaluate.cluster_selection(self.tensors, n)  # as the schedule saw them
+            q_tables[g] = bits(cluster_members(index_q, s.lq).cpu())
+            k_tables[g] = bits(cluster_members(index_k, s.lk).cpu())
         q_lookup = self.stacked(q_tables, 0)
         k_lookup = self.stacked(k_tables, 0)
         batched = next(iter(q_tables.values())).shape[0] > 1

@@ -95,7 +95,7 @@ def forward_impl(q, k, v, key, backend, scale, q_offset, bindings) -> tuple[torc
 
 def needs_recompute(backend: str, prepared: Prepared, wanted: list[bool]) -> bool:
     """Whether gradients need the forward again under autograd (CPU softcap / modifier
-    tensors; clustered attention, which is differentiable torch)."""
+    tensors; clustered attention, which composes under autograd)."""
     from .dispatch import clustered_heads
 
     if clustered_heads(backend, prepared) is not None:
