@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import region_ids
+from maskc.dsl.dynamic import BITS_PER_WORD, region_ids
 
 E, F, M, U = 0, 1, 2, 4
 
@@ -156,8 +156,8 @@ def _cluster(node: ir.Cluster, r) -> torch.Tensor:
             pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
             rows = (pos - offset).clamp(0, bits.shape[-1] - 1)
             hit = bits[:, :, rows] * valid.long()  # [B, words, blocks, block]
-            clusters = torch.arange(63)
-            # [B, words * 63, blocks]: which clusters each block touches
+            clusters = torch.arange(BITS_PER_WORD)
+            # [B, words * BITS_PER_WORD, blocks]: which clusters each block touches
             any_bit = ((hit[:, :, None] >> clusters[None, None, :, None, None]) & 1).amax(-1)
             touch.append(any_bit.flatten(1, 2))
         shared = torch.einsum("bnq,bnk->bqk", touch[0].double(), touch[1].double()) > 0

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 from maskc.dsl import evaluate, ir
+from maskc.dsl.dynamic import BITS_PER_WORD
 from maskc.dsl.spec import Instance
 
 from .layout import tile_permutation, tile_shapes
@@ -98,8 +99,8 @@ def clustered_splits(forms) -> list[tuple] | None:
     return splits
 
 
-# Triton kernels keep each token's clusters in one 63-bit word.
-MAX_TRITON_CLUSTERS = 63
+# Triton kernels keep each token's clusters in one membership word.
+MAX_TRITON_CLUSTERS = BITS_PER_WORD
 
 
 def split_cluster(form: ir.HeadPattern) -> tuple[ir.Cluster, ir.Mask | None] | None:

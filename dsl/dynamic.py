@@ -104,13 +104,17 @@ def cluster_members(index: torch.Tensor, length: int) -> torch.Tensor:
     return members.scatter_(-1, index, True)
 
 
+# Clusters per int64 membership word (the sign bit stays clear).
+BITS_PER_WORD = 63
+
+
 def membership_bits(members: torch.Tensor) -> torch.Tensor:
     """[B, n, L] bool -> [B, words, L] int64: bit c % 63 of word c // 63 set when
     the token is in cluster c.  Two tokens share a cluster when any word has a
     common bit, without a dense L x L table."""
     b, n, length = members.shape
-    words = -(-n // 63)
+    words = -(-n // BITS_PER_WORD)
+    clusters = torch.arange(n, device=members.device)
+    shifted = members.to(torch.int64) << (clusters % BITS_PER_WORD)[None, :, None]  # distinct bits: sum = or
     out = torch.zeros(b, words, length, dtype=torch.int64, device=members.device)
-    for c in range(n):
-        out[:, c // 63] |= members[:, c].long() << (c % 63)
-    return out
+    return out.index_add_(1, clusters // BITS_PER_WORD, shifted)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import cluster_members, region_ids
+from maskc.dsl.dynamic import BITS_PER_WORD, cluster_members, membership_bits, region_ids
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
 from torch.nn.attention import flex_attention as _flex
@@ -46,8 +46,6 @@ from .prepare import Prepared
 
 # Stands for "no bound" when head groups disagree; far above any position.
 BIG = 2**40
-# Clusters per int64 membership word.
-_WORD = 62
 # Upper bound on Dynamo recompiles of the compiled flex_attention (one per
 # distinct pattern structure and shape); past the default of 8 Dynamo would
 # silently fall back to the unfused eager path.
@@ -421,22 +419,12 @@ class _Lowering:
 
     def _cluster(self, nodes):
         s = self.sizes
-        count = next(iter(nodes.values())).clusters
-        words = -(-count // _WORD)
-        shifts = torch.arange(count, dtype=torch.int64) % _WORD
-        word_of = torch.arange(count) // _WORD
-
-        def bits(members: torch.Tensor) -> torch.Tensor:  # [B, n, L] bool -> [B, words, L] int64
-            b, _, length = members.shape
-            out = torch.zeros(b, words, length, dtype=torch.int64)
-            out.index_add_(1, word_of, members.to(torch.int64) << shifts[None, :, None])
-            return out
-
+        words = -(-next(iter(nodes.values())).clusters // BITS_PER_WORD)
         q_tables, k_tables = {}, {}
         for g, n in nodes.items():
             index_q, index_k = evaluate.cluster_selection(self.tensors, n)  # as the schedule saw them
-            q_tables[g] = bits(cluster_members(index_q, s.lq).cpu())
-            k_tables[g] = bits(cluster_members(index_k, s.lk).cpu())
+            q_tables[g] = membership_bits(cluster_members(index_q, s.lq)).cpu()
+            k_tables[g] = membership_bits(cluster_members(index_k, s.lk)).cpu()
         q_lookup = self.stacked(q_tables, 0)
         k_lookup = self.stacked(k_tables, 0)
         batched = next(iter(q_tables.values())).shape[0] > 1
