@@ -185,30 +185,22 @@ class Spec:
 
     def modifier_names(self) -> set[str]:
         """Names of the modifiers this pattern (with the patterns it calls) applies."""
-        names: set[str] = set()
-        stack: list[object] = [self.body]
-        seen: set[str] = set()
-        while stack:
-            node = stack.pop()
-            if isinstance(node, ast.Body):
-                names.update(m.name for m in node.modifiers)
-            if isinstance(node, ast.Call) and node.name not in seen:
-                callee = self.resolver(node.name)
-                if callee is not None:
-                    seen.add(node.name)
-                    stack.append(callee.node.body)
-            stack.extend(ast.children(node))
-        return names
+        return {m.name for node in self._reachable() if isinstance(node, ast.Body) for m in node.modifiers}
 
     def _grids(self) -> Iterable[tuple]:
-        stack: list[object] = [self.body]
-        seen: set[str] = set()
-        while stack:
-            node = stack.pop()
+        for node in self._reachable():
             if isinstance(node, ast.Body) and node.grid is not None:
                 yield node.grid
             if isinstance(node, ast.OnGrid):
                 yield node.sizes
+
+    def _reachable(self) -> Iterable[object]:
+        """Every AST node of the body and of the patterns it calls (each callee once)."""
+        stack: list[object] = [self.body]
+        seen: set[str] = set()
+        while stack:
+            node = stack.pop()
+            yield node
             if isinstance(node, ast.Call) and node.name not in seen:
                 callee = self.resolver(node.name)
                 if callee is not None:
