@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import BITS_PER_WORD, region_ids
+from maskc.dsl.dynamic import BITS_PER_WORD, in_regions, region_ids
 
 E, F, M, U = 0, 1, 2, 4
 
@@ -83,18 +83,23 @@ def _segments(node: ir.Segments, r) -> torch.Tensor:
         out = []
         for geometry in (r.q, r.k):
             pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
-            values = ids[:, evaluate.coordinate(pos, node.coord).clamp(0, ids.shape[1] - 1)]
+            c = evaluate.coordinate(pos, node.coord)
+            inside = evaluate.in_segment_range(c, ids.shape[1])
+            values = ids[:, c.clamp(0, ids.shape[1] - 1)]
             big = torch.iinfo(torch.int64).max
-            lo = torch.where(valid, values, big).amin(-1)
-            hi = torch.where(valid, values, -big).amax(-1)
-            out.append((_table(lo, torch.minimum), _table(hi, torch.maximum)))
+            # positions outside the ids belong to no segment: they match nothing
+            lo = torch.where(valid & inside, values, big).amin(-1)
+            hi = torch.where(valid & inside, values, -big).amax(-1)
+            outside = (valid & ~inside).any(-1).to(torch.int8)
+            out.append((_table(lo, torch.minimum), _table(hi, torch.maximum), _table(outside, torch.maximum)))
         return out
 
-    (qlo_t, qhi_t), (klo_t, khi_t) = _cached(r, ("segments", node), build)
+    (qlo_t, qhi_t, qout_t), (klo_t, khi_t, kout_t) = _cached(r, ("segments", node), build)
     qlo, qhi = _range(qlo_t, r.qb0, r.qb1, torch.minimum), _range(qhi_t, r.qb0, r.qb1, torch.maximum)
     klo, khi = _range(klo_t, r.kb0, r.kb1, torch.minimum), _range(khi_t, r.kb0, r.kb1, torch.maximum)
+    outside = (_range(qout_t, r.qb0, r.qb1, torch.maximum) | _range(kout_t, r.kb0, r.kb1, torch.maximum)) != 0
     empty = ((qhi < klo) | (khi < qlo)).all(0)
-    full = ((qlo == qhi) & (klo == khi) & (qlo == klo)).all(0)
+    full = ((qlo == qhi) & (klo == khi) & (qlo == klo)).all(0) & ~outside
     return _label(empty, full, torch.zeros_like(empty))
 
 
@@ -127,7 +132,7 @@ def _incidence(geometry, regions: tuple[ir.Coord, ...], n: int) -> torch.Tensor:
     pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
     ids = region_ids(pos, regions).clamp(0, n - 1)
     out = torch.zeros(geometry.num_blocks, n, dtype=torch.float64)
-    out.scatter_add_(1, ids, valid.double())
+    out.scatter_add_(1, ids, (valid & in_regions(pos, regions)).double())
     return out
 
 

@@ -27,6 +27,18 @@ def _maximum(a, b):
 
 
 @triton.jit
+def _floor_mod(x, d):
+    """x mod d in [0, d) for any sign of x, in both interpreter and compiled modes."""
+    return ((x % d) + d) % d
+
+
+@triton.jit
+def _floor_div(x, d):
+    """floor(x / d) for any sign of x: x minus its floor remainder divides exactly."""
+    return (x - _floor_mod(x, d)) // d
+
+
+@triton.jit
 def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)

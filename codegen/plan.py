@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from maskc.dsl import evaluate, ir
 from maskc.dsl.dynamic import BITS_PER_WORD
+from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.spec import Instance
 
 from .layout import tile_permutation, tile_shapes
@@ -15,6 +16,7 @@ from .normal import normalize
 from .schedule import BlockSchedule, build_schedule
 
 LAYOUTS = ("auto", "rowmajor", "tiled")
+MAX_BLOCK = 2**16  # a block is a tile of tokens, far below this in any kernel
 
 
 @contextlib.contextmanager
@@ -57,8 +59,11 @@ def plan_schedule(
 ) -> BlockSchedule:
     """The block schedule; with layout "auto", tile order is used when it visits
     fewer blocks than row-major order."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise MaskTypeError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BLOCK:
+            raise MaskTypeError(f"{name} must be a positive integer (at most {MAX_BLOCK}), got {value!r}")
     s = instance.sizes
     masks = [p.mask for p in normal_forms(instance)]
     with one_thread():
@@ -68,9 +73,9 @@ def plan_schedule(
         if layout in ("auto", "tiled"):
             candidates = tiling(instance, block_q, block_k)
             if layout == "tiled" and not candidates:
-                raise ValueError(
-                    "no tile layout fits: it needs self-attention on one grid whose sides divide into tiles "
-                    f"of {block_q} tokens (grids here: {instance.grids or 'none'})"
+                raise MaskTypeError(
+                    "layout='tiled': no tile layout fits: it needs self-attention on one grid whose sides "
+                    f"divide into tiles of {block_q} tokens (grids here: {instance.grids or 'none'})"
                 )
             for shape, perm in candidates[:3]:
                 sched = build_schedule(

@@ -1,9 +1,10 @@
 """Normal forms -> Triton expressions over absolute positions.
 
-`qpos` is [BLOCK_M, 1] and `kpos` is [1, BLOCK_N] (int32, absolute positions,
-never negative).  Integer `//` and `%` are applied only to non-negative
-operands, because compiled Triton rounds toward zero while the interpreter
-floors; differences k - q are reduced with ((d % m) + m) % m.  Everything from
+`qpos` is [BLOCK_M, 1] and `kpos` is [1, BLOCK_N] (int32, absolute positions;
+`qpos` is negative for queries that precede the keys).  Compiled Triton's `//`
+and `%` round toward zero while the interpreter floors, so they are applied
+only to non-negative operands: query coordinates go through `_floor_div` /
+`_floor_mod`, differences k - q are reduced with ((d % m) + m) % m.  Everything from
 the spec reaches the source only as validated integers and floats; tensor
 arguments get names made here (T0, T1, ...).
 """
@@ -96,8 +97,21 @@ def _strip_head(node: object) -> object:
 
 
 def coord(pos: str, c: ir.Coord) -> str:
-    text = pos if c.mod is None else f"({pos} % {c.mod})"
-    return text if c.div == 1 else f"({text} // {c.div})"
+    """(pos % mod) // div, flooring like the reference.  Key positions are never
+    negative; query positions are when queries precede the keys (q_offset < 0),
+    so theirs go through `_floor_mod` / `_floor_div` (on [M, 1] vectors: cheap)."""
+    if pos != "qpos":
+        text = pos if c.mod is None else f"({pos} % {c.mod})"
+        return text if c.div == 1 else f"({text} // {c.div})"
+    if c.mod is not None:
+        text = f"_floor_mod({pos}, {c.mod})"
+        return text if c.div == 1 else f"({text} // {c.div})"  # non-negative after the floor mod
+    return pos if c.div == 1 else f"_floor_div({pos}, {c.div})"
+
+
+def _in_range(coords: list[tuple[str, int]]) -> str:
+    """All coordinates c within [0, size): a query outside the table matches nothing."""
+    return "(" + " & ".join(f"({c} >= 0) & ({c} < {_int(size)})" for c, size in coords) + ")"
 
 
 def _int(value: int) -> str:
@@ -138,27 +152,33 @@ def predicate(node: ir.Mask, e: Emitter) -> str:
     if isinstance(node, ir.PosSet):
         c = coord("qpos" if node.side == "q" else "kpos", node.coord)
         if node.modulus is not None:
-            c = f"({c} % {_int(node.modulus)})"
+            c = f"_floor_mod({c}, {_int(node.modulus)})" if node.side == "q" else f"({c} % {_int(node.modulus)})"
         lo = max(node.lo, -(2**31) + 1)
         hi = min(node.hi, 2**31 - 1)
         return f"(({c} >= {_int(lo)}) & ({c} < {_int(hi)}))"
     if isinstance(node, ir.Neighborhood):
         return _neighborhood(node, e)
     if isinstance(node, ir.RandomBlocks):
-        t = e.table("random", node, 1)
-        qb = e.let(coord("qpos", node.coord))
+        # rows of draws from query block T_s1 on (negative when queries precede the keys)
+        t = e.table("random", node, 2)
+        qb = e.let(f"{coord('qpos', node.coord)} - {t}_s1")
         kb = e.let(coord("kpos", node.coord))
         hits = [f"(tl.load({t} + {qb} * {t}_s0 + {j}) == {kb})" for j in range(min(node.count, node.hi - node.lo))]
         return "(" + " | ".join(hits) + ")" if hits else "(qpos < 0)"
     if isinstance(node, ir.Segments):
         t = e.table("ids", node, 1)
-        qc, kc = coord("qpos", node.coord), coord("kpos", node.coord)
-        return f"(tl.load({t} + b * {t}_s0 + {qc}) == tl.load({t} + b * {t}_s0 + {kc}))"
+        qc, kc = e.let(coord("qpos", node.coord)), e.let(coord("kpos", node.coord))
+        n = node.coord.size
+        inq, ink = e.let(_in_range([(qc, n)])), e.let(_in_range([(kc, n)]))
+        ids_q = f"tl.load({t} + b * {t}_s0 + {qc}, mask={inq}, other=0)"
+        ids_k = f"tl.load({t} + b * {t}_s0 + {kc}, mask={ink}, other=0)"
+        return f"({inq} & {ink} & ({ids_q} == {ids_k}))"
     if isinstance(node, ir.Route):
         t = e.table("route", node, 2)
         rq = e.let(_region("qpos", node.regions))
         rk = e.let(_region("kpos", node.regions))
-        return f"(tl.load({t} + b * {t}_s0 + {rq} * {t}_s1 + {rk}) != 0)"
+        inside = e.let(f"({_regions_in_range('qpos', node.regions)} & {_regions_in_range('kpos', node.regions)})")
+        return f"({inside} & (tl.load({t} + b * {t}_s0 + {rq} * {t}_s1 + {rk}, mask={inside}, other=0) != 0))"
     if isinstance(node, ir.Cluster):
         t = e.table("cluster", node, 2)
         # T[b, q, k] would be L^2; instead a cluster bitmask per token: [b, 2, len] int64 (queries, keys).
@@ -205,20 +225,25 @@ def _region(pos: str, regions: tuple[ir.Coord, ...]) -> str:
     return out
 
 
+def _regions_in_range(pos: str, regions: tuple[ir.Coord, ...]) -> str:
+    """Whether `pos` lies in a region (regions tile the keys; see dsl.dynamic.in_regions)."""
+    return _in_range([(coord(pos, c), c.size) for c in regions])
+
+
 def _neighborhood(node: ir.Neighborhood, e: Emitter) -> str:
     d, w, s, length = node.dilation, node.window, node.stride, node.coord.size
     qc = e.let(coord("qpos", node.coord))
     kc = e.let(coord("kpos", node.coord))
-    group = e.let(f"{qc} % {d}")
-    gc = e.let(f"{qc} // {d}")
+    group = e.let(f"_floor_mod({qc}, {d})")
+    gc = e.let(f"_floor_div({qc}, {d})")
     glen = e.let(f"({length} - {group} + {d - 1}) // {d}")
     if node.causal:
-        leader = e.let(f"tl.minimum(({gc} // {s}) * {s} + {s - 1}, {glen} - 1)")
+        leader = e.let(f"tl.minimum(_floor_div({gc}, {s}) * {s} + {s - 1}, {glen} - 1)")
         start = e.let(f"tl.maximum({leader} - {w - 1}, 0)")
         end = e.let(f"tl.minimum({gc} + 1, {glen})")
     else:
         wl, wr = w // 2, w // 2 + (w % 2) - 1
-        leader = e.let(f"tl.minimum(({gc} // {s}) * {s} + {s // 2}, {glen} - 1)")
+        leader = e.let(f"tl.minimum(_floor_div({gc}, {s}) * {s} + {s // 2}, {glen} - 1)")
         shift = f"tl.where({leader} + {wr} >= {glen}, {glen} - {wr} - {leader} - 1, 0)"
         start = e.let(f"tl.maximum({leader} - {wl}, 0) + {shift}")
         end = e.let(f"{start} + {w}")

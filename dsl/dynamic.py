@@ -12,12 +12,24 @@ from . import ir
 
 
 def region_ids(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> torch.Tensor:
-    """Row-major region index of each absolute position."""
+    """Row-major region index of each absolute position (meaningful where `in_regions`)."""
     ids = torch.zeros_like(positions)
     for coord in regions:
         c = positions % coord.mod if coord.mod is not None else positions
         ids = ids * coord.size + torch.div(c, coord.div, rounding_mode="floor")
     return ids
+
+
+def in_regions(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> torch.Tensor:
+    """Whether each position lies in a region.  Regions tile the keys' positions;
+    a query outside them (before the first key, or past the last region when
+    lq > lk) belongs to no region and so attends no key."""
+    inside = positions == positions  # out-of-place throughout: Flex traces this under vmap
+    for coord in regions:
+        c = positions % coord.mod if coord.mod is not None else positions
+        c = torch.div(c, coord.div, rounding_mode="floor")
+        inside = inside & (c >= 0) & (c < coord.size)
+    return inside
 
 
 def expand_kv_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -47,10 +59,12 @@ def route_selection(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.detach().to(compute), k.detach().to(compute)
     device = q.device
-    rq = region_ids(q_positions.to(device), node.regions)
-    rk = region_ids(k_positions.to(device), node.regions)
-    pooled_q = _region_means(q, rq, n)
-    pooled_k = _region_means(k, rk, n)
+    q_positions, k_positions = q_positions.to(device), k_positions.to(device)
+    q_inside, k_inside = in_regions(q_positions, node.regions), in_regions(k_positions, node.regions)
+    rq = region_ids(q_positions[q_inside], node.regions)
+    rk = region_ids(k_positions[k_inside], node.regions)
+    pooled_q = _region_means(q[:, :, q_inside], rq, n)
+    pooled_k = _region_means(k[:, :, k_inside], rk, n)
     scores = torch.einsum("bhrd,bhsd->brs", pooled_q, pooled_k)  # sum over heads
     present = torch.zeros(n, dtype=torch.bool, device=device)
     present[rk] = True

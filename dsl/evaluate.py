@@ -19,6 +19,7 @@ from .dynamic import (
     cluster_indices,
     cluster_members,
     expand_kv_heads,
+    in_regions,
     membership_bits,
     region_ids,
     route_selection,
@@ -144,19 +145,32 @@ def mask(node: ir.Mask, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> torch
     raise TypeError(f"unknown pattern node {node!r}")
 
 
-def _segments(node: ir.Segments, qp, kp, t: Tensors) -> torch.Tensor:
+def segment_ids(node: ir.Segments, t: Tensors) -> torch.Tensor:
+    """The checked ids tensor of a `segments` atom, as [batch or 1, n]."""
     ids = t.get(node.tensor)
     n = node.coord.size
     if ids.dim() == 1:
         ids = ids[None]
-    if ids.dim() != 2 or ids.shape[-1] != n or ids.is_floating_point() or ids.is_complex():
+    integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+    if ids.dim() != 2 or ids.shape[-1] != n or not integer:
         raise MaskTypeError(
             f"tensor '{node.tensor}' must be integer ids of shape [batch, {n}] or [{n}], "
             f"got {ids.dtype} {list(ids.shape)}"
         )
-    ids = ids.cpu()
+    return ids
+
+
+def _segments(node: ir.Segments, qp, kp, t: Tensors) -> torch.Tensor:
+    ids = segment_ids(node, t).cpu()
+    n = node.coord.size
     q, k = _pair(qp, kp, node.coord)
-    return ids[:, q] == ids[:, k]
+    return (ids[:, q.clamp(0, n - 1)] == ids[:, k.clamp(0, n - 1)]) & (in_segment_range(q, n) & in_segment_range(k, n))
+
+
+def in_segment_range(c: torch.Tensor, n: int) -> torch.Tensor:
+    """Whether segment coordinates fall inside the ids tensor: a position outside it
+    (a query before the first key or past the last one) belongs to no segment."""
+    return (c >= 0) & (c < n)
 
 
 def _qk(t: Tensors, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +237,10 @@ def cluster_table(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Ten
 
 def _route(node: ir.Route, qp, kp, t: Tensors) -> torch.Tensor:
     selected = route_table(t, node)
-    return selected[:, region_ids(qp, node.regions), region_ids(kp, node.regions)]
+    last = selected.shape[-1] - 1
+    inside = in_regions(qp, node.regions) & in_regions(kp, node.regions)
+    rq, rk = region_ids(qp, node.regions).clamp(0, last), region_ids(kp, node.regions).clamp(0, last)
+    return selected[:, rq, rk] & inside
 
 
 def _cluster(node: ir.Cluster, qp, kp, t: Tensors) -> torch.Tensor:
@@ -255,13 +272,7 @@ def _additive(m: ir.Modifier, qp, kp, t: Tensors) -> torch.Tensor:
     if isinstance(m, ir.Alibi):
         q, k = _pair(qp, kp, m.coord)
         if m.tensor is not None:
-            slopes = t.get(m.tensor)
-            heads = t.instance.sizes.heads
-            if slopes.shape != (heads,):
-                raise MaskTypeError(
-                    f"tensor '{m.tensor}' (ALiBi slopes) must have shape [{heads}], got {list(slopes.shape)}"
-                )
-            slope = slopes[m.head]
+            slope = alibi_slopes(m, t)[m.head]
         else:
             slope = torch.tensor(m.slope, dtype=torch.float64)
         return -slope * (k - q).abs().to(slope.dtype)
@@ -278,8 +289,26 @@ def _additive(m: ir.Modifier, qp, kp, t: Tensors) -> torch.Tensor:
     raise TypeError(f"unknown modifier {m!r}")
 
 
-def _bias(m: ir.Bias, qp, kp, t: Tensors) -> torch.Tensor:
-    table = t.get(m.tensor)
+def floating(x: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    """`x` itself, if it holds real numbers: an integer table would silently
+    truncate what a user meant as a learned bias."""
+    if not x.is_floating_point():
+        raise MaskTypeError(f"tensor '{name}' ({what}) must be floating point, got {x.dtype}")
+    return x
+
+
+def alibi_slopes(m: ir.Alibi, t: Tensors) -> torch.Tensor:
+    """The checked slopes tensor of an `alibi` modifier: float [heads]."""
+    slopes = floating(t.get(m.tensor), m.tensor, "ALiBi slopes")
+    heads = t.instance.sizes.heads
+    if slopes.shape != (heads,):
+        raise MaskTypeError(f"tensor '{m.tensor}' (ALiBi slopes) must have shape [{heads}], got {list(slopes.shape)}")
+    return slopes
+
+
+def bias_table(m: ir.Bias, t: Tensors) -> torch.Tensor:
+    """The checked table of a `bias` modifier: float [heads or 1, 2*r0+1, ...]."""
+    table = floating(t.get(m.tensor), m.tensor, "relative position bias")
     heads = t.instance.sizes.heads
     n = len(m.coords)
     if table.dim() != n + 1 or table.shape[0] not in (1, heads) or any(s % 2 == 0 for s in table.shape[1:]):
@@ -287,6 +316,51 @@ def _bias(m: ir.Bias, qp, kp, t: Tensors) -> torch.Tensor:
             f"tensor '{m.tensor}' (relative position bias) must have shape [heads or 1, "
             f"{', '.join(f'2*r{i}+1' for i in range(n))}] (odd sizes), got {list(table.shape)}"
         )
+    return table
+
+
+def polyline_decays(m: ir.Polyline, t: Tensors) -> list[torch.Tensor]:
+    """The checked alpha and beta of a `polyline` modifier: float [batch, heads or 1, h, w]."""
+    ycoord, xcoord = m.coords
+    h, w = ycoord.size, xcoord.size
+    heads = t.instance.sizes.heads
+    out = []
+    for name in (m.alpha, m.beta):
+        x = floating(t.get(name), name, "polyline decay")
+        if x.dim() != 4 or x.shape[1] not in (1, heads) or tuple(x.shape[2:]) != (h, w):
+            raise MaskTypeError(
+                f"tensor '{name}' (polyline decay) must have shape [batch, heads or 1, {h}, {w}], got {list(x.shape)}"
+            )
+        out.append(x)
+    return out
+
+
+def check_tensors(instance: Instance, t: Tensors) -> None:
+    """Check every tensor the patterns read (shape, dtype, device) before any backend
+    reads it: backends that copy tables into kernels never evaluate the reference."""
+    device = t.values["q"].device if "q" in t.values else None
+    for name, x in t.values.items():
+        if device is not None and x.device != device:
+            raise MaskTypeError(f"tensor '{name}' is on {x.device}, but q is on {device}: move it to {device}")
+    for pattern in instance.patterns:
+        for node in ir.walk(pattern.mask):
+            if isinstance(node, ir.Segments):
+                segment_ids(node, t)
+            elif isinstance(node, ir.Route):
+                route_table(t, node)
+            elif isinstance(node, ir.Cluster):
+                cluster_selection(t, node)
+        for m in pattern.modifiers:
+            if isinstance(m, ir.Alibi) and m.tensor is not None:
+                alibi_slopes(m, t)
+            elif isinstance(m, ir.Bias):
+                bias_table(m, t)
+            elif isinstance(m, ir.Polyline):
+                polyline_decays(m, t)
+
+
+def _bias(m: ir.Bias, qp, kp, t: Tensors) -> torch.Tensor:
+    table = bias_table(m, t)
     index: list[torch.Tensor] = []
     for axis, coord in enumerate(m.coords):
         reach = (table.shape[axis + 1] - 1) // 2
@@ -299,16 +373,7 @@ def _bias(m: ir.Bias, qp, kp, t: Tensors) -> torch.Tensor:
 def _polyline(m: ir.Polyline, qp, kp, t: Tensors) -> torch.Tensor:
     ycoord, xcoord = m.coords
     h, w = ycoord.size, xcoord.size
-    heads = t.instance.sizes.heads
-    decays = []
-    for name in (m.alpha, m.beta):
-        x = t.get(name)
-        if x.dim() != 4 or x.shape[1] not in (1, heads) or tuple(x.shape[2:]) != (h, w):
-            raise MaskTypeError(
-                f"tensor '{name}' (polyline decay) must have shape [batch, heads or 1, {h}, {w}], got {list(x.shape)}"
-            )
-        decays.append(x[:, m.head if x.shape[1] > 1 else 0])
-    alpha, beta = decays
+    alpha, beta = (x[:, m.head if x.shape[1] > 1 else 0] for x in polyline_decays(m, t))
     # Every path is one row segment plus one column segment.  All segments of a
     # grid form two small tables, rows [B, h, w, w] and columns [B, w, h, h]
     # (O(N^1.5) for an N-token grid), so each pair costs two lookups, and the

@@ -920,6 +920,9 @@ def _generic(q, k, v, prepared: Prepared, scale: float):
                 rows_out.append(out_c.reshape(n, -1, out_c.shape[-1]))
                 rows_lse.append(lse_c.reshape(n, -1))
                 rows_index.append(token_rows)
+        if not rows_out:  # the group visits no block: one empty piece keeps the graph connected
+            empty_out, empty_lse = _empty_piece(qg, kg, vg)
+            rows_out, rows_lse, rows_index = [empty_out], [empty_lse], [torch.zeros(0, dtype=torch.long)]
         out, lse = merge_partials(torch.cat(rows_out, 1), torch.cat(rows_lse, 1), torch.cat(rows_index), lq_pad)
         outs.append(out.view(n, lq_pad // bq, bq, -1))
         lses.append(lse.view(n, lq_pad // bq, bq))
@@ -927,6 +930,13 @@ def _generic(q, k, v, prepared: Prepared, scale: float):
     out = _ungroup(outs, groups, batch, heads, lq, (dv,), compute).to(q.dtype)
     lse = _ungroup(lses, groups, batch, heads, lq, (), compute).to(torch.float32)
     return out, lse
+
+
+def _empty_piece(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partial result of no rows, (out [N, 0, Dv], lse [N, 0]), computed from the inputs
+    so that rows output 0 with zero (not missing) gradients when a group visits no block."""
+    logits = torch.matmul(qg[:, :0], kg[:, :1].transpose(-1, -2))  # [N, 0, 1]
+    return torch.matmul(logits, vg[:, :1]), logits[..., 0]
 
 
 def _generic_chunk(prepared, group: int, seg, qg, kg, vg, scale, batch, hg, n):

@@ -32,8 +32,8 @@ _MODULES = {
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise MaskTypeError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "auto":
         return "triton" if q.is_cuda else "cpu"
     return backend
@@ -64,6 +64,36 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise MaskTypeError(f"q, k, v must share a dtype: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise MaskTypeError(f"unsupported dtype {q.dtype}: use float16, bfloat16 or float32")
+    if k.shape[1] == 0:
+        raise MaskTypeError(f"k and v need at least one head, got shapes {list(k.shape)} and {list(v.shape)}")
+    if q.shape[3] == 0 or v.shape[3] == 0:
+        raise MaskTypeError(f"head dims must be at least 1: q has {q.shape[3]}, v has {v.shape[3]}")
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """The softmax scale: 1/sqrt(head dim) by default, else a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise MaskTypeError(f"scale must be a finite number (or None for 1/sqrt(head dim)), got {scale!r}")
+    return float(scale)
+
+
+def check_bindings(q: torch.Tensor, bindings: dict) -> None:
+    """Tensor bindings live where q does: a kernel cannot read a table on another device."""
+    for name, x in bindings.items():
+        if isinstance(x, torch.Tensor) and x.device != q.device:
+            raise MaskTypeError(f"tensor '{name}' is on {x.device}, but q is on {q.device}: move it to {q.device}")
+
+
+def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Attention when a dimension is 0 (batch, lq or lk), as SDPA gives it: empty output,
+    or rows of zeros when there are no keys; (out, lse), differentiable."""
+    from maskc.dsl.dynamic import expand_kv_heads
+
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, H, lq, 0] or empty
+    return torch.matmul(logits.to(v.dtype), v), torch.logsumexp(logits, -1)
 
 
 def run(
@@ -80,7 +110,11 @@ def run(
 ):
     check_inputs(q, k, v)
     name = resolve_backend(backend, q)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = check_scale(scale, q.shape[-1])
+    check_bindings(q, bindings)
+    if 0 in (q.shape[0], q.shape[2], k.shape[2]):
+        out, lse = empty_attention(q, k, v, scale)
+        return (out, lse) if return_lse else out
     if name == "reference":
         return program.reference(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, **bindings)
     tensor_names = [n for n, x in bindings.items() if isinstance(x, torch.Tensor)]

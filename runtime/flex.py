@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from maskc.dsl import evaluate, ir
-from maskc.dsl.dynamic import BITS_PER_WORD, cluster_members, membership_bits, region_ids
+from maskc.dsl.dynamic import BITS_PER_WORD, cluster_members, in_regions, membership_bits, region_ids
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
 from torch.nn.attention import flex_attention as _flex
@@ -401,7 +401,9 @@ class _Lowering:
 
         def f(env):
             bi = _batch_index(env, ids)
-            return ids[bi, c(env.q, env) % n] == ids[bi, c(env.k, env) % n]
+            cq, ck = c(env.q, env), c(env.k, env)
+            inside = (cq >= 0) & (cq < n) & (ck >= 0) & (ck < n)  # outside the ids: no segment
+            return inside & (ids[bi, cq.clamp(0, n - 1)] == ids[bi, ck.clamp(0, n - 1)])
 
         return f
 
@@ -411,9 +413,12 @@ class _Lowering:
         lookup = self.stacked(tables, False)
         batched = next(iter(tables.values())).shape[0] > 1
 
+        last = math.prod(c.size for c in regions) - 1
+
         def f(env):
             bi = env.b if batched else 0
-            return lookup(env, bi, region_ids(env.q, regions), region_ids(env.k, regions))
+            rq, rk = region_ids(env.q, regions).clamp(0, last), region_ids(env.k, regions).clamp(0, last)
+            return lookup(env, bi, rq, rk) & in_regions(env.q, regions) & in_regions(env.k, regions)
 
         return f
 

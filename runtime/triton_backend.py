@@ -76,12 +76,15 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
     t = prepared.tensors
     s = prepared.instance.sizes
     if table.kind == "random":
-        top = (s.q_offset + s.lq - 1) // node.coord.div + 1
-        drawn = draw(torch.arange(top), node.count, node.seed, node.head, node.lo, node.hi, node.skip)
+        first = min(0, s.q_offset // node.coord.div)  # query blocks before the keys draw too
+        top = max((s.q_offset + s.lq - 1) // node.coord.div + 1, first + 1)
+        if node.coord.mod is not None:
+            top = max(top, (node.coord.mod - 1) // node.coord.div + 1)
+        drawn = draw(torch.arange(first, top), node.count, node.seed, node.head, node.lo, node.hi, node.skip)
         width = max(drawn.shape[1], 1)
-        data = torch.full((top, width), -1, dtype=torch.int32)
+        data = torch.full((top - first, width), -1, dtype=torch.int32)
         data[:, : drawn.shape[1]] = drawn.to(torch.int32)
-        return [data.contiguous().to(device), width]
+        return [data.contiguous().to(device), width, first]
     if table.kind == "ids":
         ids = t.get(node.tensor)
         ids = ids[None] if ids.dim() == 1 else ids
@@ -202,8 +205,6 @@ def _tensor_grads(buffers: dict) -> dict[str, torch.Tensor]:
 def _common(q, k, v, prepared: Prepared):
     if q.dtype not in SUPPORTED:
         raise MaskTypeError(f"the Triton backend supports float16, bfloat16 and float32, not {q.dtype}")
-    if prepared.instance.sizes.q_offset < 0:
-        raise MaskTypeError("the Triton backend needs q_offset >= 0 (queries may not precede the keys)")
     interpret = q.device.type == "cpu"
 
     def as_int32(perm):
