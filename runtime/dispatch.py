@@ -53,7 +53,10 @@ def blocks_for(name: str, q: torch.Tensor, v: torch.Tensor, program=None) -> tup
         heavy = program is not None and bool(program.spec.modifier_names() & set(HEAVY_MODIFIERS))
         c = config(max(q.shape[-1], v.shape[-1]), q.shape[2], heavy)
         return c.block_q, c.block_k
-    return BLOCKS[name]
+    block_q, block_k = BLOCKS[name]
+    if name == "cpu":  # decoding and short chunks: a query block no taller than the rows
+        block_q = min(block_q, 1 << max(q.shape[2] - 1, 0).bit_length())
+    return block_q, block_k
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
