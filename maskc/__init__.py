@@ -13,6 +13,7 @@ See README.md for the language and DESIGN.md for its semantics.
 
 from maskc.dsl.errors import MaskError, MaskSyntaxError, MaskTypeError
 from maskc.module import PolylineAttention, SparseAttention
+from maskc.packing import document_ids
 from maskc.program import Program, attention, compile
 
 __version__ = "0.1.0"
@@ -27,4 +28,5 @@ __all__ = [
     "__version__",
     "attention",
     "compile",
+    "document_ids",
 ]
