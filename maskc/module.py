@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskc.dsl import ir
+from maskc.dsl import ast, ir
 from maskc.program import compile as compile_spec
 
 
@@ -43,6 +43,11 @@ class SparseAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.program = compile_spec(spec, pattern=pattern, **params)
+        # Known from the spec alone, so a traced call of a pattern without clusters
+        # never instantiates it (that would fix the sequence length under dynamic shapes).
+        self._has_clusters = any(
+            isinstance(node, ast.Call) and node.name == "cluster" for node in self.program.spec._reachable()
+        )
         self.backend = backend
         self.scale = scale
         self.decay = decay
@@ -60,8 +65,13 @@ class SparseAttention(nn.Module):
         return out
 
     def _clusters(self, q, k, bindings) -> int:
-        sizes = {n: x for n, x in bindings.items() if not isinstance(x, torch.Tensor)}
-        instance = self.program.instantiate(q.shape[2], k.shape[2], heads=q.shape[1], **sizes)
+        """The number of clusters of the pattern's cluster() atoms, 0 without any.  With
+        clusters the centroids' shape depends on the sizes, which `int` fixes when traced."""
+        if not self._has_clusters:
+            return 0
+        sizes = {n: _concrete(x) for n, x in bindings.items() if not isinstance(x, torch.Tensor)}
+        lq, lk, heads = (_concrete(x) for x in (q.shape[2], k.shape[2], q.shape[1]))
+        instance = self.program.instantiate(lq, lk, heads=heads, **sizes)
         counts = {node.clusters for p in instance.patterns for node in ir.walk(p.mask) if isinstance(node, ir.Cluster)}
         if len(counts) > 1:
             raise ValueError(
@@ -85,6 +95,11 @@ class SparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.program.source().strip()!r}, backend={self.backend!r}"
+
+
+def _concrete(x):
+    """A traced size as an int (a guard on its value); anything else unchanged."""
+    return int(x) if isinstance(x, torch.SymInt) else x
 
 
 def _initial_centroids(heads: int, clusters: int, dim: int, device) -> torch.Tensor:

@@ -7,33 +7,98 @@ one opaque node, so `torch.compile(fullgraph=True)` works on models that call
 maskc.  (Registering is cheap; the first *use* of a custom op imports Dynamo,
 which would cost eager users seconds on their first call.)
 
-Programs are referred to by a string key made when a `Program` is created;
-call-time bindings travel as names joined by commas plus parallel lists of
-values.  Backwards: the Triton and CPU backends differentiate from the saved
-output and log-sum-exp with their own kernels; patterns whose CPU path needs
-autograd (softcap, gradients for modifier tensors) recompute the forward
-under autograd outside any op.  FlexAttention has no CPU backward.
+Programs are referred to by a string key: the program's canonical text with its
+fixed parameters (`program_key`), so equal programs share one key and the key
+alone rebuilds a program that was collected (a compiled graph keeps only the
+key).  The registry holds programs weakly.  Call-time bindings travel as names
+joined by commas plus parallel lists of values.
+
+Backwards: the Triton and CPU backends differentiate from the saved output and
+log-sum-exp with their own kernels; patterns whose path needs autograd (CPU
+softcap, gradients for modifier tensors, clustered attention, and Flex, whose
+backward is Flex's own) run the forward again under autograd.  Eagerly that
+forward runs once, its graph kept for the backward; under `torch.compile` the
+whole backward, recompute included, is the `maskc::attention_backward` op, so
+nothing traced depends on concrete sizes (dynamic shapes work).  Gradients come
+back laid out like `torch.empty_like` of their inputs, what the fake kernels
+promise.  FlexAttention has no CPU backward (torch 2.13, eager or compiled).
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import functools
+import json
+import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 
 from .prepare import Prepared, prepare
 
-_PROGRAMS: dict[str, object] = {}
-_COUNTER = itertools.count()
+_PROGRAMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _PREPARED: OrderedDict = OrderedDict()
 PREPARED_CACHE_SIZE = 32
+# Programs rebuilt from their keys (their originals were collected) that stay alive,
+# so that a compiled graph calling one does not parse its spec again at every call.
+REBUILT_CACHE_SIZE = 16
+
+
+# ----------------------------------------------------------------- the program registry
+
+
+def program_key(spec) -> str:
+    """The canonical text of the definitions the program runs with its fixed
+    parameters, as JSON: equal programs share it, and it rebuilds the program.
+
+    The text holds the entry and every definition of the spec's own file it
+    reaches (also through library patterns, which resolve names in that file
+    first); library patterns stay calls by name.
+    """
+    from maskc.dsl import ast, printer
+    from maskc.dsl.atoms import ATOMS, MODIFIERS
+
+    local = spec.resolver.local
+    names = {
+        node.name
+        for node in spec._reachable()
+        if isinstance(node, ast.Call) and node.name in local and node.name not in ATOMS and node.name not in MODIFIERS
+    }
+    entry = spec.definition.node.name if spec.definition is not None else None
+    if entry is not None:
+        names.add(entry)
+    module = ast.Module(tuple(local[n].node for n in sorted(names)), None if entry is not None else spec.body)
+    return json.dumps([printer.to_text(module), entry, sorted(spec.params.items())])
 
 
 def register(program) -> str:
-    key = f"maskc{next(_COUNTER)}"
-    _PROGRAMS[key] = program
+    """The program's key; the registry holds the program weakly (a live equal one is kept)."""
+    key = program_key(program.spec)
+    if _PROGRAMS.get(key) is None:
+        _PROGRAMS[key] = program
     return key
+
+
+def program_for(key: str):
+    """The live program with this key, else one rebuilt from the key."""
+    found = _PROGRAMS.get(key)
+    return found if found is not None else _rebuilt(key)
+
+
+@functools.lru_cache(maxsize=REBUILT_CACHE_SIZE)
+def _rebuilt(key: str):
+    from maskc.dsl.spec import load
+
+    from maskc import patterns as library
+    from maskc.program import Program
+
+    text, entry, params = json.loads(key)
+    spec = load(text, pattern=entry, params=dict(params), library=library.lookup, library_names=library.names)
+    return Program(spec)
+
+
+# ----------------------------------------------------------------- preparation
 
 
 def _names(joined: str) -> list[str]:
@@ -52,16 +117,17 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
     """Prepare (instantiate + schedule), reusing the result for static patterns."""
     from .dispatch import blocks_for, clustered_heads
 
-    block_q, block_k = blocks_for(backend, q, v, _PROGRAMS[key])
+    program = program_for(key)
+    block_q, block_k = blocks_for(backend, q, v, program)
     sizes = tuple(sorted((n, x) for n, x in bindings.items() if not isinstance(x, torch.Tensor)))
     cache_key = (key, backend, tuple(q.shape), tuple(k.shape), v.shape[-1], q_offset, sizes, str(q.device))
     has_tensors = any(isinstance(x, torch.Tensor) for x in bindings.values())
     if not has_tensors and cache_key in _PREPARED:
         _PREPARED.move_to_end(cache_key)
         return _PREPARED[cache_key]
-    prepared = prepare(_PROGRAMS[key], q, k, block_q, block_k, q_offset, bindings)
+    prepared = prepare(program, q, k, block_q, block_k, q_offset, bindings)
     if backend == "triton" and q.is_cuda and clustered_heads(backend, prepared) is None:
-        prepared = _with_spill_free_tiles(prepared, key, q, k, v, q_offset, bindings)
+        prepared = _with_spill_free_tiles(prepared, program, q, k, v, q_offset, bindings)
     if not has_tensors and not prepared.instance.dynamic:
         _PREPARED[cache_key] = prepared
         while len(_PREPARED) > PREPARED_CACHE_SIZE:
@@ -69,14 +135,14 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
     return prepared
 
 
-def _with_spill_free_tiles(prepared: Prepared, key: str, q, k, v, q_offset, bindings) -> Prepared:
+def _with_spill_free_tiles(prepared: Prepared, program, q, k, v, q_offset, bindings) -> Prepared:
     """On a GPU: the first tile configuration whose kernels do not spill there."""
     from .tuning import architecture, spill_free_config
 
     head_dim = max(q.shape[-1], v.shape[-1])
     tile = spill_free_config(prepared.forms, prepared.title, q.dtype, head_dim, q.shape[2], architecture(q.device))
     if (tile.block_q, tile.block_k) != (prepared.block_q, prepared.block_k):
-        prepared = prepare(_PROGRAMS[key], q, k, tile.block_q, tile.block_k, q_offset, bindings)
+        prepared = prepare(program, q, k, tile.block_q, tile.block_k, q_offset, bindings)
     prepared.tile = tile
     return prepared
 
@@ -84,20 +150,29 @@ def _with_spill_free_tiles(prepared: Prepared, key: str, q, k, v, q_offset, bind
 # ----------------------------------------------------------------- the work itself
 
 
-def forward_impl(q, k, v, key, backend, scale, q_offset, bindings) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_impl(q, k, v, key, backend, scale, q_offset, bindings, prepared: Prepared | None = None):
+    """(out, lse), contiguous like the fake kernel's."""
     from .dispatch import run_prepared
 
-    prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
+    if prepared is None:
+        prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
     with torch.no_grad():
         out, lse = run_prepared(backend, q, k, v, prepared, scale)
     return out.contiguous(), lse.contiguous()
 
 
-def needs_recompute(backend: str, prepared: Prepared, wanted: list[bool]) -> bool:
-    """Whether gradients need the forward again under autograd (CPU softcap / modifier
-    tensors; clustered attention, which composes under autograd)."""
+def flex_has_backward(device: torch.device) -> bool:
+    """FlexAttention differentiates on GPUs, not on CPU or MPS (torch 2.13, eager and compiled)."""
+    return device.type not in ("cpu", "mps")
+
+
+def needs_recompute(backend: str, prepared: Prepared, wanted: list[bool], device: torch.device) -> bool:
+    """Whether gradients need the forward again under autograd: Flex (its own backward),
+    clustered attention (which composes under autograd), CPU softcap / modifier tensors."""
     from .dispatch import clustered_heads
 
+    if backend == "flex":
+        return flex_has_backward(device)
     if clustered_heads(backend, prepared) is not None:
         return True
     if backend != "cpu":
@@ -112,7 +187,9 @@ def backward_kernels(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offse
     from .dispatch import inverse_permutation
 
     if backend == "flex":
-        raise NotImplementedError("FlexAttention has no CPU backward: use backend='cpu' or 'triton' to train")
+        raise NotImplementedError(
+            f"FlexAttention has no {q.device.type.upper()} backward: use backend='cpu' or 'triton' to train"
+        )
     prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
     perm_q, perm_k = prepared.perm_q, prepared.perm_k
     if perm_q is not None:
@@ -138,52 +215,75 @@ def backward_kernels(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offse
     return dq, dk, dv, grads
 
 
-def recompute_grads(
-    q, k, v, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted
-):
-    """Gradients by running the differentiable forward again under autograd."""
+def differentiable_forward(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted):
+    """(out, lse, inputs): the forward under autograd from fresh leaves; `inputs` are the
+    q, k, v leaves and the bound tensors that want a gradient."""
     from .dispatch import run_prepared
 
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         extra = [t.detach().requires_grad_() if w else t for t, w in zip(tensors, wanted, strict=True)]
         bindings = _bindings(tensor_names, extra, size_names, sizes)
-        prepared = prepare(_PROGRAMS[key], leaves[0], leaves[1], *_blocks(backend, q, v, key), q_offset, bindings)
+        prepared = prepared_for(key, backend, leaves[0], leaves[1], leaves[2], q_offset, bindings)
         out, lse = run_prepared(backend, *leaves, prepared, scale)
-        inputs = leaves + [t for t, w in zip(extra, wanted, strict=True) if w]
+    return out, lse, leaves + [t for t, w in zip(extra, wanted, strict=True) if w]
+
+
+def graph_grads(out, lse, inputs, dout, dlse, wanted) -> tuple:
+    """dq, dk, dv and a gradient (or None) per bound tensor, through a kept forward graph."""
+    dout = torch.zeros_like(out) if dout is None else dout
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    with torch.enable_grad():
         grads = torch.autograd.grad((out, lse), inputs, (dout, dlse), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
     rest = iter(grads[3:])
     return grads[0], grads[1], grads[2], [next(rest) if w else None for w in wanted]
 
 
-def _blocks(backend, q, v, key):
-    from .dispatch import blocks_for
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """A custom op's body runs below autograd (the dispatcher excludes the autograd keys),
+    and the recompute path differentiates inside `maskc::attention_backward`: lift that."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for lifted in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
+        exclude = exclude.remove(lifted)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
 
-    return blocks_for(backend, q, v, _PROGRAMS[key])
 
-
-def gradients(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
-              wanted, kernel_backward):  # fmt: skip
-    """dq, dk, dv and a gradient (or None) per bound tensor; `kernel_backward` runs the kernels."""
-    dout = torch.zeros_like(out) if dout is None else dout
-    dlse = torch.zeros_like(lse) if dlse is None else dlse
+def backward_impl(dout, dlse, q, k, v, out, lse, key, backend, scale, q_offset, tensor_names, tensors, size_names,
+                  sizes, wanted) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """dq, dk, dv and a gradient per bound tensor (zeros where not wanted), each laid out
+    like `torch.empty_like` of its input: the compiled graph checks the strides the fake
+    kernel promises, and views into a backend's padded buffers would keep those alive."""
     bindings = _bindings(tensor_names, tensors, size_names, sizes)
     prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
-    if needs_recompute(backend, prepared, wanted):
-        return recompute_grads(
-            q, k, v, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted
+    if needs_recompute(backend, prepared, wanted, q.device):
+        with _autograd_inside_op():
+            graph = differentiable_forward(
+                q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted
+            )
+            dq, dk, dv, extra = graph_grads(*graph, dout, dlse, wanted)
+        grads = dict(zip(_names(tensor_names), extra, strict=True))
+    else:
+        dq, dk, dv, grads = backward_kernels(
+            q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, bindings, wanted
         )
-    dq, dk, dv, extra = kernel_backward(dout, dlse, q, k, v, out, lse, bindings, wanted)
-    return dq, dk, dv, [g if w else None for g, w in zip(extra, wanted, strict=True)]
-
-
-def _ordered_grads(grads: dict, names: list[str], tensors, wanted) -> list[torch.Tensor]:
-    out = []
-    for name, t, w in zip(names, tensors, wanted, strict=True):
+    extra = []
+    for name, t, w in zip(_names(tensor_names), tensors, wanted, strict=True):
         g = grads.get(name) if w else None
-        out.append(torch.zeros_like(t) if g is None else g.reshape(t.shape).to(t.dtype))
-    return out
+        extra.append(torch.zeros_like(t) if g is None else laid_out_like(g.reshape(t.shape).to(t.dtype), t))
+    return laid_out_like(dq, q), laid_out_like(dk, k), laid_out_like(dv, v), extra
+
+
+def laid_out_like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`grad` with the dtype and strides of `torch.empty_like(x)` (copied only when they differ)."""
+    if grad.shape == x.shape and grad.dtype == x.dtype:
+        want = torch.empty_like(x, device="meta").stride()
+        if all(s == w or n == 1 for s, w, n in zip(grad.stride(), want, x.shape, strict=True)):
+            return grad
+    return torch.empty_like(x).copy_(grad)
 
 
 # ----------------------------------------------------------------- eager autograd
@@ -194,24 +294,20 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, meta, *tensors):
         key, backend, scale, q_offset, tensor_names, size_names, sizes = meta
         ctx.meta = meta
+        ctx.program = program_for(key)  # alive until the backward (a one-shot program may be dropped)
         bindings = _bindings(tensor_names, tensors, size_names, sizes)
         wanted = [bool(n) and t.is_floating_point() for n, t in zip(ctx.needs_input_grad[4:], tensors, strict=True)]
-        if any(ctx.needs_input_grad) and needs_recompute(
-            backend, prepared_for(key, backend, q, k, v, q_offset, bindings), wanted
-        ):
+        prepared = None
+        if any(ctx.needs_input_grad):
+            prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
+        if prepared is not None and needs_recompute(backend, prepared, wanted, q.device):
             # Differentiable forward now, its graph kept for the backward (no second forward).
-            from .dispatch import run_prepared
-
-            with torch.enable_grad():
-                leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-                extra = [t.detach().requires_grad_() if w else t for t, w in zip(tensors, wanted, strict=True)]
-                graph_bindings = _bindings(tensor_names, extra, size_names, sizes)
-                prepared = prepare(_PROGRAMS[key], leaves[0], leaves[1], *_blocks(backend, q, v, key), q_offset,
-                                   graph_bindings)  # fmt: skip
-                out, lse = run_prepared(backend, *leaves, prepared, scale)
-            ctx.graph = (out, lse, leaves + [t for t, w in zip(extra, wanted, strict=True) if w], wanted)
+            out, lse, inputs = differentiable_forward(
+                q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted
+            )
+            ctx.graph = (out, lse, inputs, wanted)
             return out.detach(), lse.detach()
-        out, lse = forward_impl(q, k, v, key, backend, scale, q_offset, bindings)
+        out, lse = forward_impl(q, k, v, key, backend, scale, q_offset, bindings, prepared)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
         return out, lse
 
@@ -220,28 +316,20 @@ class _Attention(torch.autograd.Function):
         if getattr(ctx, "graph", None) is not None:
             out, lse, inputs, wanted = ctx.graph
             ctx.graph = None
-            dout = torch.zeros_like(out) if dout is None else dout
-            dlse = torch.zeros_like(lse) if dlse is None else dlse
-            grads = torch.autograd.grad((out, lse), inputs, (dout, dlse), allow_unused=True)
-            rest = iter(grads[3:])
-            return grads[0], grads[1], grads[2], None, *(next(rest) if w else None for w in wanted)
+            dq, dk, dv, extra = graph_grads(out, lse, inputs, dout, dlse, wanted)
+            return dq, dk, dv, None, *extra
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         key, backend, scale, q_offset, tensor_names, size_names, sizes = ctx.meta
         wanted = [
             bool(needs) and t.is_floating_point() for needs, t in zip(ctx.needs_input_grad[4:], tensors, strict=True)
         ]
-
-        def kernels(dout, dlse, q, k, v, out, lse, bindings, wanted):
-            dq, dk, dv, grads = backward_kernels(
-                q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, bindings, wanted
-            )
-            return dq, dk, dv, _ordered_grads(grads, _names(tensor_names), tensors, wanted)
-
-        dq, dk, dv, extra = gradients(
-            q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
-            wanted, kernels,
+        dout = torch.zeros_like(out) if dout is None else dout
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        dq, dk, dv, extra = backward_impl(
+            dout, dlse, q, k, v, out, lse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+            wanted,
         )  # fmt: skip
-        return dq, dk, dv, None, *extra
+        return dq, dk, dv, None, *(g if w else None for g, w in zip(extra, wanted, strict=True))
 
 
 def attention(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes):
@@ -298,11 +386,10 @@ def attention_backward_op(
     sizes: list[int],
     wanted: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    bindings = _bindings(tensor_names, tensors, size_names, sizes)
-    dq, dk, dv, grads = backward_kernels(
-        q, k, v, out, lse, dout, dlse, program, backend, scale, q_offset, bindings, wanted
-    )
-    return dq, dk, dv, _ordered_grads(grads, _names(tensor_names), tensors, wanted)
+    return backward_impl(
+        dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+        wanted,
+    )  # fmt: skip
 
 
 @attention_backward_op.register_fake
@@ -318,20 +405,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse):
+    """Traced: everything that depends on sizes runs inside `maskc::attention_backward`."""
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     program, backend, scale, q_offset, tensor_names, size_names, sizes = ctx.args
     wanted = [t.requires_grad and t.is_floating_point() for t in tensors]
-
-    def kernels(dout, dlse, q, k, v, out, lse, bindings, wanted):
-        return attention_backward_op(
-            dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names,
-            sizes, wanted,
-        )  # fmt: skip
-
-    dq, dk, dv, extra = gradients(
-        q, k, v, out, lse, dout, dlse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
-        wanted, kernels,
+    dout = torch.zeros_like(out) if dout is None else dout
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    dq, dk, dv, extra = attention_backward_op(
+        dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+        wanted,
     )  # fmt: skip
+    extra = [g if w else None for g, w in zip(extra, wanted, strict=True)]
     # The gradient mirrors the inputs' pytree: an empty list of ints counts as a list.
     return dq, dk, dv, None, None, None, None, None, extra, None, (None if sizes else [])
 

@@ -1,4 +1,5 @@
-"""SparseAttention inside a model traced by torch.compile(fullgraph=True)."""
+"""SparseAttention inside a model traced by torch.compile(fullgraph=True), with the default
+(inductor) backend, which also checks the strides the custom ops promise."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_fullgraph_compile_matches_eager_forward_and_backward():
     x = torch.randn(2, 40, 32, requires_grad=True)
     eager = model(x)
     (gx_eager,) = torch.autograd.grad(eager.sum(), x)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True)
     traced = compiled(x)
     (gx_traced,) = torch.autograd.grad(traced.sum(), x)
     torch.testing.assert_close(traced, eager)
@@ -50,7 +51,7 @@ def test_fullgraph_compile_of_clustered_attention_from_the_first_call():
     q, k, v = (
         torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3)
     )
-    compiled = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True)
     out = compiled(q, k, v)
     assert attn.centroids.shape == (2, 4, 8)
     ref = attn.program.reference(q, k, v, centroids=attn.centroids)
@@ -61,5 +62,5 @@ def test_fullgraph_compile_of_clustered_attention_from_the_first_call():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     attn.train()
     before = attn.centroids.clone()
-    torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True)(q, k, v)
     assert not torch.equal(attn.centroids, before)

@@ -5,7 +5,10 @@ CPU in float32, output and log-sum-exp, at atol = rtol = 1e-4 (Flex's CPU
 kernel and the reference differ only by float32 rounding, seen ~1e-6).  On
 CPU the output is Flex's and the log-sum-exp comes from maskc's CPU executor
 (Flex's CPU lowering cannot return it).  FlexAttention has no CPU backward:
-asking for gradients raises NotImplementedError (tested below).
+asking for gradients raises NotImplementedError (tested below).  Where Flex
+has a backward (CUDA), gradients run Flex's forward under autograd and Flex's
+own backward; a test below lends Flex its eager math backward on CPU to check
+that wiring here.
 
 The generated `mask_mod` / `score_mod` are also checked eagerly (no compile)
 against the dense evaluator for many more patterns, at the end of the file.
@@ -22,7 +25,7 @@ import math
 
 import pytest
 import torch
-from maskc.runtime import flex
+from maskc.runtime import flex, op
 from maskc.runtime.dispatch import BLOCKS
 from maskc.runtime.prepare import prepare
 from torch.nn.attention import flex_attention as flex_module
@@ -183,6 +186,66 @@ def test_gradients_are_refused_on_cpu():
         out.sum().backward()  # ... and the backward says why it cannot
 
 
+def test_compiled_gradients_are_refused_on_cpu():
+    """Under torch.compile the refusal comes from the backward op, with the same reason."""
+    program = maskc.compile(S2)
+    q, k, v = qkv(1, 4, 300, kv_heads=2, dim=72)
+    q.requires_grad_()
+    out = torch.compile(lambda q, k, v: program(q, k, v, backend="flex"), backend="aot_eager", fullgraph=True)(q, k, v)
+    with pytest.raises(NotImplementedError, match="no CPU backward"):
+        out.sum().backward()
+
+
+def _flex_with_a_cpu_backward(real_backend):
+    """The flex backend where gradients are wanted, as on CUDA, but through eager
+    `flex_attention` (Flex's math path, whose backward is Flex's own), since Flex's
+    compiled CPU path refuses inputs that require grad."""
+
+    def backend(q, k, v, prepared, scale, need_lse=True):
+        if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+            return real_backend(q, k, v, prepared, scale, need_lse)
+        lowering = flex.lower(prepared, q.device, compute_q_blocks=True)
+        out, aux = flex_module.flex_attention(
+            q,
+            k,
+            v,
+            score_mod=lowering.score_mod,
+            block_mask=lowering.block_mask,
+            scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+            return_aux=flex_module.AuxRequest(lse=True),
+        )
+        empty = ~(aux.lse > -math.inf)
+        return out.masked_fill(empty[..., None], 0), aux.lse.float().masked_fill(empty, -math.inf)
+
+    return backend
+
+
+def test_gradients_run_flex_own_backward_where_flex_has_one(monkeypatch):
+    """The wiring of CUDA training, run on CPU: the op asks `flex_has_backward`, which
+    says yes here, and Flex gets a CPU backward (its device check lifted, its eager
+    path).  Eagerly and compiled, the q, k, v gradients (with GQA, through output
+    and log-sum-exp) equal the reference backend's."""
+    monkeypatch.setattr(flex_module, "_validate_device", lambda q, k, v: None)
+    monkeypatch.setattr(flex, "flex_backend", _flex_with_a_cpu_backward(flex.flex_backend))
+    monkeypatch.setattr(op, "flex_has_backward", lambda device: True)
+    program = maskc.compile(S2)
+    q, k, v = (x.requires_grad_() for x in qkv(1, 4, 300, kv_heads=2, dim=72, seed=3))
+
+    def loss(backend, call=program):
+        out, lse = call(q, k, v, backend=backend, return_lse=True)
+        return (out * torch.linspace(-1, 1, out.shape[-1])).sum() + lse.sum()
+
+    want = torch.autograd.grad(loss("reference"), (q, k, v))
+    compiled = torch.compile(lambda q, k, v, **kw: program(q, k, v, **kw), backend="aot_eager", fullgraph=True)
+    for got in (
+        torch.autograd.grad(loss("flex"), (q, k, v)),
+        torch.autograd.grad(loss("flex", compiled), (q, k, v)),
+    ):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, **TOL)
+
+
 def test_without_lse():
     """need_lse=False: Flex alone (what a benchmark of the kernel times)."""
     program = maskc.compile(S2)
@@ -323,3 +386,19 @@ def test_score_mod_equals_reference_modifiers(spec, lq, lk, heads, given):
     assert score_mod is not None
     got = score_mod(logits, *_index_grid(2, heads, lq, lk))
     torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_key_chunks_of_8_mod_16_on_cpu():
+    """Flex's compiled CPU kernel (torch 2.13, AVX2) spills q @ k^T past a chunk of 8 mod 16
+    keys onto the row maxima of queries 0..7: wrong or NaN rows, depending on the memory
+    after k (bench/flex_cpu_bug.py).  maskc pads the keys to a multiple of 16, masked.
+    `keys(% 6 == 4)` at L = 40 is the reported case (several inputs: it was intermittent);
+    `all` at 24 keys makes the padded block one the schedule calls full, and 5 queries
+    put the spill onto the row sums too."""
+    assert flex.cpu_key_length(40, 128) == 48 and flex.cpu_key_length(48, 128) == 48
+    reported = maskc.compile("keys(% 6 == 4)")
+    for seed in range(4):
+        check(reported, *qkv(1, 2, 40, dim=16, seed=10 * seed))
+    full = maskc.compile("all with alibi")
+    for seed in range(3):
+        check(full, *qkv(2, 2, 5, 24, dim=8, seed=7 + seed))
