@@ -174,7 +174,7 @@ def _check_kind(sig: Signature, name: str, kind: str, value: object, span: Span,
             return None
         if not isinstance(value, TensorRef):
             raise MaskTypeError(
-                f"{where} must be a tensor parameter (declare it as 'name: tensor'), got {type_name(value)}",
+                f"{where} must be a tensor parameter or a name bound to a tensor when calling, got {type_name(value)}",
                 span,
             )
         return value

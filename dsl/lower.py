@@ -11,11 +11,21 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import ast, ir
-from .atoms import ATOMS, MODIFIERS, Frame, Lowering, axes_phrase, bind, check_modifier, check_relations
+from .atoms import (
+    ATOMS,
+    MODIFIERS,
+    Frame,
+    Lowering,
+    Signature,
+    axes_phrase,
+    bind,
+    check_modifier,
+    check_relations,
+)
 from .errors import MaskError, MaskTypeError, Span
 from .values import (
     INT,
@@ -71,20 +81,38 @@ class Sizes:
     names: dict  # grid sizes and call-time parameters
 
 
-def free_names(definition: ast.PatternDef | None, body: ast.Body) -> list[str]:
-    """Names used in grid sizes that are neither parameters nor built in: they
-    are bound at call time (`h=56, w=56`)."""
-    params = {p.name for p in definition.params} if definition else set()
-    found: list[str] = []
+def pattern_nodes(body: ast.Body) -> Iterator[object]:
+    """The body and the pattern expressions in it, depth first, but not the values
+    they hold: grids and pattern calls are found here, and a walk that skips the
+    arguments of every call is several times shorter."""
     stack: list[object] = [body]
-    grids: list[tuple] = []
     while stack:
         node = stack.pop()
+        yield node
+        if isinstance(node, ast.SetOp):
+            stack.extend(node.operands)
+        elif isinstance(node, ast.Complement):
+            stack.append(node.operand)
+        elif isinstance(node, (ast.OnBlocks, ast.OnGrid)):
+            stack.append(node.body)
+        elif isinstance(node, ast.PerHead):
+            stack.extend(case.body for case in node.cases)
+        elif isinstance(node, ast.Body):
+            stack.append(node.expr)
+
+
+def free_names(definition: ast.PatternDef | None, body: ast.Body, nodes: list | None = None) -> list[str]:
+    """Names used in grid sizes that are neither parameters nor built in: they
+    are bound at call time (`h=56, w=56`).  `nodes`: the body's pattern nodes,
+    when the caller has them already."""
+    params = {p.name for p in definition.params} if definition else set()
+    found: list[str] = []
+    grids: list[tuple] = []
+    for node in pattern_nodes(body) if nodes is None else nodes:
         if isinstance(node, ast.Body) and node.grid is not None:
             grids.append(node.grid)
         if isinstance(node, ast.OnGrid):
             grids.append(node.sizes)
-        stack.extend(ast.children(node))
     for sizes in grids:
         values: list[object] = list(sizes)
         while values:
@@ -107,6 +135,9 @@ class Walker:
         self.seen: set = set()
         self.steps = 0  # sub-patterns visited (MAX_EXPANSION)
         self.depth = 0  # nested expr/call/body frames (MAX_NESTING)
+        self.tensors: dict[str, None] = {}  # call-time tensors met, in order
+        # Atom calls already checked (and built): a spec may repeat one thousands of times.
+        self.atoms: dict[tuple, ir.Mask] = {}
 
     # -------------------------------------------------------------- entry
 
@@ -164,13 +195,15 @@ class Walker:
 
     def _expr(self, node: object, env: Env, frame: Frame, unit: Unit) -> ir.Mask:
         if isinstance(node, ast.SetOp):
-            left = self.expr(node.left, env, frame, unit)
-            right = self.expr(node.right, env, frame, unit)
-            if node.op == "|":
-                return ir.Or((left, right))
-            if node.op == "&":
-                return ir.And((left, right))
-            return ir.And((left, ir.Not(right)))
+            # One n-ary node for the whole chain; repeated terms (`all | all | ...`)
+            # are kept once, so a long chain of few distinct terms stays small.
+            parts = [self.expr(x, env, frame, unit) for x in node.operands]
+            if node.op == "-":  # a - b - c: a and neither b nor c
+                return ir.And((parts[0], *(ir.Not(x) for x in dict.fromkeys(parts[1:]))))
+            unique = tuple(dict.fromkeys(parts))
+            if len(unique) == 1:
+                return unique[0]
+            return ir.Or(unique) if node.op == "|" else ir.And(unique)
         if isinstance(node, ast.Complement):
             return ir.Not(self.expr(node.operand, env, frame, unit))
         if isinstance(node, ast.OnBlocks):
@@ -221,16 +254,19 @@ class Walker:
                 f"grid({', '.join(map(str, sizes))}) holds {total} positions, but {what} have {flat.size}",
                 span,
             )
-        if flat.div == 1:
-            if tuple(sizes) not in self.grids:
-                self.grids.append(tuple(sizes))
-            s = self.sizes
-            if s.q_offset < 0 or s.q_offset + s.lq > s.lk:
-                raise MaskTypeError(
-                    f"on a grid, queries must lie on the grid: positions {s.q_offset} .. "
-                    f"{s.q_offset + s.lq} fall outside 0 .. {s.lk}",
-                    span,
-                )
+        if flat.div == 1 and tuple(sizes) not in self.grids:
+            self.grids.append(tuple(sizes))
+        # Grid coordinates exist for key positions only, over tokens and over
+        # blocks of them alike (a query past the keys would get coordinates
+        # past the grid, silently wrapped).
+        s = self.sizes
+        if s.q_offset < 0 or s.q_offset + s.lq > s.lk:
+            where = "" if flat.div == 1 else f" (here of blocks of {flat.div} tokens)"
+            raise MaskTypeError(
+                f"on a grid{where}, queries must lie on the grid: positions {s.q_offset} .. "
+                f"{s.q_offset + s.lq} fall outside 0 .. {s.lk}",
+                span,
+            )
         axes = []
         for a, size in enumerate(sizes):
             inner = math.prod(sizes[a + 1 :])
@@ -279,11 +315,18 @@ class Walker:
     def call(self, node: ast.Call, env: Env, frame: Frame, unit: Unit) -> ir.Mask:
         if node.name in ATOMS:
             sig = ATOMS[node.name]
-            args = bind(sig, node, self.args(node, env), frame)
+            values = self.args(node, env, sig)
+            key = (node.name, tuple((arg.name, value) for arg, value in values), frame)
+            if key in self.atoms:
+                return self.atoms[key]
+            args = bind(sig, node, values, frame)
             check_relations(sig, args)
             if self.static:
-                return ir.Const(False)
-            return _fits_int64(sig.build(args, frame, Lowering(self.head, self.sizes.heads)), node)
+                mask = ir.Const(False)
+            else:
+                mask = _fits_int64(sig.build(args, frame, Lowering(self.head, self.sizes.heads)), node)
+            self.atoms[key] = mask
+            return mask
         if node.name in MODIFIERS:
             raise MaskTypeError(
                 f"'{node.name}' is a modifier: write it after 'with' (all with {node.name}(...))",
@@ -318,14 +361,25 @@ class Walker:
         lister = getattr(self.resolve, "names", None)
         return list(lister()) if lister else []
 
-    def args(self, node: ast.Call, env: Env) -> list[tuple[ast.Arg, object]]:
-        return [(arg, evaluate(arg.value, env)) for arg in node.args]
+    def args(self, node: ast.Call, env: Env, callee: Signature | ast.PatternDef) -> list[tuple[ast.Arg, object]]:
+        """Each argument with its value.  Where the callee takes a tensor, a name
+        that is not bound here is a tensor bound when calling (`segments(ids)`)."""
+        slots = _tensor_slots(node, callee)
+        out: list[tuple[ast.Arg, object]] = []
+        for i, arg in enumerate(node.args):
+            v = arg.value
+            if i in slots and isinstance(v, ast.Name) and v.id not in env.names:
+                self.tensors[v.id] = None
+                out.append((arg, TensorRef(v.id)))
+            else:
+                out.append((arg, evaluate(v, env)))
+        return out
 
     def call_env(self, definition: Definition, node: ast.Call, env: Env) -> Env:
         d = definition.node
         given: dict[str, tuple[object, Span]] = {}
         positional = 0
-        for arg, value in self.args(node, env):
+        for arg, value in self.args(node, env, d):
             if arg.name is None:
                 if positional >= len(d.params):
                     raise MaskTypeError(
@@ -372,8 +426,11 @@ class Walker:
                 except MaskError as e:
                     raise e.with_source(definition.unit.source, definition.unit.filename) from None
                 value_span = param.default.span
-            elif param.type == "tensor" and missing is not None:
+            elif param.type == "tensor":
+                # Not passed (the entry pattern's, or a called pattern's left out):
+                # a tensor bound when calling, under the parameter's own name.
                 value, value_span = TensorRef(param.name), param.span
+                self.tensors[param.name] = None
             elif missing is not None:
                 value, value_span = missing(param), param.span
             else:
@@ -404,10 +461,43 @@ class Walker:
             close = difflib.get_close_matches(node.name, list(MODIFIERS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise MaskTypeError(f"unknown modifier '{node.name}'{hint}", _name_of(node))
-        args = bind(sig, node, self.args(node, env), frame)
+        args = bind(sig, node, self.args(node, env, sig), frame)
         check_modifier(sig, args, frame, node)
         if not self.static:
             self.modifiers.append(_fits_int64(sig.build(args, frame, Lowering(self.head, self.sizes.heads)), node))
+
+
+_TAKES_TENSORS = frozenset(
+    sig.name
+    for sig in (*ATOMS.values(), *MODIFIERS.values())
+    if any(p.kind in ("tensor", "tensor?") for p in sig.params)
+)
+_NO_SLOTS: frozenset[int] = frozenset()
+
+
+def _tensor_slots(node: ast.Call, callee: Signature | ast.PatternDef) -> frozenset[int] | set[int]:
+    """Indices of the call's arguments that go to a tensor parameter (matched as
+    `bind` and `call_env` match them: by position, else by name)."""
+    if isinstance(callee, Signature):
+        if callee.name not in _TAKES_TENSORS:
+            return _NO_SLOTS  # most atoms: decided without looking at the arguments
+        params = [(p.name, p.kind in ("tensor", "tensor?")) for p in callee.params]
+        positional = [] if callee.variadic is not None else params
+    else:
+        params = positional = [(p.name, p.type == "tensor") for p in callee.params]
+    tensors = {name for name, is_tensor in params if is_tensor}
+    if not tensors:
+        return _NO_SLOTS
+    slots: set[int] = set()
+    position = 0
+    for i, arg in enumerate(node.args):
+        if arg.name is None:
+            if position < len(positional) and positional[position][1]:
+                slots.add(i)
+            position += 1
+        elif arg.name in tensors:
+            slots.add(i)
+    return slots
 
 
 def _check_param(

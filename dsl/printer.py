@@ -83,7 +83,8 @@ def _body(b: ast.Body, header_grid: bool, parenthesise: bool = False) -> str:
 def _expr(e: object, min_prec: int) -> str:
     if isinstance(e, ast.SetOp):
         prec = _SET_PREC[e.op]
-        text = f"{_expr(e.left, prec)} {e.op} {_expr(e.right, prec + 1)}"
+        first, *rest = e.operands
+        text = f" {e.op} ".join([_expr(first, prec), *(_expr(x, prec + 1) for x in rest)])
     elif isinstance(e, ast.Complement):
         prec = _COMPLEMENT_PREC
         text = "~" + _expr(e.operand, _COMPLEMENT_PREC)
@@ -136,10 +137,15 @@ def _value(v: object, min_prec: int) -> str:
         prec, text = _NEG_PREC, "-" + _value(v.operand, _NEG_PREC)
     elif isinstance(v, ast.BinOp) and v.op in _COMPARE_OPS:
         prec = _COMPARE_PREC
-        text = f"{_value(v.left, _SUM_PREC)} {v.op} {_value(v.right, _SUM_PREC)}"
+        left, right = v.operands
+        text = f"{_value(left, _SUM_PREC)} {v.op} {_value(right, _SUM_PREC)}"
     elif isinstance(v, ast.BinOp):
         prec = _VALUE_PREC[v.op]
-        text = f"{_value(v.left, prec)} {v.op} {_value(v.right, prec + 1)}"
+        first, *rest = v.operands
+        parts = [_value(first, prec)]
+        for op, x in zip(v.ops, rest, strict=True):
+            parts += (op, _value(x, prec + 1))
+        text = " ".join(parts)
     elif isinstance(v, ast.Range):
         prec = _RANGE_PREC
         text = f"{_value(v.start, _SUM_PREC)} .. {_value(v.stop, _SUM_PREC)}"

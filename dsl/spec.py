@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from . import ast, ir
 from .errors import MaskError, MaskSyntaxError, MaskTypeError, Span
-from .lower import BUILTIN_NAMES, Definition, Sizes, Unit, Walker, free_names
+from .lower import BUILTIN_NAMES, Definition, Sizes, Unit, Walker, free_names, pattern_nodes
 from .parser import parse
 from .values import INT, INT_LIMIT, Env, Unknown, type_name
 
@@ -73,7 +73,11 @@ class Spec:
                 p.name for p in d.params if p.type != "tensor" and p.default is None and p.name not in self.params
             ]
         self.size_names = self._size_names()
-        self._walk(None, None)  # compile-time checks
+        _, _, tensors = self._walk(None, None)  # compile-time checks
+        # Tensors bound when calling: the entry's tensor parameters, then the names
+        # the walk met where a tensor goes (`segments(ids)`, or the tensor
+        # parameter of a called pattern left out, bound under its own name).
+        self.tensor_params = [*self.tensor_params, *(n for n in tensors if n not in self.tensor_params)]
 
     # ------------------------------------------------------------------ queries
 
@@ -92,21 +96,19 @@ class Spec:
         ]
         while pending:
             d, body = pending.pop()
-            names.extend(n for n in free_names(d, body) if n not in names)
-            stack: list[object] = [body]
-            while stack:
-                node = stack.pop()
+            nodes = list(pattern_nodes(body))
+            names.extend(n for n in free_names(d, body, nodes) if n not in names)
+            for node in nodes:
                 if isinstance(node, ast.Call) and node.name not in seen:
+                    seen.add(node.name)  # looked up once, found or not (atoms are not)
                     callee = self.resolver(node.name)
                     if callee is not None:
-                        seen.add(node.name)
                         pending.append((callee.node, callee.node.body))
-                stack.extend(ast.children(node))
         return names
 
     # ------------------------------------------------------------------ evaluation
 
-    def _walk(self, sizes: Sizes | None, head: int | None) -> tuple[ir.HeadPattern, list]:
+    def _walk(self, sizes: Sizes | None, head: int | None) -> tuple[ir.HeadPattern, list, list[str]]:
         walker = Walker(self.resolver, sizes, head)
         if self.definition is None:
             if sizes is not None:
@@ -131,7 +133,7 @@ class Spec:
             except MaskError as e:
                 raise e.with_source(self.definition.unit.source, self.definition.unit.filename) from None
         mask = walker.body(self.body, env, walker.top_frame(), self.unit)
-        return ir.HeadPattern(mask, tuple(walker.modifiers)), walker.grids
+        return ir.HeadPattern(mask, tuple(walker.modifiers)), walker.grids, list(walker.tensors)
 
     def _require_sizes(self, sizes: Sizes) -> None:
         for name in self.bindable():
@@ -243,7 +245,7 @@ class Spec:
         groups: list[int] = []
         grids: list[tuple[int, ...]] = []
         for head in range(heads):
-            pattern, head_grids = self._walk(s, head)
+            pattern, head_grids, _ = self._walk(s, head)
             grids.extend(g for g in head_grids if g not in grids)
             if pattern not in index:
                 index[pattern] = len(patterns)
@@ -355,3 +357,4 @@ def _check_given_params(definition: Definition | None, params: dict[str, object]
             raise MaskTypeError(f"parameter '{name}' must be a number or bool, got {value!r}", p.span)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
             raise MaskTypeError(f"parameter '{name}' = {value} is too large (limit ±2**62)", p.span)
+

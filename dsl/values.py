@@ -83,7 +83,8 @@ def is_number(value: object) -> bool:
 
 
 def known(*values: object) -> bool:
-    return not any(isinstance(v, Unknown) for v in values)
+    # Not any(...) over a generator: this runs for every argument of every call.
+    return not [v for v in values if isinstance(v, Unknown)]
 
 
 class Env:
@@ -178,8 +179,8 @@ _COMPARE = {
 
 
 def _binop(node: ast.BinOp, env: Env) -> object:
-    left, right = evaluate(node.left, env), evaluate(node.right, env)
     if node.op in _COMPARE:
+        left, right = (evaluate(x, env) for x in node.operands)
         same_kind = (is_int(left) and is_int(right)) or (is_bool(left) and is_bool(right))
         if not same_kind:
             raise MaskTypeError(
@@ -189,23 +190,30 @@ def _binop(node: ast.BinOp, env: Env) -> object:
         if not known(left, right):
             return BOOL
         return _COMPARE[node.op](left, right)
-    _expect_int(left, node.left, f"'{node.op}'")
-    _expect_int(right, node.right, f"'{node.op}'")
-    if node.op in ("//", "%") and known(right) and right == 0:
-        raise MaskTypeError(f"division by zero in '{node.op}'", node.right.span)
-    if not known(left, right):
-        return INT
-    if node.op == "+":
-        result = left + right
-    elif node.op == "-":
-        result = left - right
-    elif node.op == "*":
-        result = left * right
-    elif node.op == "//":
-        result = left // right
-    else:
-        result = left % right
-    return _checked(result, node.span)
+    # A chain, left to right, in a loop (a sum may have thousands of terms).
+    first = node.operands[0]
+    result = evaluate(first, env)
+    for op, operand in zip(node.ops, node.operands[1:], strict=True):
+        right = evaluate(operand, env)
+        _expect_int(result, first, f"'{op}'")
+        _expect_int(right, operand, f"'{op}'")
+        if op in ("//", "%") and known(right) and right == 0:
+            raise MaskTypeError(f"division by zero in '{op}'", operand.span)
+        if not known(result, right):
+            result = INT
+            continue
+        span = Span(first.span.line, first.span.column, operand.span.end_line, operand.span.end_column)
+        result = _checked(_ARITH[op](result, right), span)
+    return result
+
+
+_ARITH = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "//": lambda a, b: a // b,
+    "%": lambda a, b: a % b,
+}
 
 
 def _func(node: ast.Func, env: Env) -> object:

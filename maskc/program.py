@@ -157,7 +157,11 @@ class Program:
         sizes, tensors = self._split(bindings)
         instance = self.instantiate(lq, lk, heads=heads, q_offset=q_offset, **sizes)
         batched = _batched_names(instance)
-        return instance, evaluate.Tensors(tensors, instance, batch=_batch_of(tensors, batch, batched))
+        prepared = evaluate.Tensors(tensors, instance, batch=_batch_of(tensors, batch, batched))
+        # Shapes are named here, before any schedule or kernel indexes a tensor
+        # (ids of shape [1, 1, L] would otherwise fail deep inside torch).
+        evaluate.check_tensors(instance, prepared)
+        return instance, prepared
 
     def mask(
         self,

@@ -695,6 +695,18 @@ def test_complement_binds_tightest():
     assert_mask(mask_of("~~causal", 4)[0], from_rows(["#...", "##..", "###.", "####"]))
 
 
+def test_long_chains_with_repeated_terms():
+    """A chain is lowered as one node with repeated terms kept once: which must not
+    drop the first term of a difference when it is repeated after it."""
+    a, b = "keys(0 .. 4)", "keys(2 .. 6)"
+    assert_mask(mask_of(" | ".join([a, b] * 50), 1, 7)[0], keys_only(1, 7, range(6)))
+    assert_mask(mask_of(" & ".join([a, b] * 50), 1, 7)[0], keys_only(1, 7, [2, 3]))
+    assert_mask(mask_of(" - ".join([a] + [b] * 50), 1, 7)[0], keys_only(1, 7, [0, 1]))
+    assert_mask(mask_of(" - ".join([a] * 50), 1, 7)[0], keys_only(1, 7, []))
+    assert_mask(mask_of(f"{a} - {b} - {a}", 1, 7)[0], keys_only(1, 7, []))
+    check(" | ".join(f"window({i % 3}, 0)" for i in range(300)), lambda q, k: 0 <= q - k <= 2, 6)
+
+
 def test_operators_on_two_sided_atoms():
     check("causal - window(1)", lambda q, k: k <= q and abs(k - q) > 1, 6)
     check("~causal | block(2)", lambda q, k: k > q or q // 2 == k // 2, 6)

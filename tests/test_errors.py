@@ -219,7 +219,9 @@ TYPE = [
         "polyline(a, b)",
         ["needs a 2-D grid", "3 axes"],
     ),
-    ("all with polyline(decay = 0.5, alpha = x)", 1, 40, "x", ["unknown name 'x'"]),
+    # (x, where a tensor goes, is a tensor bound when calling: the arguments clash)
+    ("all with polyline(decay = 0.5, alpha = x)", 1, 10, None, ["either alpha and beta, or decay, not both"]),
+    ("all with polyline(decay = 0.5, path = x)", 1, 39, "x", ["unknown name 'x'"]),
     # grids and blocks
     ("window((1, 2))", 1, 8, "(1, 2)", ["has 2 values, but the grid here has 1 axis"]),
     ("on grid(2, 2) on blocks((1, 2, 3)) all", 1, 25, "(1, 2, 3)", ["blocks() has 3 sizes", "2 axes"]),

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from maskc.dsl import parse, to_text
+from maskc.dsl.parser import MAX_DEPTH
 from strategies import (
     modules,
     mutate,
@@ -227,6 +228,38 @@ def test_recursion_limit_is_not_needed_near_the_limit() -> None:
     for text in ["~" * 190 + "all", "window(" + "-" * 190 + "1)", "on blocks(1) " * 190 + "all"]:
         program = maskc.compile(text)
         mask_or_error(program, 3)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "opening", "inner", "closing", "suffix", "levels"),
+    [
+        # each level: one bracket, `~`, `-` or `on` (`on blocks(1)` also opens its
+        # bracket); `heads { ... }` is two (as in the tree: the cases, then a case)
+        ("", "(", "all", ")", "", MAX_DEPTH),
+        ("", "~", "all", "", "", MAX_DEPTH),
+        ("", "~(", "all | causal", ")", "", MAX_DEPTH // 2),
+        ("", "on blocks(1) ", "all", "", "", MAX_DEPTH - 1),
+        ("", "heads { 0 .. heads: ", "all", " }", "", MAX_DEPTH // 2),
+        ("window(1 + ", "-", "1", "", ")", MAX_DEPTH - 1),
+        ("window(", "(", "1 + 2 * 3", ")", ")", MAX_DEPTH - 1),
+        ("window(", "min(1, ", "1", ")", ")", MAX_DEPTH - 1),
+    ],
+)
+def test_nesting_at_the_limit_is_read_and_one_more_level_is_not(
+    prefix: str, opening: str, inner: str, closing: str, suffix: str, levels: int
+) -> None:
+    """The parser counts nesting as it reads; at the limit every stage (checks,
+    lowering, printing, evaluation) still fits Python's default stack, and one
+    level more is reported where it opens."""
+    text = prefix + opening * levels + inner + closing * levels + suffix
+    program = maskc.compile(text)
+    mask_or_error(program, 3, heads=2)
+    assert parse(to_text(parse(text))) == parse(text)
+    deeper = prefix + opening * (levels + 1) + inner + closing * (levels + 1) + suffix
+    with pytest.raises(maskc.MaskSyntaxError, match="nested more than") as info:
+        maskc.compile(deeper)
+    check_error(info.value)
+    assert info.value.line == 1 and deeper[info.value.column - 1] in "(~-oh{"
 
 
 @pytest.mark.parametrize(
