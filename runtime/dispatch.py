@@ -75,8 +75,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def check_scale(scale: object, head_dim: int) -> float:
     """The softmax scale: 1/sqrt(head dim) by default, else a finite real number."""
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
+    if scale is None:  # int(): a symbolic head dim under torch.compile(dynamic=True) is specialised
+        return 1.0 / math.sqrt(int(head_dim))
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise MaskTypeError(f"scale must be a finite number (or None for 1/sqrt(head dim)), got {scale!r}")
     return float(scale)
