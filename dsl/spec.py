@@ -15,7 +15,7 @@ from . import ast, ir
 from .errors import MaskError, MaskSyntaxError, MaskTypeError, Span
 from .lower import BUILTIN_NAMES, Definition, Sizes, Unit, Walker, free_names, pattern_nodes
 from .parser import parse
-from .values import INT, INT_LIMIT, Env, Unknown, type_name
+from .values import INT, INT_LIMIT, POSITION_LIMIT, Env, Unknown, type_name
 
 LibraryLookup = Callable[[str], "Definition | None"]
 
@@ -228,8 +228,9 @@ class Spec:
                 raise MaskTypeError(f"{name} = {value} is too large (limit 2**62)")
         if q_offset is None:
             q_offset = lk - lq
-        if not isinstance(q_offset, int) or isinstance(q_offset, bool) or abs(q_offset) > INT_LIMIT:
-            raise MaskTypeError(f"q_offset must be an integer within ±2**62, got {q_offset!r}")
+        if not isinstance(q_offset, int) or isinstance(q_offset, bool):
+            raise MaskTypeError(f"q_offset must be an integer, got {q_offset!r}")
+        _check_positions(lq, lk, q_offset)
         names = self.infer_sizes(lk, dict(sizes or {}))
         for name, value in names.items():
             if name not in self.bindable():
@@ -358,3 +359,12 @@ def _check_given_params(definition: Definition | None, params: dict[str, object]
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
             raise MaskTypeError(f"parameter '{name}' = {value} is too large (limit ±2**62)", p.span)
 
+
+def _check_positions(lq: int, lk: int, q_offset: int) -> None:
+    """Every token position must lie in [-2**30, 2**30) (see values.POSITION_LIMIT)."""
+    first, last = q_offset, q_offset + lq - 1
+    if lk > POSITION_LIMIT or first < -POSITION_LIMIT or last >= POSITION_LIMIT:
+        raise MaskTypeError(
+            f"token positions must lie in [-2**30, 2**30): queries span {first} .. {last} "
+            f"(q_offset = {q_offset}, lq = {lq}), keys 0 .. {lk - 1}"
+        )

@@ -14,6 +14,11 @@ from . import ast
 from .errors import MaskTypeError, Span
 
 INT_LIMIT = 2**62
+# Token positions (q_offset + query index, key index) lie in [-POSITION_LIMIT, POSITION_LIMIT).
+# Kernels compute positions in int32, and with positions this small every backend
+# is exact for any constant the language accepts (differences of positions stay
+# within int32; constants beyond them are clamped without changing any comparison).
+POSITION_LIMIT = 2**30
 
 
 @dataclass(frozen=True)

@@ -282,7 +282,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise MaskTypeError(f"{name} must be floating point, got {x.dtype}")
     if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
         raise MaskTypeError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
+    if k.shape[1] != v.shape[1] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise MaskTypeError(
             f"k and v must have the same number of heads, dividing q's: q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}"
         )
