@@ -194,6 +194,8 @@ class Walker:
             self.depth -= 1
 
     def _expr(self, node: object, env: Env, frame: Frame, unit: Unit) -> ir.Mask:
+        if isinstance(node, ast.Call):  # the most common node, asked first
+            return self.call(node, env, frame, unit)
         if isinstance(node, ast.SetOp):
             # One n-ary node for the whole chain; repeated terms (`all | all | ...`)
             # are kept once, so a long chain of few distinct terms stays small.
@@ -212,8 +214,6 @@ class Walker:
             return self.expr(node.body, env, self.grid(node.sizes, node.span, env, frame), unit)
         if isinstance(node, ast.PerHead):
             return self.per_head(node, env, frame, unit)
-        if isinstance(node, ast.Call):
-            return self.call(node, env, frame, unit)
         raise MaskTypeError(f"expected a pattern, found {type(node).__name__}", getattr(node, "span", None))
 
     def blocks(self, node: ast.OnBlocks, env: Env, frame: Frame) -> Frame:
