@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,7 +18,16 @@ from maskc.codegen.irtext import pattern_text
 from maskc.dsl import evaluate, parse, printer
 from maskc.dsl.errors import MaskError
 from maskc.dsl.spec import load
-from maskc.picture import _ranges, ascii_picture, reduce_mask, schedule_picture, write_png, write_schedule_png
+from maskc.picture import (
+    PNG_MAX_CELLS,
+    _ranges,
+    ascii_picture,
+    png_cell,
+    reduce_mask,
+    schedule_picture,
+    write_png,
+    write_schedule_png,
+)
 
 
 def _parse_set(values: list[str]) -> dict[str, int]:
@@ -33,9 +43,9 @@ def _parse_set(values: list[str]) -> dict[str, int]:
     return out
 
 
-def _split_params(program_spec: str, values: dict[str, int]) -> tuple[dict, dict]:
+def _split_params(program_spec: str, values: dict[str, int], pattern: str | None = None) -> tuple[dict, dict]:
     """--set values naming a parameter fix it; the others are call-time sizes."""
-    probe = maskc.compile(program_spec)
+    probe = maskc.compile(program_spec, pattern=pattern)
     d = probe.spec.definition
     declared = {p.name for p in d.node.params} if d else set()
     params = {k: v for k, v in values.items() if k in declared}
@@ -90,7 +100,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _program_and_instance(args: argparse.Namespace):
     values = _parse_set(args.set)
-    params, sizes = _split_params(args.spec, values)
+    params, sizes = _split_params(args.spec, values, args.pattern)
     program = maskc.compile(args.spec, pattern=args.pattern, **params)
     lk = args.lk or args.lq
     instance = program.instantiate(args.lq, lk, heads=args.heads, **sizes)
@@ -115,6 +125,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
         else:
             reduced = reduce_mask(instance, tensors, max_cells=args.width)
+            if args.png:  # the PNG has its own, finer reduction (1 position a pixel up to PNG_MAX_CELLS)
+                cell = png_cell(args.lq, args.lk or args.lq)
+                fine = reduced if reduced.cell == (cell, cell) else reduce_mask(instance, tensors, PNG_MAX_CELLS)
     except (MaskError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 1
@@ -126,13 +139,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.schedule:
         print(schedule_picture(sched, args.width))
         if args.png:
-            write_schedule_png(sched, args.png)
-            print(f"wrote {args.png}")
+            layout = write_schedule_png(sched, args.png)
+            print(f"wrote {args.png} ({layout.describe('block')}; full dark blue, partial orange, empty white)")
         return 0
     print(ascii_picture(reduced, args.lq, args.lk or args.lq))
     if args.png:
-        write_png(reduced, args.png)
-        print(f"wrote {args.png}")
+        layout = write_png(fine, args.png)
+        rule = "black allowed, white not" if layout.cell == 1 else "grey by the fraction allowed, black all"
+        print(f"wrote {args.png} ({layout.describe('position')}; {rule})")
     return 0
 
 
@@ -167,7 +181,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     from maskc import testing
 
     try:
-        params = _parse_set(args.set)
+        params, sizes = _split_params(args.spec, _parse_set(args.set), args.pattern)
         program = maskc.compile(args.spec, pattern=args.pattern, **params)
     except MaskError as e:
         print(str(e), file=sys.stderr)
@@ -177,16 +191,32 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         report = testing.replay(program, args.case, backends)
         print(report)
         return 0 if report.ok else 1
-    sets = " ".join(f"--set {shlex.quote(item)}" for item in args.set)
-    command = f"maskc fuzz {shlex.quote(args.spec)}" + (f" {sets}" if sets else "")
+    words = ["maskc", "fuzz", args.spec, *(["--pattern", args.pattern] if args.pattern else [])]
+    words += [w for item in args.set for w in ("--set", item)]
+    command = shlex.join(words)
+    budget = f", time budget {args.time_budget:g} s" if args.time_budget > 0 else ""
+    print(f"fuzzing up to {args.examples} cases{budget}", file=sys.stderr, flush=True)
+    start = time.monotonic()
 
-    def progress(n: int, case) -> None:
-        print(f"\r  case {n}/{args.examples}: {case.text()[:70]:<70}", end="", file=sys.stderr, flush=True)
+    def progress(n: int, case: testing.Case, note: str) -> None:
+        what = f" ({note})" if note else ""
+        elapsed = time.monotonic() - start
+        print(f"  case {n}/{args.examples}{what} at {elapsed:.1f} s: {case.text()}", file=sys.stderr, flush=True)
 
-    report = testing.fuzz(
-        program, examples=args.examples, backends=backends, seed=args.seed, progress=progress, command=command
-    )
-    print(file=sys.stderr)
+    try:
+        report = testing.fuzz(
+            program,
+            examples=args.examples,
+            backends=backends,
+            seed=args.seed,
+            progress=progress,
+            command=command,
+            sizes=sizes,
+            time_budget=args.time_budget,
+        )
+    except MaskError as e:  # --set sizes the pattern does not accept
+        print(str(e), file=sys.stderr)
+        return 1
     print(report)
     return 0 if report.ok else 1
 
@@ -242,11 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz = sub.add_parser("fuzz", help="check a pattern's schedule and kernels on random cases")
     fuzz.add_argument("spec", help="spec text, a .mask file, or a library pattern name")
     fuzz.add_argument("--pattern", help="which definition of a multi-pattern file")
-    fuzz.add_argument("--set", action="append", default=[], metavar="NAME=INT", help="fix a parameter")
+    fuzz.add_argument(
+        "--set", action="append", default=[], metavar="NAME=INT", help="fix a parameter or a grid size (h=56)"
+    )
     fuzz.add_argument("--examples", type=int, default=50, help="number of random cases (default 50)")
     fuzz.add_argument("--backend", nargs="+", choices=["cpu", "triton", "flex"], help="backends to check")
     fuzz.add_argument("--seed", type=int, help="random seed (default: derandomised, the same cases every run)")
     fuzz.add_argument("--case", help="replay one case printed by an earlier failure")
+    fuzz.add_argument(
+        "--time-budget",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="stop cleanly before the next case once this is spent (default 120; 0: no limit)",
+    )
     fuzz.set_defaults(run=cmd_fuzz)
 
     pats = sub.add_parser("patterns", help="list the library's patterns and their parameters")

@@ -112,31 +112,98 @@ def ascii_picture(reduced: Reduced, lq: int, lk: int) -> str:
     return "\n".join(lines)
 
 
-def write_png(reduced: Reduced, path: str, scale: int | None = None) -> None:
-    """One panel per distinct head pattern, allowed pairs dark."""
+# PNG sizes: a side longer than PNG_MAX_CELLS positions (or blocks) is reduced by the
+# smallest integer factor that fits; cells are then drawn PNG_TARGET // cells pixels
+# wide (at least 1), an integer too, so every position is the same square of pixels
+# (a non-integer ratio gives moire).
+PNG_MAX_CELLS = 1024
+PNG_TARGET = 512
+PANEL_GAP = 8
+
+
+def png_cell(lq: int, lk: int) -> int:
+    """Positions per PNG pixel side: 1, or the integer reduction that fits PNG_MAX_CELLS."""
+    return max(1, math.ceil(max(lq, lk) / PNG_MAX_CELLS))
+
+
+def png_scale(rows: int, cols: int) -> int:
+    """Pixels per cell side: the integer that brings the longer side near PNG_TARGET."""
+    return max(1, PNG_TARGET // max(rows, cols))
+
+
+@dataclass
+class PngLayout:
+    """Where a PNG's panels are, for captions and tests."""
+
+    size: tuple[int, int]  # width, height in pixels
+    scale: int  # pixels per cell side
+    cell: int  # positions (mask) or blocks (schedule) per cell side
+    origins: list[tuple[int, int]]  # top-left pixel of each panel
+
+    def describe(self, unit: str) -> str:
+        size, s, c = f"{self.size[0]} x {self.size[1]} px", self.scale, self.cell
+        if c == 1:
+            return f"{size}, each {unit} {s} x {s} px"
+        square = "pixel" if s == 1 else f"{s} x {s} px square"
+        return f"{size}, each {square} is {c} x {c} {unit}s"
+
+
+def _upscale(pixels, scale: int):
+    """Integer nearest-neighbour upscaling: every cell becomes scale x scale equal pixels."""
+    return pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def write_png(reduced: Reduced, path: str, scale: int | None = None) -> PngLayout:
+    """One panel per distinct head pattern: allowed pairs black, others white; a reduced
+    cell (several positions) is grey by its allowed fraction, at least light grey."""
+    import numpy as np
     from PIL import Image
 
     panels = []
     for fractions in reduced.fractions:
         rows, cols = fractions.shape
-        s = scale or max(1, 512 // max(rows, cols))
-        # Any allowed pair shows at least light grey, so sparse cells stay visible.
+        s = scale or png_scale(rows, cols)
         darkness = torch.where(fractions > 0, 0.3 + 0.7 * fractions, torch.zeros_like(fractions))
-        pixels = (255 * (1 - darkness)).round().clamp(0, 255).to(torch.uint8)
-        img = Image.fromarray(pixels.numpy(), mode="L").resize((cols * s, rows * s), Image.NEAREST)
-        panels.append(img)
-    gap = 8
-    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
-    height = max(p.height for p in panels)
-    canvas = Image.new("L", (width, height), 200)
-    x = 0
+        pixels = (255 * (1 - darkness)).round().clamp(0, 255).to(torch.uint8).numpy()
+        panels.append(_upscale(pixels, s))
+    width = sum(p.shape[1] for p in panels) + PANEL_GAP * (len(panels) - 1)
+    height = max(p.shape[0] for p in panels)
+    canvas = np.full((height, width), 200, dtype=np.uint8)
+    origins, x = [], 0
     for p in panels:
-        canvas.paste(p, (x, 0))
-        x += p.width + gap
-    canvas.save(path)
+        canvas[: p.shape[0], x : x + p.shape[1]] = p
+        origins.append((x, 0))
+        x += p.shape[1] + PANEL_GAP
+    Image.fromarray(canvas, mode="L").save(path)
+    s = scale or png_scale(*reduced.fractions[0].shape)
+    return PngLayout((width, height), s, reduced.cell[0], origins)
 
 
 SCHEDULE_SHADES = {0: " ", 1: "+", 2: "#"}
+
+
+# Schedule colours: full blocks dark blue, partial orange, empty white (in a grey frame).
+STATE_COLOURS = {2: (31, 60, 150), 1: (245, 140, 30), 0: (255, 255, 255)}
+STATE_NAMES = {2: "full", 1: "partial", 0: "empty"}
+FRAME = (150, 150, 150)
+MARGIN = 10
+
+
+def _pool_states(grid: torch.Tensor, cell: int) -> torch.Tensor:
+    """Block states (0 empty, 1 partial, 2 full) pooled over cell x cell blocks: the
+    busiest wins, partial over full over empty, so one partial block marks its cell."""
+    if cell == 1:
+        return grid.long()
+    rank = torch.tensor([0, 2, 1])[grid.long()]
+    pooled = torch.nn.functional.max_pool2d(rank[None, None].float(), cell, ceil_mode=True)[0, 0].long()
+    return torch.tensor([0, 2, 1])[pooled]
+
+
+def _head_groups(schedule) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for h, g in enumerate(schedule.head_group):
+        groups.setdefault(g, []).append(h)
+    return list(groups.values())
 
 
 def schedule_picture(schedule, max_cells: int = 64) -> str:
@@ -152,15 +219,9 @@ def schedule_picture(schedule, max_cells: int = 64) -> str:
     ]
     if cell > 1:
         lines.append(f"downsampled: each character is {cell} x {cell} blocks (partial wins over full, full over empty)")
-    groups = {}
-    for h, g in enumerate(schedule.head_group):
-        groups.setdefault(g, []).append(h)
-    for heads in groups.values():
-        grid = dense[heads[0]].long()
-        # Rank states so one partial block marks its cell: empty 0 < full 1 < partial 2.
-        rank = torch.tensor([0, 2, 1])[grid]
-        pooled = torch.nn.functional.max_pool2d(rank[None, None].float(), cell, ceil_mode=True)[0, 0].long()
-        state = torch.tensor([0, 2, 1])[pooled]
+    groups = _head_groups(schedule)
+    for heads in groups:
+        state = _pool_states(dense[heads[0]], cell)
         if len(groups) > 1:
             lines.append(f"heads {_ranges(heads)}:")
         border = "+" + "-" * state.shape[1] + "+"
@@ -170,11 +231,60 @@ def schedule_picture(schedule, max_cells: int = 64) -> str:
     return "\n".join(lines)
 
 
-def write_schedule_png(schedule, path: str) -> None:
-    """Block states as an image, one panel per distinct head pattern: full
-    black, partial grey, empty white."""
+def write_schedule_png(schedule, path: str) -> PngLayout:
+    """Block states as an image, one framed panel per distinct head pattern (titled when
+    there are several): full dark blue, partial orange, empty white, with a legend strip
+    below that names the colours, the block size and any reduction."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
     dense = schedule.to_dense()
-    first_head = {g: h for h, g in reversed(list(enumerate(schedule.head_group)))}
-    darkness = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
-    fractions = [darkness[dense[first_head[g]].long()] for g in sorted(first_head)]
-    write_png(Reduced(fractions, [], (1, 1), False), path)
+    rows, cols = dense.shape[1:]
+    cell = max(1, math.ceil(max(rows, cols) / PNG_MAX_CELLS))
+    groups = _head_groups(schedule)
+    states = [_pool_states(dense[heads[0]], cell) for heads in groups]
+    s = png_scale(*states[0].shape)
+    palette = np.array([STATE_COLOURS[i] for i in range(3)], dtype=np.uint8)
+    panels = [_upscale(palette[st.numpy()], s) for st in states]
+
+    font = ImageFont.load_default(size=13)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = 18
+    titled = len(groups) > 1
+    notes = [
+        f"blocks of {schedule.block_q} x {schedule.block_k} tokens, {rows} x {cols} blocks, layout {schedule.layout}",
+        f"visited {schedule.visited_blocks()} blocks, efficiency {schedule.efficiency():.3f}",
+    ]
+    if cell > 1:
+        notes.append(f"each {s} x {s} px square is {cell} x {cell} blocks: partial wins over full, full over empty")
+    swatch = 14
+    legend_width = sum(swatch + 6 + int(probe.textlength(STATE_NAMES[i], font=font)) + 18 for i in (2, 1, 0))
+    text_width = max([legend_width, *(int(probe.textlength(n, font=font)) for n in notes)])
+    panel_h, panel_w = panels[0].shape[:2]
+    top = MARGIN + (line_height if titled else 0)
+    panels_width = len(panels) * (panel_w + 2) + (len(panels) - 1) * PANEL_GAP
+    width = 2 * MARGIN + max(panels_width, text_width)
+    legend_top = top + panel_h + 2 + MARGIN
+    height = legend_top + line_height * (1 + len(notes)) + MARGIN
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    origins, x = [], MARGIN
+    for p in panels:
+        canvas[top : top + panel_h + 2, x : x + panel_w + 2] = FRAME  # 1-pixel frame around the panel
+        canvas[top + 1 : top + 1 + panel_h, x + 1 : x + 1 + panel_w] = p
+        origins.append((x + 1, top + 1))
+        x += panel_w + 2 + PANEL_GAP
+    img = Image.fromarray(canvas, mode="RGB")
+    draw = ImageDraw.Draw(img)
+    if titled:
+        for (ox, _), heads in zip(origins, groups, strict=True):
+            draw.text((ox, MARGIN), f"heads {_ranges(heads)}", fill=(0, 0, 0), font=font)
+    x = MARGIN
+    for state in (2, 1, 0):
+        y = legend_top + (line_height - swatch) // 2
+        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=STATE_COLOURS[state], outline=FRAME)
+        draw.text((x + swatch + 6, legend_top), STATE_NAMES[state], fill=(0, 0, 0), font=font)
+        x += swatch + 6 + int(draw.textlength(STATE_NAMES[state], font=font)) + 18
+    for i, note in enumerate(notes):
+        draw.text((MARGIN, legend_top + line_height * (i + 1)), note, fill=(0, 0, 0), font=font)
+    img.save(path)
+    return PngLayout((width, height), s, cell, origins)

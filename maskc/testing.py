@@ -4,7 +4,9 @@
     >>> assert report.ok, report
 
 For each case (lengths, heads, batch, grid sizes, head dim and seeded random
-tensors, drawn by hypothesis within what the pattern accepts) `check_case`
+tensors, drawn by hypothesis within what the pattern accepts: small, and around
+the pattern's own windows, blocks, strides and grid sizes, see `plan_cases`;
+no larger than a `Budget` for the backends allows) `check_case`
 verifies that the block schedule is exact against the dense mask and that
 every backend's forward output (and, where the backend has one, backward:
 gradients of q, k, v and of the pattern's float tensors) matches
@@ -15,6 +17,7 @@ and reported with a `maskc fuzz ... --case ...` command that replays it.
 from __future__ import annotations
 
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +25,7 @@ import torch
 
 from maskc.dsl import ast, ir
 from maskc.dsl.errors import MaskError
+from maskc.dsl.spec import Instance
 
 # FlexAttention compiles once per shape (seconds on CPU), so fuzzing it is opt-in: --backend flex.
 DEFAULT_BACKENDS = ("cpu", "triton")
@@ -62,24 +66,34 @@ class FuzzError(AssertionError):
 @dataclass
 class Report:
     spec: str
-    examples: int
+    examples: int  # cases asked for
     backends: tuple[str, ...]
     failure: FuzzError | None = None
     command: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    ran: int = 0  # cases checked, shrinking included
+    seconds: float = 0.0
+    stopped: str | None = None  # why the run ended early
+    values: list[int] = field(default_factory=list)  # the pattern's values the sizes were drawn around
 
     @property
     def ok(self) -> bool:
         return self.failure is None
 
     def __str__(self) -> str:
-        lines = [f"fuzzed {self.spec!r}: {self.examples} cases, backends {', '.join(self.backends) or 'none'}"]
+        backends = ", ".join(self.backends) or "none"
+        lines = [f"fuzzed {self.spec!r}: {self.ran} cases in {self.seconds:.1f} s, backends {backends}"]
+        if self.values:
+            lines.append(f"  lengths and grid sizes drawn around {', '.join(map(str, self.values))}")
         lines += [f"  backend {name} skipped: {why}" for name, why in self.skipped.items()]
+        if self.stopped:
+            lines.append(f"  stopped early ({self.ran} of {self.examples} cases): {self.stopped}")
         if self.failure is None:
             lines.append("  all checks passed")
         else:
             lines.append(f"  FAILED {self.failure.check}: {self.failure.detail}")
-            lines.append(f"  smallest case: {self.failure.case.text()}")
+            label = "failing case" if self.stopped else "smallest case"
+            lines.append(f"  {label}: {self.failure.case.text()}")
             lines.append(f"  reproduce: {self.command}")
         return "\n".join(lines)
 
@@ -141,9 +155,194 @@ def _fits(program, case: Case) -> bool:
     return True
 
 
-# Above this many keys a case keeps to one batch element and at most two heads,
-# so that the dense reference stays small.
-LARGE = 2048
+# The Triton backend runs CPU tensors under its interpreter, where every pair of a
+# NOMINAL_TILE-query tile and a NOMINAL_TILE-key tile costs about half a CPU second
+# (forward and both backward kernels) per batch element and head.  A case for it
+# spans at most this many, a few seconds (3,136 tokens took minutes): one head
+# gets 192 x 192 tokens, or 64 queries on 576 keys.
+INTERPRETER_TILE_PAIRS = 9
+NOMINAL_TILE = 64
+# Without the interpreter the dense reference is the cost: pairs over batch and heads.
+REFERENCE_PAIRS = 1 << 22
+# Sizes of the implementation every pattern is tried across: the schedule check's
+# 16-token blocks and the kernels' 32- and 64-token tiles.
+IMPLEMENTATION_SIZES = (16, 32, 64)
+# Pattern values above this are not worth lengths around them (seeds, 2**20 windows).
+VALUE_LIMIT = 1 << 16
+# Drawn grid sizes stay below this (a user's 56 x 56 needs --set).
+GRID_SIZE_LIMIT = 64
+# 1-D patterns are probed at these lengths for the IR values they reach.
+PROBE_LENGTHS = (64, 256, 4096)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How large a case may be; `interpreted` when a backend runs under the Triton interpreter."""
+
+    interpreted: bool
+
+    @classmethod
+    def for_backends(cls, backends: tuple[str, ...]) -> Budget:
+        return cls("triton" in backends)  # fuzz tensors live on the CPU: Triton interprets
+
+    def fits(self, lq: int, lk: int, heads: int = 1, batch: int = 1) -> bool:
+        if self.interpreted:
+            pairs = -(-lq // NOMINAL_TILE) * -(-lk // NOMINAL_TILE)
+            return batch * heads * pairs <= INTERPRETER_TILE_PAIRS
+        return batch * heads * lq * lk <= REFERENCE_PAIRS
+
+    def most_queries(self, lk: int) -> int:
+        """The most queries a one-head case with `lk` keys may have (0: none)."""
+        lo, hi = 0, lk
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.fits(mid, lk) else (lo, mid - 1)
+        return lo
+
+    def most_keys(self, limit: int = VALUE_LIMIT) -> int:
+        """The most keys a one-query, one-head case may have, up to `limit`."""
+        lo, hi = 1, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.fits(1, mid) else (lo, mid - 1)
+        return lo
+
+
+def pattern_values(program, instance: Instance | None = None) -> list[int]:
+    """The pattern's own positive integers, where off-by-one errors live: its parameters
+    and literals, and the window, block, stride, dilation and grid sizes in `instance`'s
+    IR (on a 1-D sequence, blocked values also in tokens)."""
+    spec = program.spec
+    sequence = not any(True for _ in spec._grids())
+    found = {v for v in spec._literal_params().values()}
+    found |= {abs(node.value) for node in spec._reachable() if isinstance(node, ast.IntLit)}
+    if instance is not None:
+        for pattern in instance.patterns:
+            for node in ir.walk(pattern.mask):
+                found |= _ir_values(node, sequence)
+    return sorted(v for v in found if 1 <= v <= VALUE_LIMIT)
+
+
+def _ir_values(node: object, sequence: bool) -> set[int]:
+    if isinstance(node, ir.Offset):
+        raw = {abs(v) for v in (node.lo, node.hi) if v is not None}
+        if node.lo is not None and node.hi is not None:
+            raw.add(node.hi - node.lo + 1)  # keys in the window
+    elif isinstance(node, ir.OffsetMod):
+        raw = {node.modulus, node.residue}
+    elif isinstance(node, ir.PosSet):
+        raw = {node.lo, node.hi, node.modulus or 0}
+    elif isinstance(node, ir.Neighborhood):
+        raw = {node.window, node.dilation, node.stride, node.window * node.dilation}
+    elif isinstance(node, ir.RandomBlocks):
+        raw = {node.count, node.lo, node.hi, node.skip}
+    elif isinstance(node, ir.Cluster):
+        raw = {node.clusters}
+    elif isinstance(node, ir.Route):
+        raw = {node.topk}
+    else:
+        raw = set()
+    coords = [node.coord] if hasattr(node, "coord") else list(getattr(node, "regions", ()))
+    out = set(raw)
+    for c in coords:
+        out |= {v for v in (c.div, c.mod or 0) if v > 1}
+        if sequence and c.div > 1 and c.mod is None:  # blocks of the sequence: the same values in tokens
+            out |= {v * c.div for v in raw}
+    return out
+
+
+def around(values: list[int], limit: int) -> list[int]:
+    """v - 1, v, v + 1 and a few multiples (2v, 2v + 1, 3v + 1) of each value, within 1 .. limit."""
+    out = {x for v in values for x in (v - 1, v, v + 1, 2 * v, 2 * v + 1, 3 * v + 1)}
+    return sorted(x for x in out if 1 <= x <= limit)
+
+
+@dataclass
+class Plan:
+    """What `case_strategy` draws from, worked out once per fuzz run."""
+
+    names: list[str]  # integer names bound at call time (grid sizes, parameters)
+    grids: list[tuple]
+    fixed: dict[str, int]  # names the user fixed (--set h=56)
+    hints: dict[str, list[int]]
+    values: list[int]  # pattern_values
+    lengths: list[int]  # sequence lengths around the values (1-D patterns)
+    size_choices: dict[str, list[int]]  # per name: small sizes and those around the values that fit
+    head_options: list[int]
+    floor: int  # tokens of the smallest case that fits (grid patterns; 0: any length)
+    budget: Budget
+    max_len: int
+
+
+def plan_cases(
+    program,
+    max_len: int = 80,
+    hints: dict[str, list[int]] | None = None,
+    *,
+    sizes: dict[str, int] | None = None,
+    budget: Budget | None = None,
+) -> Plan:
+    """Which lengths and grid sizes to draw: small ones, and around the pattern's own values."""
+    spec = program.spec
+    names = spec.bindable()
+    grids = list(spec._grids())
+    fixed = dict(sizes or {})
+    hints = size_hints(program) if hints is None else hints
+    budget = budget or Budget(False)
+    small = list(range(1, 10))
+    choices = sorted({*small, *around(pattern_values(program), GRID_SIZE_LIMIT)})
+    floor, probe, trial = _smallest(program, names, grids, fixed, choices, hints)
+    values = pattern_values(program, probe)
+    if grids:
+        choices = sorted({*small, *around(values, GRID_SIZE_LIMIT)})
+    per_name = {n: _fitting(program, grids, trial, n, choices, probe) or choices for n in names if n not in fixed}
+    if hints and trial is not None:
+        hinted = {**trial, **{n: v[0] for n, v in hints.items() if n in names and v}, **fixed}
+        tokens = _tokens(grids[0], hinted) if grids else 0
+        if not (budget.fits(tokens, tokens) or tokens <= floor):
+            hints = {}  # the example's grid is over the budget: draw smaller ones
+    lengths = around(sorted({*values, *IMPLEMENTATION_SIZES}), budget.most_keys())
+    heads = [h for h in range(1, 9) if _heads_fit(program, h, probe)] or [1]
+    return Plan(names, grids, fixed, hints, values, lengths, per_name, heads, floor, budget, max_len)
+
+
+def _smallest(program, names, grids, fixed, choices, hints) -> tuple[int, Instance | None, dict[str, int] | None]:
+    """Tokens, instance and sizes of the smallest fitting case with all free sizes equal
+    (or the hinted ones): how large a grid pattern must be, and an instance to read values from."""
+    trials = []
+    for v in choices:
+        trials.append({n: v for n in names})
+        trials.append({n: hints[n][0] if hints.get(n) else v for n in names})
+    for trial in trials:
+        trial.update(fixed)
+    if grids:
+        trials.sort(key=lambda t: _tokens(grids[0], t))
+        attempts = [(_tokens(grids[0], t), t) for t in trials]
+    else:
+        attempts = [(length, t) for t in trials[:2] for length in PROBE_LENGTHS]
+    for tokens, trial in attempts:
+        try:
+            return (tokens if grids else 0), program.instantiate(tokens, **trial), trial
+        except MaskError:
+            continue
+    return 0, None, None
+
+
+def _fitting(program, grids, trial, name, choices, probe) -> list[int]:
+    """The choices for one size that fit with the others as in `trial` (a 7x7 window
+    needs 7 rows; tiles of 8 need multiples of 8), so that few drawn cases are rejected."""
+    if trial is None:
+        return []
+    out = []
+    for v in choices:
+        sizes = {**trial, name: v}
+        tokens = _tokens(grids[0], sizes) if grids else probe.sizes.lk
+        try:
+            program.instantiate(tokens, **sizes)
+        except MaskError:
+            continue
+        out.append(v)
+    return out
 
 
 def size_hints(program) -> dict[str, list[int]]:
@@ -156,49 +355,57 @@ def size_hints(program) -> dict[str, list[int]]:
     return {name: [value] for name, value in entry.example.items() if name != "lq"}
 
 
-def case_strategy(program, max_len: int = 80, hints: dict[str, list[int]] | None = None):
-    """Hypothesis strategy of cases the pattern accepts (grid sizes when it has grids).
+def case_strategy(program, max_len: int = 80, hints: dict[str, list[int]] | None = None, *, plan: Plan | None = None):
+    """Hypothesis strategy of cases the pattern accepts, within the plan's budget.
 
-    Grid sizes are drawn from 1 .. 9 and from `hints` (default: the library
-    example's sizes), since some patterns need large grids (a 7x7x7 window)."""
+    Lengths (1-D patterns) and grid sizes are drawn small, and around the pattern's own
+    values (`pattern_values`: windows, blocks, strides, grid sizes) so that their edges
+    are crossed; half the cases of a library pattern take its example's grid sizes
+    (`hints`), since some need large grids (a 7x7x7 window).  A case above the budget
+    is drawn only where the pattern fits nothing smaller, with one head and batch 1."""
+    from hypothesis import assume
     from hypothesis import strategies as st
 
-    spec = program.spec
-    names = spec.bindable()
-    grids = [g for g in spec._grids()]
-    head_options = [h for h in range(1, 9) if _heads_fit(program, h)] or [1]
-    hints = size_hints(program) if hints is None else hints
-
-    def size(name: str):
-        small = st.integers(1, 9)
-        return st.one_of(small, st.sampled_from(hints[name])) if hints.get(name) else small
+    plan = plan or plan_cases(program, max_len, hints)
+    budget = plan.budget
 
     @st.composite
     def draw(draw_):
-        sizes = {name: draw_(size(name)) for name in names}
-        large = 1
-        for value in sizes.values():
-            large *= value
-        options = [h for h in head_options if large <= LARGE or h <= 2] or head_options[:1]
+        hinted = bool(plan.hints) and draw_(st.booleans())
+        sizes = {}
+        for name in plan.names:
+            if name in plan.fixed:
+                sizes[name] = plan.fixed[name]
+            elif hinted and plan.hints.get(name):
+                sizes[name] = draw_(st.sampled_from(plan.hints[name]))
+            else:
+                sizes[name] = draw_(st.sampled_from(plan.size_choices[name]))
+        if plan.grids:
+            lq = lk = _tokens(plan.grids[0], sizes)
+        else:
+            lk = draw_(st.one_of(st.integers(1, plan.max_len), st.sampled_from(plan.lengths or [1])))
+            top = min(lk, budget.most_queries(lk))
+            assume(top > 0)
+            near = [n for n in plan.lengths if n <= top] or [top]
+            lq = draw_(st.one_of(st.integers(1, top), st.sampled_from(near), st.just(top)))
+        assume(budget.fits(lq, lk) or lk <= plan.floor)  # above the budget only when nothing smaller fits
+        options = [h for h in plan.head_options if budget.fits(lq, lk, h)] or plan.head_options[:1]
         heads = draw_(st.sampled_from(options))
         kv_heads = draw_(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
-        if grids:
-            lq = lk = _tokens(grids[0], sizes)
-        else:
-            lk = draw_(st.integers(1, max_len))
-            lq = draw_(st.integers(1, lk))
-        return Case(
+        case = Case(
             lq=lq,
             lk=lk,
             heads=heads,
             kv_heads=kv_heads,
-            batch=1 if lk > LARGE else draw_(st.integers(1, 2)),
+            batch=draw_(st.sampled_from([b for b in (1, 2) if budget.fits(lq, lk, heads, b)] or [1])),
             dim=draw_(st.sampled_from([16, 24, 40])),
             seed=draw_(st.integers(0, 2**16)),
             sizes=tuple(sorted(sizes.items())),
         )
+        assume(_fits(program, case))
+        return case
 
-    return draw().filter(lambda c: (c.lk <= 4 * max_len or c.lk <= _product_of_hints(hints)) and _fits(program, c))
+    return draw()
 
 
 def _tokens(grid: tuple, sizes: dict[str, int]) -> int:
@@ -218,21 +425,14 @@ def _tokens(grid: tuple, sizes: dict[str, int]) -> int:
     return total
 
 
-def _product_of_hints(hints: dict[str, list[int]]) -> int:
-    total = 1
-    for values in hints.values():
-        total *= max(values)
-    return total
-
-
-def _heads_fit(program, heads: int) -> bool:
-    for length in (16, 64):
-        try:
-            program.instantiate(length, heads=heads, **{n: 4 for n in program.spec.bindable()})
-            return True
-        except MaskError:
-            continue
-    return False
+def _heads_fit(program, heads: int, probe: Instance | None) -> bool:
+    if probe is None:
+        return heads == 1
+    try:
+        program.instantiate(probe.sizes.lq, heads=heads, **probe.sizes.names)
+    except MaskError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------- checks
@@ -339,6 +539,14 @@ def _describe(program) -> str:
     return program.source().strip() + (f" [{params}]" if params else "")
 
 
+class _OutOfTime(BaseException):
+    """Raised inside the hypothesis test when the time budget is spent.  A BaseException,
+    because hypothesis takes an Exception for a failure and would shrink it."""
+
+
+Progress = Callable[[int, Case, str], None]
+
+
 def fuzz(
     program,
     *,
@@ -346,19 +554,28 @@ def fuzz(
     backends: tuple[str, ...] | None = None,
     seed: int | None = None,
     max_len: int = 80,
-    progress: Callable[[int, Case], None] | None = None,
+    progress: Progress | None = None,
     command: str | None = None,
     hints: dict[str, list[int]] | None = None,
+    sizes: dict[str, int] | None = None,
+    time_budget: float | None = None,
 ) -> Report:
-    """Check `program` on `examples` random cases; see the module docstring."""
-    from hypothesis import HealthCheck, given, settings
+    """Check `program` on `examples` random cases; see the module docstring.
+
+    `sizes` fixes grid sizes or call-time parameters; `time_budget` (seconds) stops
+    the run cleanly before the next case once spent, reporting how many ran (a
+    failure found so far is kept, shrunk as far as the time allowed).  `progress`
+    is called before each case with its number, the case and a note ("shrinking"
+    once a failure is being shrunk)."""
+    from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
 
+    start = time.monotonic()
     names, skipped = available_backends(backends)
-    spec_text = _describe(program)
-    report = Report(spec_text, examples, names, skipped=skipped)
+    plan = plan_cases(program, max_len, hints, sizes=sizes, budget=Budget.for_backends(names))
+    report = Report(_describe(program), examples, names, skipped=skipped, values=plan.values)
     failures: list[FuzzError] = []
-    count = [0]
+    deadline = None if not time_budget or time_budget <= 0 else start + time_budget
 
     @settings(
         max_examples=examples,
@@ -367,12 +584,16 @@ def fuzz(
         suppress_health_check=list(HealthCheck),
         derandomize=seed is None,
         print_blob=False,
+        report_multiple_bugs=False,  # shrink the first failure at once, rather than search on for others
+        phases=[p for p in Phase if p != Phase.explain],  # explaining varies the smallest case: minutes of kernels
     )
-    @given(case=case_strategy(program, max_len, hints))
+    @given(case=case_strategy(program, plan=plan))
     def run(case: Case) -> None:
-        count[0] += 1
+        if deadline is not None and time.monotonic() > deadline:
+            raise _OutOfTime
+        report.ran += 1
         if progress is not None:
-            progress(count[0], case)
+            progress(report.ran, case, "shrinking" if failures else "")
         try:
             check_case(program, case, names)
         except FuzzError as failure:
@@ -384,6 +605,13 @@ def fuzz(
     try:
         run()
     except FuzzError:
+        pass
+    except _OutOfTime:
+        report.stopped = f"time budget of {time_budget:g} s spent" + (
+            "; shrinking cut short, the case shown may not be the smallest" if failures else ""
+        )
+    report.seconds = time.monotonic() - start
+    if failures:
         report.failure = failures[-1]  # hypothesis replays the smallest failing case last
         sets = "".join(f" --set {k}={v}" for k, v in program.params.items())
         base = command or f"maskc fuzz {shlex.quote(program.source().strip())}{sets}"
@@ -395,9 +623,11 @@ def replay(program, case_text: str, backends: tuple[str, ...] | None = None) -> 
     """Run the checks of one case (from a `--case` string)."""
     names, skipped = available_backends(backends)
     case = Case.parse(case_text)
-    report = Report(_describe(program), 1, names, skipped=skipped)
+    report = Report(_describe(program), 1, names, skipped=skipped, ran=1)
+    start = time.monotonic()
     try:
         check_case(program, case, names)
     except FuzzError as failure:
         report.failure = failure
+    report.seconds = time.monotonic() - start
     return report

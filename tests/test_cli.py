@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import maskc
 from maskc import cli
@@ -148,6 +149,103 @@ def test_show_png(tmp_path, capsys):
     # allowed pairs are dark: the bottom-left corner is allowed, the top-right is not
     assert gray.getpixel((1, h - 2)) < 64
     assert gray.getpixel((w - 2, 1)) > 192
+
+
+def test_show_png_integer_scale_equals_the_mask(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    png = tmp_path / "natten.png"
+    args = ["show", "natten2d", "--lq", "196", "--set", "h=14", "--set", "w=14", "--set", "k=5", "--png", str(png)]
+    assert cli.main(args) == 0
+    assert "each position 2 x 2 px" in capsys.readouterr().out
+    pixels = np.asarray(Image.open(png).convert("L"))
+    assert pixels.shape == (392, 392)  # 2 pixels a position, not 490 / 196 = 2.5
+    mask = maskc.compile("natten2d", k=5).mask(196, h=14, w=14)[0].numpy()  # head 0
+    want = np.where(mask, 0, 255).astype(np.uint8).repeat(2, axis=0).repeat(2, axis=1)
+    assert np.array_equal(pixels, want)
+
+
+def test_show_png_downsamples_by_an_integer(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    png = tmp_path / "causal.png"
+    assert cli.main(["show", "causal", "--lq", "2100", "--png", str(png)]) == 0
+    assert "each pixel is 3 x 3 positions" in capsys.readouterr().out
+    pixels = np.asarray(Image.open(png).convert("L"))
+    assert pixels.shape == (700, 700)  # 2100 positions, 3 a pixel
+    # below the diagonal all allowed (black), above none (white), on it 6 of 9 pairs (grey)
+    assert pixels[5, 2] == 0 and pixels[2, 5] == 255 and 0 < pixels[4, 4] < 255
+
+
+def test_show_schedule_png_colours_and_legend(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from maskc import picture
+
+    png = tmp_path / "schedule.png"
+    assert cli.main(["show", "causal", "--lq", "256", "--schedule", "--png", str(png)]) == 0
+    assert "full dark blue, partial orange, empty white" in capsys.readouterr().out
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    sched = maskc.compile("causal").schedule(256, block_q=64, block_k=64)
+    layout = picture.write_schedule_png(sched, str(tmp_path / "again.png"))
+    assert pixels.shape[:2] == layout.size[::-1]
+    (x0, y0), s = layout.origins[0], layout.scale
+    assert s == 128  # 4 x 4 blocks, an integer scale
+
+    def block(row: int, col: int) -> tuple[int, ...]:
+        colours = {
+            tuple(c)
+            for c in pixels[y0 + row * s : y0 + (row + 1) * s, x0 + col * s : x0 + (col + 1) * s].reshape(-1, 3)
+        }
+        assert len(colours) == 1, colours  # one flat colour per block
+        return colours.pop()
+
+    full, partial, empty = (picture.STATE_COLOURS[i] for i in (2, 1, 0))
+    assert len({full, partial, empty}) == 3
+    for row in range(4):
+        for col in range(4):
+            assert block(row, col) == (full if col < row else partial if col == row else empty)
+    # The legend below the panel shows the three colours and its text (dark pixels).
+    legend = pixels[y0 + 4 * s + 1 :].reshape(-1, 3)
+    found = {tuple(c) for c in legend}
+    assert {full, partial, empty} <= found
+    assert (legend.sum(axis=1) < 150).sum() > 200  # the words "full", "partial", "blocks of 64 x 64 tokens", ...
+
+
+def test_schedule_png_downsamples_many_blocks(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from maskc import picture
+
+    # 2050 x 2050 blocks: 3 blocks a pixel; partial wins over full, full over empty
+    states = torch.zeros(1, 2050, 2050, dtype=torch.int8)
+    states[0, :3, :3] = 2
+    states[0, 1, 4] = 1
+    states[0, 3:6, 3:6] = 2
+    sched = SimpleNamespace(
+        to_dense=lambda: states,
+        head_group=[0],
+        block_q=16,
+        block_k=16,
+        layout="rowmajor",
+        visited_blocks=lambda: 19,
+        efficiency=lambda: 1.0,
+    )
+    layout = picture.write_schedule_png(sched, str(tmp_path / "big.png"))
+    assert layout.cell == 3 and layout.scale == 1
+    pixels = np.asarray(Image.open(tmp_path / "big.png").convert("RGB"))
+    x0, y0 = layout.origins[0]
+    full, partial, empty = (picture.STATE_COLOURS[i] for i in (2, 1, 0))
+    assert tuple(pixels[y0, x0]) == full
+    assert tuple(pixels[y0, x0 + 1]) == partial
+    assert tuple(pixels[y0 + 1, x0 + 1]) == full
+    assert tuple(pixels[y0 + 2, x0 + 2]) == empty
 
 
 def test_show_bad_spec(capsys):
