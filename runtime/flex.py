@@ -27,6 +27,13 @@ roughly doubles the cost of a CPU call; `lower` plus `compiled_flex_attention`
 time Flex alone.  Elsewhere Flex returns the log-sum-exp itself
 (`AuxRequest(lse=True)`, natural log).  Rows with no allowed key get output 0
 and lse -inf.
+
+On CPU, keys are padded to a multiple of 16 (`cpu_key_length`): Flex's compiled
+CPU kernel (torch 2.13, AVX2) computes q @ k^T over a key chunk of 8 mod 16 keys
+as if it had 16 more, reading past k and overwriting the running maxima of
+queries 0..7 -- wrong or NaN rows that depend on whatever memory follows k
+(`bench/flex_cpu_bug.py`).  The padded keys are zeros, masked by `mask_mod`, and
+the last key block is never full, so Flex evaluates the mask there.
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ BIG = 2**40
 # distinct pattern structure and shape); past the default of 8 Dynamo would
 # silently fall back to the unfused eager path.
 RECOMPILE_LIMIT = 256
+
+# Flex's CPU kernel is handed keys in multiples of this (its q @ k^T micro-GEMM's
+# block_n, `GemmBlocking(1, 16, 1)`): a chunk of 8 mod 16 keys hits the bug above.
+CPU_KEY_MULTIPLE = 16
 
 _compiled: Callable | None = None
 
@@ -595,14 +606,22 @@ class _Lowering:
 
         return make
 
-    def mask_mod(self) -> Callable:
+    def mask_mod(self, kv_length: int | None = None) -> Callable:
+        """Flex's `mask_mod`; keys from `prepared.lk` up to `kv_length` are padding, never allowed."""
         expr = self.mask({g: f.mask for g, f in enumerate(self.prepared.forms)})
         make = self.env_maker()
+        lk = self.prepared.lk
+        if kv_length is None or kv_length <= lk:
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return expr(make(b, h, q_idx, kv_idx))
+            def mask_mod(b, h, q_idx, kv_idx):
+                return expr(make(b, h, q_idx, kv_idx))
 
-        return mask_mod
+            return mask_mod
+
+        def padded_mask_mod(b, h, q_idx, kv_idx):
+            return expr(make(b, h, q_idx, kv_idx)) & (kv_idx < lk)
+
+        return padded_mask_mod
 
     def score_mod(self) -> Callable | None:
         expr = self.modifiers({g: f.modifiers for g, f in enumerate(self.prepared.forms)})
@@ -629,18 +648,27 @@ def _ordered(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: in
     return counts.to(torch.int32), indices
 
 
-def group_block_tables(prepared: Prepared, group: int):
-    """(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) of one head group."""
+def group_block_tables(prepared: Prepared, group: int, padded_keys: bool = False):
+    """(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) of one head group;
+    with `padded_keys` the last key block holds padding, so it is partial wherever visited
+    (Flex skips `mask_mod`, which masks the padding, in full blocks)."""
     sched = prepared.schedule
     rows, cols, full = prepared.runs(group).blocks()
     nq, nk = sched.num_q_blocks, sched.num_k_blocks
+    if padded_keys:
+        full = full & (cols != nk - 1)
     kv_num, kv_idx = _ordered(rows[~full], cols[~full], nq, nk)
     full_num, full_idx = _ordered(rows[full], cols[full], nq, nk)
     return kv_num, kv_idx, full_num, full_idx
 
 
-def block_mask(prepared: Prepared, device, mask_mod=None, compute_q_blocks: bool = True) -> _flex.BlockMask:
-    """maskc's schedule as a Flex `BlockMask` [1, heads or 1, q blocks, kv blocks]."""
+def block_mask(
+    prepared: Prepared, device, mask_mod=None, compute_q_blocks: bool = True, kv_length: int | None = None
+) -> _flex.BlockMask:
+    """maskc's schedule as a Flex `BlockMask` [1, heads or 1, q blocks, kv blocks], for
+    `kv_length` keys (default `prepared.lk`; more: padding, see `cpu_key_length`)."""
+    kv_length = prepared.lk if kv_length is None else kv_length
+    padded = kv_length > prepared.lk
     forms = prepared.forms
     distinct: list[int] = []  # one representative group per distinct mask
     rep_of_group = []
@@ -650,7 +678,7 @@ def block_mask(prepared: Prepared, device, mask_mod=None, compute_q_blocks: bool
             distinct.append(g)
             same = g
         rep_of_group.append(distinct.index(same))
-    tables = [group_block_tables(prepared, g) for g in distinct]
+    tables = [group_block_tables(prepared, g, padded) for g in distinct]
     stacked = [torch.stack([t[i] for t in tables]) for i in range(4)]
     if len(distinct) == 1:
         per_head = [x[None] for x in stacked]  # [1, 1, ...]: Flex broadcasts over heads
@@ -665,7 +693,7 @@ def block_mask(prepared: Prepared, device, mask_mod=None, compute_q_blocks: bool
         full_idx,
         BLOCK_SIZE=(prepared.block_q, prepared.block_k),
         mask_mod=mask_mod,
-        seq_lengths=(prepared.lq, prepared.lk),
+        seq_lengths=(prepared.lq, kv_length),
         compute_q_blocks=compute_q_blocks,
     )
 
@@ -679,19 +707,32 @@ class FlexLowering:
     score_mod: Callable | None
 
 
-def lower(prepared: Prepared, device, compute_q_blocks: bool = True) -> FlexLowering:
+def lower(prepared: Prepared, device, compute_q_blocks: bool = True, kv_length: int | None = None) -> FlexLowering:
     """Lower a prepared program to a `BlockMask`, `mask_mod` and `score_mod` on `device`
-    (kept on the `Prepared`, which the runtime reuses across calls of a static pattern)."""
+    (kept on the `Prepared`, which the runtime reuses across calls of a static pattern),
+    for k and v of `kv_length` keys (default `prepared.lk`; more: zero padding, masked)."""
     device = torch.device(device)
+    kv_length = prepared.lk if kv_length is None else kv_length
     cache = prepared.__dict__.setdefault("_flex_lowerings", {})
-    key = (str(device), compute_q_blocks)
+    key = (str(device), compute_q_blocks, kv_length)
     if key not in cache:
         lowering = _Lowering(prepared, device)
-        mask_mod = lowering.mask_mod()
+        mask_mod = lowering.mask_mod(kv_length)
         score_mod = lowering.score_mod()
-        bm = block_mask(prepared, device, mask_mod, compute_q_blocks)
+        bm = block_mask(prepared, device, mask_mod, compute_q_blocks, kv_length)
         cache[key] = FlexLowering(bm, mask_mod, score_mod)
     return cache[key]
+
+
+# ---------------------------------------------------------------- keys on CPU
+
+
+def cpu_key_length(lk: int, block_k: int) -> int:
+    """How many keys Flex's CPU kernel is given for `lk` real ones: a multiple of
+    `CPU_KEY_MULTIPLE`, so that no key chunk it computes q @ k^T over has 8 mod 16 keys
+    (the kernel cuts keys into chunks of min(block_k, keys)); never past the last block."""
+    padded = -(-lk // CPU_KEY_MULTIPLE) * CPU_KEY_MULTIPLE
+    return min(padded, -(-lk // block_k) * block_k)
 
 
 # ---------------------------------------------------------------- log-sum-exp on CPU
@@ -739,15 +780,21 @@ def flex_backend(
             raise MaskTypeError(f"backend='flex' on CPU runs float16, bfloat16 and float32, not {q.dtype}")
     if not grad:  # Flex refuses CPU inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    lowering = lower(prepared, q.device, compute_q_blocks=grad)
+    kv_length = k.shape[2]
+    if q.device.type == "cpu":  # keys in multiples of 16: see the module docstring
+        kv_length = cpu_key_length(kv_length, prepared.block_k)
+    lowering = lower(prepared, q.device, compute_q_blocks=grad, kv_length=kv_length)
+    fk, fv = k, v
+    if kv_length > k.shape[2]:
+        fk, fv = (torch.nn.functional.pad(x, (0, 0, 0, kv_length - x.shape[2])) for x in (k, v))
     native_lse = need_lse and q.device.type != "cpu"
     kwargs = {"return_aux": _flex.AuxRequest(lse=True)} if native_lse else {}
     limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     with torch._dynamo.config.patch(recompile_limit=limit):
         result = compiled_flex_attention()(
             q,
-            k,
-            v,
+            fk,
+            fv,
             score_mod=lowering.score_mod,
             block_mask=lowering.block_mask,
             scale=scale,
