@@ -225,3 +225,9 @@ def walk(node: object):
 
 def is_dynamic(mask: Mask) -> bool:
     return any(isinstance(n, DYNAMIC) for n in walk(mask))
+
+
+def reads_qk(mask: Mask) -> bool:
+    """Whether the pattern depends on the contents of q and k (routing, clusters):
+    such a schedule holds for one call only."""
+    return any(isinstance(n, (Route, Cluster)) for n in walk(mask))

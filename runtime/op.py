@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
+from maskc.dsl import ir
 
 from .prepare import Prepared, prepare
 
@@ -120,15 +121,20 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
     program = program_for(key)
     block_q, block_k = blocks_for(backend, q, v, program)
     sizes = tuple(sorted((n, x) for n, x in bindings.items() if not isinstance(x, torch.Tensor)))
-    cache_key = (key, backend, tuple(q.shape), tuple(k.shape), v.shape[-1], q_offset, sizes, str(q.device))
-    has_tensors = any(isinstance(x, torch.Tensor) for x in bindings.values())
-    if not has_tensors and cache_key in _PREPARED:
+    tensors = sorted((n, x) for n, x in bindings.items() if isinstance(x, torch.Tensor))
+    # A tensor binding (segment ids, a bias table) holds the same data while it is
+    # the same object at the same version: packed-document ids reused call after
+    # call keep their schedule.  The cached entry holds the tensor, so its id
+    # cannot pass to another tensor meanwhile.
+    versions = tuple((n, id(x), x._version) for n, x in tensors)
+    cache_key = (key, backend, tuple(q.shape), tuple(k.shape), v.shape[-1], q_offset, sizes, versions, str(q.device))
+    if cache_key in _PREPARED:
         _PREPARED.move_to_end(cache_key)
         return _PREPARED[cache_key]
     prepared = prepare(program, q, k, block_q, block_k, q_offset, bindings)
     if backend == "triton" and q.is_cuda and clustered_heads(backend, prepared) is None:
         prepared = _with_spill_free_tiles(prepared, program, q, k, v, q_offset, bindings)
-    if not has_tensors and not prepared.instance.dynamic:
+    if not any(ir.reads_qk(p.mask) for p in prepared.instance.patterns):
         _PREPARED[cache_key] = prepared
         while len(_PREPARED) > PREPARED_CACHE_SIZE:
             _PREPARED.popitem(last=False)

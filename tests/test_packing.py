@@ -47,3 +47,23 @@ def test_packed_causal_attention_equals_attention_per_document(backend):
         start += n
     # a padding token attends only itself
     torch.testing.assert_close(out[:, :, start:], v[:, :, start:], atol=2e-5, rtol=2e-5)
+
+
+def test_schedule_is_kept_while_the_ids_are_unchanged(monkeypatch):
+    from maskc.runtime import op
+
+    builds = []
+    real_prepare = op.prepare
+    monkeypatch.setattr(op, "prepare", lambda *a, **kw: builds.append(1) or real_prepare(*a, **kw))
+    prog = maskc.compile("documents_causal & window(15, 0)")
+    ids = maskc.document_ids([40, 60])
+    q = k = v = torch.randn(2, 2, 100, 8)
+    first = prog(q, k, v, ids=ids)
+    second = prog(q, k, v, ids=ids)
+    assert len(builds) == 1 and torch.equal(first, second)
+    ids[0, 40:] = 0  # one document now: the schedule must follow
+    third = prog(q, k, v, ids=ids)
+    assert len(builds) == 2
+    torch.testing.assert_close(third, prog(q, k, v, ids=ids, backend="reference"), atol=2e-5, rtol=2e-5)
+    fresh = maskc.document_ids([40, 60])  # equal contents, another tensor: built again, same answer
+    torch.testing.assert_close(prog(q, k, v, ids=fresh), first, atol=0, rtol=0)
