@@ -74,7 +74,7 @@ def test_compile_missing_file_is_mask_error(tmp_path):
 def test_compile_library_name():
     prog = maskc.compile("mistral", w=2)
     assert prog.name == "mistral"
-    assert torch.equal(prog.mask(5)[0], dense(5, 5, lambda q, k: q - 2 <= k <= q))
+    assert torch.equal(prog.mask(5)[0], dense(5, 5, lambda q, k: q - 2 < k <= q))  # w keys, the query included
     assert prog.params == {"w": 2}
 
 

@@ -933,8 +933,8 @@ def test_bare_expression_calls_user_pattern():
 
 def test_library_mistral():
     m = maskc.compile("mistral", w=4).mask(10)[0]
-    assert_mask(m, dense(10, 10, lambda q, k: q - 4 <= k <= q))
-    check("mistral(w = 2) | sink(1)", lambda q, k: q - 2 <= k <= q or k < 1, 7)
+    assert_mask(m, dense(10, 10, lambda q, k: q - 4 < k <= q))  # w keys, the query included
+    check("mistral(w = 2) | sink(1)", lambda q, k: q - 2 < k <= q or k < 1, 7)
 
 
 def test_library_natten2d():

@@ -132,9 +132,10 @@ def test_every_pattern_is_documented_and_instantiates_at_its_example(name):
 # ---------------------------------------------------------------- local 1-D
 
 
-@pytest.mark.parametrize(("lq", "lk", "w"), [(37, 37, 5), (1, 1, 3), (10, 37, 4), (20, 20, 40)])
+@pytest.mark.parametrize(("lq", "lk", "w"), [(37, 37, 5), (1, 1, 3), (10, 37, 4), (20, 20, 40), (9, 9, 1), (6, 6, 0)])
 def test_mistral(lq, lk, w):
-    assert_same(lib_mask("mistral", lq, lk, params={"w": w}), expect(lq, lk, lambda h, i, j: i - w <= j <= i))
+    # PATTERNS.md: Hugging Face's `sliding_window = w` keeps w keys, the query included.
+    assert_same(lib_mask("mistral", lq, lk, params={"w": w}), expect(lq, lk, lambda h, i, j: i - w < j <= i))
 
 
 @pytest.mark.parametrize(("n", "w"), [(33, 4), (9, 0), (12, 20)])
