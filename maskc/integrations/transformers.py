@@ -6,7 +6,9 @@ with ``model.set_attn_implementation(name)``, runs every attention layer on
 maskc's exact block schedules for the pattern, with the batch's padding
 combined into the pattern per batch element.  Needs ``pip install
 'maskc[transformers]'`` (transformers >= 4.56); ``import maskc`` never imports
-transformers.
+transformers.  Checked with transformers 5.24 (encoders and decoders) and
+4.56 (decoders; its BERT-family encoders do not call ``AttentionInterface``
+yet, and it passes ``cache_position`` where 5.x passes ``q_offset``).
 
 Example Usage:
     .. code-block:: python
