@@ -59,7 +59,7 @@ def test_fuzz_draws_lengths_across_the_window(monkeypatch, capsys):
     cases = _recording(monkeypatch)
     assert cli.main(["fuzz", "mistral", "--set", "w=64"]) == 0
     keys = [c.lk for c in cases]
-    # the window's edge: 64 keys before the query, 65 with it; beyond, the first keys drop out
+    # the window's edge: 64 keys, the query included; beyond, the first keys drop out
     assert {63, 64, 65} <= set(keys)
     assert sum(lk > 65 for lk in keys) >= 3 and max(keys) >= 2 * 64 + 1
     # every case stays small enough for the Triton interpreter (the default backends)
