@@ -178,7 +178,7 @@ def test_reference_and_call():
 def test_attention_one_shot():
     q, k, v = randn(1, 2, 6, 4, seed=1), randn(1, 2, 6, 4, seed=2), randn(1, 2, 6, 4, seed=3)
     out = maskc.attention(q, k, v, "mistral", w=2)
-    assert torch.allclose(out, attention_loops(q, k, v, lambda i, j: i - 2 <= j <= i), atol=1e-10)
+    assert torch.allclose(out, attention_loops(q, k, v, lambda i, j: i - 2 < j <= i), atol=1e-10)
     out = maskc.attention(q, k, v, "causal & window(1, 0)")
     assert torch.allclose(out, attention_loops(q, k, v, lambda i, j: i - 1 <= j <= i), atol=1e-10)
 
