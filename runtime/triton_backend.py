@@ -109,9 +109,11 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
     if table.kind == "clusters":
         return prepared.extra_tables["clusters"]
     if table.kind == "alibi":
+        # Per head, the slope of this table's own ALiBi term in the head's form (a form
+        # may hold several ALiBi terms, or none when the head runs in another launch).
         slopes = torch.zeros(s.heads, dtype=torch.float32)
         for h, g in enumerate(prepared.head_group):
-            alibi = next(m for m in prepared.forms[g].modifiers if isinstance(m, ir.Alibi))
+            alibi = _node_for_group(prepared, g, table)
             slopes[h] = t.get(alibi.tensor)[h].detach().float() if alibi.tensor else alibi.slope
         return [slopes.to(device)]
     if table.kind == "bias":

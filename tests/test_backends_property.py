@@ -46,6 +46,7 @@ from maskc import testing
 SCALE = max(1, int(os.environ.get("MASKC_PROPERTY_SCALE", "1")))
 EXAMPLES = {"cpu": 25, "flex": 8, "triton": 6}
 TOL = {"atol": 3e-5, "rtol": 3e-5}
+PAIR_EPS = 1e-7  # per pair, for gradients summed over every pair (modifier tensors)
 MODIFIERS = ("alibi(slopes)", "alibi", "softcap(2.5)", "softcap(30)", "bias(table)", "polyline(decay = 0.5)")
 MAX_LEN = {"cpu": 40, "flex": 40, "triton": 24}  # the interpreter runs one Python program per tile
 
@@ -237,7 +238,14 @@ def check_backend(case: BackendCase, backend: str) -> None:
     for (name, x), a, b in zip(inputs.items(), got, want, strict=True):
         a = torch.zeros_like(x) if a is None else a
         b = torch.zeros_like(x) if b is None else b
-        _close(f"{backend} d{name}", a, b)
+        if name in ("q", "k", "v"):
+            _close(f"{backend} d{name}", a, b)
+        else:
+            # A modifier tensor's gradient sums one term per (batch, head, query, key):
+            # a flash backward's float32 rounding (ds = p * (dp - delta)) adds up over
+            # all of them, where the dense reference's softmax backward cancels exactly.
+            atol = max(TOL["atol"], PAIR_EPS * out.shape[0] * out.shape[1] * case.lq * case.lk)
+            torch.testing.assert_close(a, b, atol=atol, rtol=TOL["rtol"], msg=lambda m, n=name: f"{backend} d{n}: {m}")
 
 
 def _property(backend: str):

@@ -38,12 +38,17 @@ def _check(program, q, k, v, backend, grads=True, **bindings):
     seed = torch.randn_like(out)
     got = torch.autograd.grad(out, leaves, seed, allow_unused=True)
     want = torch.autograd.grad(ref, leaves, seed, allow_unused=True)
-    for a, b in zip(got, want, strict=True):
+    # A modifier tensor's gradient sums a term per (batch, head, query, key): the flash
+    # backward's float32 rounding adds up over all of them (1e-7 each), where the dense
+    # reference's softmax backward cancels exactly.
+    pairs = out.shape[0] * out.shape[1] * q.shape[2] * k.shape[2]
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
         a = torch.zeros_like(b) if a is None and b is not None else a
         b = torch.zeros_like(a) if b is None and a is not None else b
         if a is not None:
             assert torch.isfinite(a).all()
-            torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
+            atol = 3e-5 if i < 3 else max(3e-5, 1e-7 * pairs)
+            torch.testing.assert_close(a, b, atol=atol, rtol=3e-5)
     return out
 
 
@@ -257,3 +262,22 @@ def test_tensor_bindings_of_the_wrong_kind(backend, spec, name, tensor, message)
     x = torch.randn(1, 2, 8, 4)
     with pytest.raises(MaskTypeError, match=message):
         maskc.compile(spec)(x, x, x, backend=backend, **{name: tensor})
+
+
+# ---------------------------------------------------------------- found by the every-backend property test
+
+ALIBI_CASES = [
+    ("pattern base = all with alibi\nheads { 0 .. 1: base; 1 .. 2: none }", 2),
+    ("pattern base(slopes: tensor) = all with alibi(slopes)\nheads { 0 .. 1: base; 1 .. 2: causal }", 2),
+    ("all with alibi(slopes), alibi", 1),
+    ("pattern p(p0 = 0, p1 = 0) = prefix(head % 3)\n\np with alibi, alibi(slopes)", 3),
+]
+
+
+@pytest.mark.parametrize("spec,heads", ALIBI_CASES)
+def test_triton_alibi_slopes_per_term_and_group(spec, heads):
+    """Each ALiBi term reads its own slopes, and groups without ALiBi do not crash."""
+    program = maskc.compile(spec)
+    q, k, v = _qkv(1, heads, 16, 24, 16, kv_heads=1)
+    bindings = {"slopes": torch.rand(heads, requires_grad=True)} if "slopes" in spec else {}
+    _check(program, q, k, v, "triton", q_offset=16 if heads == 3 else None, **bindings)
