@@ -11,12 +11,16 @@ import torch
 from . import ir
 
 
+def _coordinate(positions: torch.Tensor, coord: ir.Coord) -> torch.Tensor:
+    c = positions % coord.mod if coord.mod is not None else positions
+    return torch.div(c, coord.div, rounding_mode="floor")
+
+
 def region_ids(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> torch.Tensor:
     """Row-major region index of each absolute position (meaningful where `in_regions`)."""
     ids = torch.zeros_like(positions)
     for coord in regions:
-        c = positions % coord.mod if coord.mod is not None else positions
-        ids = ids * coord.size + torch.div(c, coord.div, rounding_mode="floor")
+        ids = ids * coord.size + _coordinate(positions, coord)
     return ids
 
 
@@ -26,8 +30,7 @@ def in_regions(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> torch.
     lq > lk) belongs to no region and so attends no key."""
     inside = positions == positions  # out-of-place throughout: Flex traces this under vmap
     for coord in regions:
-        c = positions % coord.mod if coord.mod is not None else positions
-        c = torch.div(c, coord.div, rounding_mode="floor")
+        c = _coordinate(positions, coord)
         inside = inside & (c >= 0) & (c < coord.size)
     return inside
 

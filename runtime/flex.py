@@ -413,7 +413,7 @@ class _Lowering:
         def f(env):
             bi = _batch_index(env, ids)
             cq, ck = c(env.q, env), c(env.k, env)
-            inside = (cq >= 0) & (cq < n) & (ck >= 0) & (ck < n)  # outside the ids: no segment
+            inside = evaluate.in_segment_range(cq, n) & evaluate.in_segment_range(ck, n)
             return inside & (ids[bi, cq.clamp(0, n - 1)] == ids[bi, ck.clamp(0, n - 1)])
 
         return f

@@ -134,7 +134,10 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
     prepared = prepare(program, q, k, block_q, block_k, q_offset, bindings)
     if backend == "triton" and q.is_cuda and clustered_heads(backend, prepared) is None:
         prepared = _with_spill_free_tiles(prepared, program, q, k, v, q_offset, bindings)
-    if not any(ir.reads_qk(p.mask) for p in prepared.instance.patterns):
+    # Not kept: schedules over q and k's contents (routing, clusters), which hold for
+    # one call, and tensors being trained (each step is a new version, or a fresh leaf).
+    reused = not any(x.requires_grad for _, x in tensors)
+    if reused and not any(ir.reads_qk(p.mask) for p in prepared.instance.patterns):
         _PREPARED[cache_key] = prepared
         while len(_PREPARED) > PREPARED_CACHE_SIZE:
             _PREPARED.popitem(last=False)
