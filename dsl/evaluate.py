@@ -46,7 +46,7 @@ class Tensors:
 
 def coordinate(positions: torch.Tensor, coord: ir.Coord) -> torch.Tensor:
     c = positions % coord.mod if coord.mod is not None else positions
-    return torch.div(c, coord.div, rounding_mode="floor")
+    return c if coord.div == 1 else torch.div(c, coord.div, rounding_mode="floor")
 
 
 def _pair(qp: torch.Tensor, kp: torch.Tensor, coord: ir.Coord) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,12 +108,13 @@ def mask(node: ir.Mask, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> torch
     if isinstance(node, ir.Offset):
         q, k = _pair(qp, kp, node.coord)
         d = k - q
-        out = torch.ones(d.shape, dtype=torch.bool)
+        if node.lo is not None and node.hi is not None:
+            return (d >= node.lo) & (d <= node.hi)
         if node.lo is not None:
-            out &= d >= node.lo
+            return d >= node.lo
         if node.hi is not None:
-            out &= d <= node.hi
-        return out
+            return d <= node.hi
+        return torch.ones(d.shape, dtype=torch.bool)
     if isinstance(node, ir.OffsetMod):
         q, k = _pair(qp, kp, node.coord)
         return (k - q) % node.modulus == node.residue

@@ -270,6 +270,61 @@ class Program:
             **bindings,
         )
 
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        positions: int | torch.Tensor,
+        *,
+        key_lengths: int | torch.Tensor | None = None,
+        backend: str = "auto",
+        scale: float | None = None,
+        return_lse: bool = False,
+        **bindings,
+    ):
+        """A decoding step: a few new queries per sequence against a KV cache of fixed capacity.
+
+        q [batch, heads, n, dim] holds each sequence's n new queries (1 when
+        decoding, a few for chunked prefill or speculative decoding), at
+        positions ``positions[b] .. positions[b] + n - 1``; k_cache and v_cache
+        [batch, kv_heads, capacity, dim] hold keys in slots 0 .. capacity - 1,
+        of which sequence b uses the first ``key_lengths[b]`` (default
+        ``positions + n``: the new tokens' keys are already written).  The
+        result equals calling the program on ``k_cache[b, :, :key_lengths[b]]``
+        with ``q_offset=positions[b]``, per sequence.  Tensor bindings indexed
+        by key position (segment ids) cover the whole capacity.
+
+        Positions and lengths are data (ints or integer tensors [batch]): under
+        ``torch.compile`` a loop of steps compiles once.  On the CPU, a pattern
+        whose meaning does not depend on the sequence length (windows, sinks,
+        causal, segments, ALiBi, softcap) reads only the keys it attends
+        (strided views of the cache, no copy), with block schedules cached per
+        tile of positions; other patterns and backends run the program on each
+        sequence's cache prefix.  No gradients: train with ``prog(q, k, v)``.
+
+        Example::
+
+            prog = maskc.compile("streaming", sinks=4, w=1024)
+            k_cache[:, :, pos] = k_new[:, :, 0]  # write the step's key and value
+            v_cache[:, :, pos] = v_new[:, :, 0]
+            out = prog.decode(q_new, k_cache, v_cache, pos)  # pos: int or tensor [batch]
+        """
+        from maskc.runtime import decode
+
+        return decode.run(
+            self,
+            q,
+            k_cache,
+            v_cache,
+            positions,
+            key_lengths,
+            backend=backend,
+            scale=scale,
+            return_lse=return_lse,
+            bindings=bindings,
+        )
+
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Clear errors for tensors that cannot be attention inputs."""
