@@ -138,6 +138,8 @@ class Plan:
     key: tuple
     mask_groups: list[MaskGroup] = dataclasses.field(default_factory=list)
     segments: dict[str, ir.Segments] = dataclasses.field(default_factory=dict)  # ids tensors read
+    forms: list[ir.HeadPattern] = dataclasses.field(default_factory=list)  # normal forms over the plan's range
+    sources: dict = dataclasses.field(default_factory=dict)  # generated kernels, per (group, blocks)
 
 
 @dataclass
@@ -182,7 +184,9 @@ def plan_for(program, heads: int, sizes: dict, capacity: int) -> Plan:
             for node in ir.walk(pattern.mask)
             if isinstance(node, ir.Segments)
         }
-        _remember(key, Plan(instance, relaxed, exact, length, key, _mask_groups(instance), segments))
+        whole = Instance(Sizes(length, length, heads, 0, instance.sizes.names), instance.patterns, instance.head_group)
+        forms = plan.normal_forms(whole)
+        _remember(key, Plan(instance, relaxed, exact, length, key, _mask_groups(instance), segments, forms))
     return _lookup(key)
 
 
@@ -304,14 +308,20 @@ def decode(program, q, k, v, positions, key_lengths, backend: str, scale: float,
     tensors = {n: x for n, x in bindings.items() if isinstance(x, torch.Tensor)}
     out = q.new_zeros(batch, heads, rows, v.shape[-1])
     lse = torch.full((batch, heads, rows), -math.inf, dtype=torch.float32, device=q.device)
-    fast = backend == "cpu" and length_invariant(program, heads, sizes)
+    fast = backend in ("cpu", "triton") and length_invariant(program, heads, sizes)
     p = plan_for(program, heads, sizes, capacity) if fast else None
     for b in range(batch):
         if key_lengths[b] == 0:
             continue
-        if p is not None:
+        if p is not None and backend == "cpu":
             row = _row(tensors, b, p, capacity)
             cpu_step(p, q[b], k[b], v[b], positions[b], key_lengths[b], scale, row, out[b], lse[b])
+        elif p is not None:
+            row = _row(tensors, b, p, capacity)
+            o, s = triton_step(
+                p, program, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b], key_lengths[b], scale, row
+            )
+            out[b], lse[b] = o[0], s[0]
         else:
             o, s = _call_prefix(program, q, k, v, b, positions[b], key_lengths[b], backend, scale, sizes, tensors)
             out[b], lse[b] = o, s
@@ -370,6 +380,45 @@ def cpu_step(p: Plan, q, k, v, position: int, key_length: int, scale: float, ten
         else:
             out[mg.heads] = o.to(out.dtype)
             lse[mg.heads] = s.float()
+
+
+def triton_step(p: Plan, program, q, k, v, position: int, key_length: int, scale: float, tensors):
+    """One sequence on the generated kernels: a schedule over the call's query blocks
+    read off the skeleton (O(visited blocks)), kernels generated once per plan."""
+    from maskc.codegen.geometry import Geometry
+    from maskc.codegen.schedule import BlockSchedule, _runs
+
+    from . import triton_backend
+    from .dispatch import blocks_for
+    from .prepare import Prepared
+
+    rows = q.shape[2]
+    block_q, block_k = blocks_for("triton", q, v, program)
+    query_blocks = -(-rows // block_q)
+    groups = []
+    for g in range(len(p.forms)):
+        found: list[tuple[int, int, int, bool]] = []
+        for j in range(query_blocks):
+            lo, hi = position + j * block_q, position + min((j + 1) * block_q, rows)
+            found += [(j, a, b, f and p.exact_full) for a, b, f in visited(p, g, lo, hi, block_k, key_length)]
+        r, a, b, f = (torch.tensor([x[i] for x in found], dtype=torch.long) for i in range(4))
+        groups.append(_runs(r, a, b, f.bool(), query_blocks))
+    s = p.instance.sizes
+    sizes = Sizes(rows, key_length, s.heads, position, s.names)
+    instance = Instance(sizes, p.instance.patterns, p.instance.head_group)
+    masks = [form.mask for form in p.forms]
+    schedule = BlockSchedule(
+        rows, key_length, block_q, block_k, instance.head_group, groups, masks,
+        Geometry(rows, block_q, position), Geometry(key_length, block_k), tensors,
+    )  # fmt: skip
+    prepared = Prepared(instance, p.forms, lambda: schedule, tensors, program.source().strip())
+    for g in range(len(p.forms)):
+        key = (g, block_q, block_k)
+        if key not in p.sources:
+            p.sources[key] = triton_backend.kernel_source(prepared, g)
+        prepared._block_masks[("source", g)] = p.sources[key]
+    ks, vs = k[:, :, :key_length], v[:, :, :key_length]
+    return triton_backend.triton_attention(q, ks, vs, prepared, scale)
 
 
 def _positions(spans: list[tuple[int, int]]) -> torch.Tensor:

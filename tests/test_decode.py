@@ -17,9 +17,7 @@ torch.manual_seed(0)
 
 
 def check_step(program, q, k, v, positions, key_lengths=None, atol=2e-5, backend="auto", **bindings):
-    out, lse = program.decode(
-        q, k, v, positions, key_lengths=key_lengths, backend=backend, return_lse=True, **bindings
-    )
+    out, lse = program.decode(q, k, v, positions, key_lengths=key_lengths, backend=backend, return_lse=True, **bindings)
     rows = q.shape[2]
     for b in range(q.shape[0]):
         position = int(positions[b]) if isinstance(positions, torch.Tensor) else positions
@@ -53,7 +51,9 @@ def cache(batch, kv_heads, capacity, dim, dtype=torch.float32, fused=False):
     if fused:
         kv = torch.randn(batch, capacity, 2, kv_heads, dim, dtype=dtype)
         return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    return torch.randn(batch, kv_heads, capacity, dim, dtype=dtype), torch.randn(batch, kv_heads, capacity, dim, dtype=dtype)
+    return torch.randn(batch, kv_heads, capacity, dim, dtype=dtype), torch.randn(
+        batch, kv_heads, capacity, dim, dtype=dtype
+    )
 
 
 FAST = [
@@ -129,6 +129,21 @@ def test_other_backends(backend):
     program = maskc.compile("streaming", sinks=2, w=20)
     k, v = cache(2, 1, 80, 16)
     check_step(program, torch.randn(2, 2, 1, 16), k, v, torch.tensor([5, 79]), backend=backend)
+
+
+def test_triton_steps_from_the_skeleton():
+    """The generated kernels on a schedule read off the skeleton: a chunk across key
+    blocks, segment ids over the capacity, a softcap, GQA, a strided cache."""
+    pytest.importorskip("triton")
+    program = maskc.compile("pattern p(ids: tensor) = mistral(w = 40) & segments(ids) with softcap(3.0)")
+    capacity = 150
+    ids = torch.zeros(2, capacity, dtype=torch.long)
+    ids[0, :20] = -1 - torch.arange(20)
+    k, v = cache(2, 1, capacity, 16, fused=True)
+    q = torch.randn(2, 2, 6, 16)
+    check_step(
+        program, q, k, v, torch.tensor([60, 140]), key_lengths=torch.tensor([66, 150]), backend="triton", ids=ids
+    )
 
 
 def test_bad_steps_raise_clear_errors():
