@@ -49,6 +49,9 @@ padding is lost.  So `register` registers two functions:
   logits (``pattern with softcap(c)``).  The layers of one forward pass the
   same ids tensor, so maskc builds each program's schedule once per forward
   (it keeps schedules while their tensor bindings are the same objects).
+  A generation step (at most ``DECODE_ROWS`` new queries after cached keys,
+  without gradients) runs `Program.decode`, which reads only the cached keys
+  the pattern lets the new queries see.
 
 Under ``torch.compile`` both trace without graph breaks: maskc's kernels are
 one custom op, and every program a layer may run is compiled beforehand (the
@@ -115,6 +118,8 @@ _ENTRY = "maskc_hf_entry"
 _BUILTIN = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"}
 # Short keys for the kinds of layers transformers names in `config.layer_types`.
 _KINDS = {"full": "full_attention", "sliding": "sliding_attention", "chunked": "chunked_attention"}
+# Calls with at most this many new queries after cached keys run as decode steps.
+DECODE_ROWS = 64
 
 
 @dataclass
@@ -335,10 +340,23 @@ class MaskcAttention:
         program = self.program(layer_type(module, kwargs.get("sliding_window")), padded=padded, softcap=softcap)
         bindings = {PAD_IDS: mask.pad_ids} if padded else {}
         q_offset = None if mask is None else mask.q_offset
-        out = program(query, key, value, backend=self.backend, scale=scaling, q_offset=q_offset, **bindings)
+        if _decoding(query, key, q_offset):
+            position = key.shape[2] - query.shape[2] if q_offset is None else q_offset
+            out = program.decode(query, key, value, position, backend=self.backend, scale=scaling, **bindings)
+        else:
+            out = program(query, key, value, backend=self.backend, scale=scaling, q_offset=q_offset, **bindings)
         if padded:
             out = out.masked_fill(~mask.query_keep, 0)  # a padded query's row, like SDPA's fully masked rows
         return out.transpose(1, 2).contiguous(), None
+
+
+def _decoding(query: torch.Tensor, key: torch.Tensor, q_offset: int | None) -> bool:
+    """A generation step (a few new queries after cached keys, no gradients): maskc's
+    decode path, which reads only the keys the pattern lets them see."""
+    rows, keys = query.shape[2], key.shape[2]
+    if not rows < keys or rows > DECODE_ROWS or (torch.is_grad_enabled() and query.requires_grad):
+        return False
+    return q_offset is None or 0 <= q_offset <= keys - rows
 
 
 def _as_int(x: int | torch.Tensor) -> int:
