@@ -59,6 +59,8 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 # Multiply-adds from which a fused call uses every thread (below, one: a decode step is
 # small, and on a busy machine a parallel region stalls on a descheduled thread).
 PARALLEL_WORK = 1 << 24
+# Up to this many visited keys, a step evaluates its predicate over all of them in one go.
+WHOLE_MASK_KEYS = 1 << 14
 _LENGTH_BOUND = (ir.Neighborhood, ir.RandomBlocks, ir.Route, ir.Cluster)
 _TABLE_MODIFIERS = (ir.Bias, ir.Polyline)
 
@@ -140,6 +142,9 @@ class Plan:
     segments: dict[str, ir.Segments] = dataclasses.field(default_factory=dict)  # ids tensors read
     forms: list[ir.HeadPattern] = dataclasses.field(default_factory=list)  # normal forms over the plan's range
     sources: dict = dataclasses.field(default_factory=dict)  # generated kernels, per (group, blocks)
+
+    def __post_init__(self) -> None:
+        self.no_tensors = evaluate.Tensors({}, self.instance, batch=1)
 
 
 @dataclass
@@ -306,16 +311,19 @@ def decode(program, q, k, v, positions, key_lengths, backend: str, scale: float,
     capacity = k.shape[2]
     sizes = {n: x for n, x in bindings.items() if not isinstance(x, torch.Tensor)}
     tensors = {n: x for n, x in bindings.items() if isinstance(x, torch.Tensor)}
-    out = q.new_zeros(batch, heads, rows, v.shape[-1])
-    lse = torch.full((batch, heads, rows), -math.inf, dtype=torch.float32, device=q.device)
     fast = backend in ("cpu", "triton") and length_invariant(program, heads, sizes)
     p = plan_for(program, heads, sizes, capacity) if fast else None
+    if batch == 1 and p is not None and backend == "cpu" and key_lengths[0] > 0:  # no assembling
+        o, s = cpu_step(p, q[0], k[0], v[0], positions[0], key_lengths[0], scale, _row(tensors, 0, p, capacity))
+        return o[None], s[None]
+    out = q.new_zeros(batch, heads, rows, v.shape[-1])
+    lse = torch.full((batch, heads, rows), -math.inf, dtype=torch.float32, device=q.device)
     for b in range(batch):
         if key_lengths[b] == 0:
             continue
         if p is not None and backend == "cpu":
             row = _row(tensors, b, p, capacity)
-            cpu_step(p, q[b], k[b], v[b], positions[b], key_lengths[b], scale, row, out[b], lse[b])
+            out[b], lse[b] = cpu_step(p, q[b], k[b], v[b], positions[b], key_lengths[b], scale, row)
         elif p is not None:
             row = _row(tensors, b, p, capacity)
             o, s = triton_step(
@@ -331,6 +339,8 @@ def decode(program, q, k, v, positions, key_lengths, backend: str, scale: float,
 def _row(tensors: dict, b: int, p: Plan, capacity: int) -> evaluate.Tensors:
     """Batch element b's tensors; segment ids (given over the cache's capacity) padded
     to the plan's length, where no query or kept key ever reads them."""
+    if not tensors:
+        return p.no_tensors
     row = {}
     for name, x in tensors.items():
         node = p.segments.get(name)
@@ -361,25 +371,28 @@ def _call_prefix(program, q, k, v, b, position, key_length, backend, scale, size
     return o[0], s[0]
 
 
-def cpu_step(p: Plan, q, k, v, position: int, key_length: int, scale: float, tensors, out, lse) -> None:
-    """One sequence: q [H, n, D], k and v [Hkv, C, D]; writes out [H, n, Dv] and lse [H, n]."""
+def cpu_step(p: Plan, q, k, v, position: int, key_length: int, scale: float, tensors):
+    """One sequence: q [H, n, D], k and v [Hkv, C, D] -> (out [H, n, Dv], lse float32 [H, n])."""
     rows = q.shape[1]
     qp = torch.arange(position, position + rows)[:, None]
+    results = []
     for mg in p.mask_groups:
         runs = visited(p, mg.group, position, position + rows, SKELETON_BLOCK_Q, key_length)
         if not runs:
             continue
         spans = _spans(runs, SKELETON_BLOCK_Q, key_length)
         kp = _positions(spans)[None, :]
-        allowed = _allowed(p, mg.mask, runs, spans, qp, tensors)
+        allowed = _allowed(p, mg.mask, runs, spans, qp, kp, tensors)
         step = _fused if mg.additive else _softcapped
-        o, s = step(p, mg, q, k, v, spans, qp, kp, allowed, scale, tensors)
-        if mg.every:
-            out.copy_(o)
-            lse.copy_(s)
-        else:
-            out[mg.heads] = o.to(out.dtype)
-            lse[mg.heads] = s.float()
+        results.append((mg, *step(p, mg, q, k, v, spans, qp, kp, allowed, scale, tensors)))
+    if len(results) == 1 and results[0][0].every:  # the common case: nothing to assemble
+        return results[0][1].to(q.dtype), results[0][2].float()
+    out = q.new_zeros(q.shape[0], rows, v.shape[-1])
+    lse = torch.full((q.shape[0], rows), -math.inf, dtype=torch.float32)
+    for mg, o, s in results:
+        out[mg.heads] = o.to(out.dtype)
+        lse[mg.heads] = s.float()
+    return out, lse
 
 
 def triton_step(p: Plan, program, q, k, v, position: int, key_length: int, scale: float, tensors):
@@ -446,7 +459,7 @@ def _bias_for(p: Plan, mg: MaskGroup, qp, kp, allowed, compute, tensors) -> torc
     """Additive logits [len(heads) or 1, n, nk]: -inf where not allowed, plus each head's modifiers."""
     bias = None
     if allowed is not None:
-        bias = torch.zeros(allowed.shape, dtype=compute).masked_fill_(~allowed, -math.inf)[None]
+        bias = torch.where(allowed, 0.0, -math.inf).to(compute)[None]
     if not mg.modified:
         return bias
     per_head = torch.zeros(len(mg.heads), qp.shape[0], kp.shape[-1], dtype=compute)
@@ -463,8 +476,10 @@ def _fused(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, tenso
     qh, kv_index = _heads_view(mg, q, k, compute)
     stacked = qh.shape[1] // rows  # query heads stacked as rows of one kv head
     bias = _bias_for(p, mg, qp, kp, allowed, compute, tensors)
-    if bias is not None:
-        bias = bias.reshape(qh.shape[0], qh.shape[1], -1) if bias.shape[0] > 1 else bias.repeat(1, stacked, 1)
+    if bias is not None and bias.shape[0] > 1:
+        bias = bias.reshape(qh.shape[0], qh.shape[1], -1)
+    elif bias is not None and stacked > 1:
+        bias = bias.repeat(1, stacked, 1)
     width = max(q.shape[-1], v.shape[-1])
     outs, lses, offset = [], [], 0
     for a, b in spans:
@@ -478,8 +493,9 @@ def _fused(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, tenso
             o, s = _FLASH(qs[None], ks[None], vs[None], 0.0, False, attn_mask=mask, scale=scale)
         o, s = o[0, ..., : v.shape[-1]], s[0]
         if allowed is not None:  # rows that saw no key here: the kernel leaves their lse finite
-            some = allowed[:, offset : offset + b - a].any(-1).repeat(stacked)
+            some = (allowed if len(spans) == 1 else allowed[:, offset : offset + b - a]).any(-1)
             if not bool(some.all()):
+                some = some.repeat(stacked)
                 s = s.masked_fill(~some, -math.inf)
                 o = o.masked_fill(~some[:, None], 0)
         outs.append(o)
@@ -559,9 +575,10 @@ def _spans(runs: list[tuple[int, int, bool]], block_k: int, key_length: int) -> 
     return spans
 
 
-def _allowed(p: Plan, mask: ir.Mask, runs, spans, qp, tensors) -> torch.Tensor | None:
-    """bool [n, nk] over the spans' keys: the exact predicate where a block is partial
-    (every block, when the skeleton relaxed segments); None when all are full."""
+def _allowed(p: Plan, mask: ir.Mask, runs, spans, qp, kp, tensors) -> torch.Tensor | None:
+    """bool [n, nk] over the spans' keys (`kp` [1, nk]), None when every block is full.
+    The predicate is exact everywhere; it is evaluated over all the keys at once while
+    they are few (each torch call costs more than its elements), else per partial block."""
     end = spans[-1][1]
     offset, partial = 0, []
     for start, stop, full in runs:
@@ -571,22 +588,22 @@ def _allowed(p: Plan, mask: ir.Mask, runs, spans, qp, tensors) -> torch.Tensor |
         offset += max(b - a, 0)
     if not partial:
         return None
-    kp = torch.cat([torch.arange(a, b) for a, b, _ in partial]) if len(partial) > 1 else None
-    if kp is None:
-        a, b, _ = partial[0]
-        kp = torch.arange(a, b)
-    allowed = evaluate.mask(mask, qp, kp[None, :], tensors)
-    if allowed.dim() == 3:
-        allowed = allowed[0]
-    allowed = allowed.expand(qp.shape[0], kp.numel())
-    if len(partial) == 1 and partial[0][2] == 0 and kp.numel() == offset:
-        return allowed
+    if offset <= WHOLE_MASK_KEYS or (len(partial) == 1 and offset == partial[0][1] - partial[0][0]):
+        return _evaluate(mask, qp, kp, tensors)
+    allowed = _evaluate(mask, qp, torch.cat([torch.arange(a, b) for a, b, _ in partial])[None, :], tensors)
     out = torch.ones(qp.shape[0], offset, dtype=torch.bool)
     at = 0
     for a, b, column in partial:
         out[:, column : column + b - a] = allowed[:, at : at + b - a]
         at += b - a
     return out
+
+
+def _evaluate(mask: ir.Mask, qp, kp, tensors) -> torch.Tensor:
+    allowed = evaluate.mask(mask, qp, kp, tensors)
+    if allowed.dim() == 3:
+        allowed = allowed[0]
+    return allowed.expand(qp.shape[0], kp.shape[-1])
 
 
 # ---------------------------------------------------------------- eager and compiled
