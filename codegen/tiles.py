@@ -1,6 +1,6 @@
 """Tile sizes and warps of the generated kernels.
 
-A kernel that spills registers is a bug (DESIGN §4), and what spills depends on
+A kernel that spills registers is a bug (README.md, "How it works"), and what spills depends on
 the pattern (its predicate and modifiers), the head dim and the architecture
 (ptxas allocates differently on sm_80 and sm_90).  So each kind of pattern has
 a ladder of configurations, largest tiles first; `codegen.aot.choose_config`

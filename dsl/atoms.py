@@ -2,7 +2,7 @@
 
 Each entry binds call arguments against a signature (with the checks that do
 not need call-time sizes), then, at call time, builds `ir` nodes in the
-current coordinate frame.  DESIGN.md §2 is the table this module implements.
+current coordinate frame.  docs/language.md §8 and §9 describe what this module implements.
 """
 
 from __future__ import annotations
@@ -343,7 +343,7 @@ ATOMS: dict[str, Signature] = {
                 ("stride", "axis_pos", 1),
                 ("causal", "axis_bool", False),
             ],
-            "NATTEN neighborhood per axis (DESIGN §2.1)",
+            "NATTEN neighborhood per axis (docs/language.md §8.1)",
             _neighborhood,
         ),
         _sig(

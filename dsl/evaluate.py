@@ -1,6 +1,6 @@
 """The reference semantics: a vectorised dense evaluator of `ir` patterns.
 
-This module *defines* what every atom and modifier means (DESIGN §2); schedules
+This module *defines* what every atom and modifier means (docs/language.md §8, §9); schedules
 and kernels are tested against it.  Predicates are elementwise over two
 broadcastable tensors of absolute positions, `qp` and `kp` (for a dense mask
 `qp[:, None]` and `kp[None, :]`; for a batch of blocks `[n, bq, 1]` and
@@ -61,7 +61,7 @@ def neighborhood_window(
     gc: torch.Tensor, group_len: torch.Tensor, w: int, s: int, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[start, end) of the window of group coordinate gc in a group of
-    group_len positions (DESIGN §2.1); both are nondecreasing in gc."""
+    group_len positions (docs/language.md §8.1); both are nondecreasing in gc."""
     if causal:
         leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s - 1, group_len - 1)
         start = torch.clamp(leader - w + 1, min=0)
@@ -81,7 +81,7 @@ def group_length(length: int, group: torch.Tensor, d: int) -> torch.Tensor:
 
 def neighborhood_range(c: torch.Tensor, node: ir.Neighborhood) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(group, start, end) of the keys a query at axis coordinate c attends to,
-    in group coordinates (DESIGN §2.1)."""
+    in group coordinates (docs/language.md §8.1)."""
     d = node.dilation
     group = c % d
     gc = torch.div(c, d, rounding_mode="floor")

@@ -87,7 +87,7 @@ class PosSet:
 
 @dataclass(frozen=True)
 class Neighborhood:
-    """NATTEN's neighborhood on one axis of length coord.size (DESIGN §2.1)."""
+    """NATTEN's neighborhood on one axis of length coord.size (docs/language.md §8.1)."""
 
     coord: Coord
     window: int

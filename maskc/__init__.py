@@ -8,7 +8,7 @@ attention with it::
     q = k = v = torch.randn(1, 4, 1024, 64)
     out = prog(q, k, v)
 
-See README.md for the language and DESIGN.md for its semantics.
+See README.md for a tour of the language and docs/language.md for its reference.
 """
 
 from maskc.dsl.errors import MaskError, MaskSyntaxError, MaskTypeError

@@ -353,7 +353,7 @@ class _Lowering:
         s_ = self.param({g: n.stride for g, n in nodes.items()})
 
         def f(env):
-            # DESIGN §2.1, as in `evaluate.neighborhood_window`, with per-group numbers.
+            # docs/language.md §8.1, as in `evaluate.neighborhood_window`, with per-group numbers.
             qc, kc = c(env.q, env), c(env.k, env)
             w, d, s, n = w_(env), d_(env), s_(env), size(env)
             group = qc % d

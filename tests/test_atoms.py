@@ -1,7 +1,7 @@
 """Semantic tests of every atom, operator and coordinate frame.
 
 Expected masks are written by hand or computed by plain Python loops taken
-directly from DESIGN.md §2 / §2.1 (and PATTERNS.md for published patterns);
+directly from docs/language.md §8 / §8.1 (and PATTERNS.md for published patterns);
 the dense evaluator is never used to produce an expectation.
 """
 
@@ -191,7 +191,7 @@ def test_global():
 
 
 def natten_axis(i: int, j: int, length: int, w: int, d: int = 1, s: int = 1, causal: bool = False) -> bool:
-    """DESIGN.md §2.1, transcribed as plain integer arithmetic."""
+    """docs/language.md §8.1, transcribed as plain integer arithmetic."""
     g = i % d
     if j % d != g:
         return False
@@ -879,7 +879,7 @@ def test_head_in_position_set():
 
 
 def test_s2_attention_pattern():
-    # DESIGN §2 s2 versus PATTERNS.md S2-Attention with step = 1, off = 0:
+    # The s2 example of docs/language.md §12 versus PATTERNS.md S2-Attention with step = 1, off = 0:
     # j <= i and (qb - kb < L or (kb + h) mod S = 0)
     text = """
     pattern s2(b = 64, local = 16, s = 8) =

@@ -1,7 +1,7 @@
 """Modifiers (alibi, softcap, bias, polyline) and reference attention.
 
 Every expectation is a dense softmax written here with plain loops from
-DESIGN.md §2 and README.md; `Program.reference` is the thing under test.
+docs/language.md §9 and README.md; `Program.reference` is the thing under test.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def test_bias_even_table_is_an_error():
 
 
 def polyline_term(alpha, beta, path, y1, x1, y2, x2):
-    """DESIGN §2 PPMA: hv = along the query's row, then along the key's column;
+    """docs/language.md §9.5 (PPMA): hv = along the query's row, then along the key's column;
     vh = along the query's column, then along the key's row."""
     if path == "hv":
         horiz = sum(alpha[y1, x] for x in range(min(x1, x2) + 1, max(x1, x2) + 1))

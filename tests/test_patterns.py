@@ -303,7 +303,7 @@ def test_bigbird(n, b, r, seed, heads):
 
 def natten_keys(c: int, length: int, w: int, d: int = 1, s: int = 1, causal: bool = False) -> set[int]:
     """Key coordinates of query coordinate c on one axis (NATTEN, PATTERNS.md and
-    DESIGN.md §2.1): a window of exactly w keys in the query's dilation group,
+    docs/language.md §8.1): a window of exactly w keys in the query's dilation group,
     shifted inside the group at the borders, stride groups sharing their
     leader's window, causal windows truncated on the left."""
     group = c % d
