@@ -1,0 +1,10 @@
+"""The compiler: from a pattern instantiated for concrete sizes to kernels.
+
+Normal forms and their simplification (`normal`, printed by `irtext`); token
+layouts that reorder a grid's tokens into tiles (`layout`, `geometry`);
+exact block schedules from three-valued reasoning over rectangles of blocks
+(`labels`, `dynamic_labels`, `schedule`); the plan that ties them together
+for one instance (`plan`); Triton source emission (`emit`, `triton_exprs`,
+`kernel_template`, `tiles`); and ahead-of-time compilation checks for
+sm_80/sm_90 without a GPU (`aot`).
+"""

@@ -1,4 +1,10 @@
-"""The `maskc` command: check, show and list patterns."""
+"""The `maskc` command (also `python -m maskc`).
+
+`check` checks .mask files, `show` draws a pattern's mask or block schedule
+(ASCII, PNG), `compile` prints a pattern's normal form or its generated Triton
+source, `fuzz` checks a pattern's schedule and kernels on random cases, and
+`patterns` lists the library.
+"""
 
 from __future__ import annotations
 
