@@ -58,7 +58,7 @@ def _signature(fn, source: KernelSource, dtype: torch.dtype, constexprs: dict) -
             sig[name] = "*fp32"
         elif name in ("Heads", "PermQ", "PermK", "FullPtr", "FullStart", "FullEnd", "PartPtr", "PartStart", "PartEnd"):
             sig[name] = "*i32"
-        elif name == "sm_scale":
+        elif name in ("sm_scale", "drop_scale"):
             sig[name] = "fp32"
         elif name in kinds:
             sig[name] = _TABLE_TYPES[kinds[name]]
@@ -70,8 +70,9 @@ def _signature(fn, source: KernelSource, dtype: torch.dtype, constexprs: dict) -
 
 
 def compile_kernel(module, name: str, source: KernelSource, dtype: torch.dtype, head_dim: int,
-                   block_m: int, block_n: int, num_warps: int, arch: int):  # fmt: skip
-    """Compile one kernel of a generated module for `sm_{arch}`; returns Triton's compiled kernel."""
+                   block_m: int, block_n: int, num_warps: int, arch: int, dropout: bool = False):  # fmt: skip
+    """Compile one kernel of a generated module for `sm_{arch}` (with attention dropout when
+    `dropout`); returns Triton's compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -88,6 +89,7 @@ def compile_kernel(module, name: str, source: KernelSource, dtype: torch.dtype, 
         "DV": head_dim,
         "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
         "UPCAST": False,
+        "DROPOUT": dropout,
     }
     if name != "attn_fwd":
         constexprs["SOFTCAP"] = source.softcap

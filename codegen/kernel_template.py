@@ -10,6 +10,13 @@ and `{tables_call}` are replaced by the pattern's tensor arguments.
 Conventions: q/k/v/o/do are [batch, heads, len, dim] with unit stride on dim;
 LSE/Delta are float32 [batch, heads, lq]; dK/dV accumulate per *query* head
 (float32) and are summed over GQA groups by the caller.
+
+Dropout (the DROPOUT constexpr; kernels without it are unchanged): the keep
+mask is a hash of (seed, batch, head, absolute query and key positions), the
+same bits as runtime/dropout.py.  The forward sums the undropped row (so LSE is
+the undropped softmax's) and multiplies P by keep / (1 - p) before P V; the
+backward regenerates the mask: dV takes the dropped, scaled P, and dP is
+multiplied by keep / (1 - p) before dS = P * (dP - Delta).
 """
 
 KERNELS = '''
@@ -59,6 +66,32 @@ def _positions(offs, Perm, n, offset, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
+def _fmix32(x):
+    """murmur3's 32-bit finalizer on uint32 (runtime/dropout.py computes the same bits in torch)."""
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropout_row(seed, b, h, qpos):
+    """Dropout's hash state per query row: (seed, batch, head, absolute query position)."""
+    x = _fmix32(seed.to(tl.uint32, bitcast=True) ^ 0x9E3779B9)
+    x = _fmix32(x ^ b.to(tl.uint32, bitcast=True))
+    x = _fmix32(x ^ h.to(tl.uint32, bitcast=True))
+    return _fmix32(x ^ qpos.to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def _dropout_keep(row, kpos, threshold):
+    """Whether dropout keeps the pairs of rows `row` [M, 1] and keys at absolute `kpos` [1, N]."""
+    x = _fmix32(row ^ kpos.to(tl.uint32, bitcast=True))
+    return (x >> 1).to(tl.int32, bitcast=True) >= threshold
+
+
+@triton.jit(do_not_specialize=["drop_seed"])
 def attn_fwd(
     Q, K, V, O, LSE, Heads, PermQ, PermK,
     FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
@@ -66,10 +99,11 @@ def attn_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,{tables}
+    num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,
+    drop_seed, drop_threshold, drop_scale,{tables}
     HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     qb = tl.program_id(0)
     pid = tl.program_id(1)
@@ -84,6 +118,8 @@ def attn_fwd(
     if UPCAST:  # Triton's interpreter multiplies bfloat16 wrongly in tl.dot
         q = q.to(tl.float32)
     qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
+    if DROPOUT:
+        drop_row = _dropout_row(drop_seed, b, h, qpos)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM_V], 0.0, dtype=tl.float32)
@@ -126,6 +162,8 @@ def attn_fwd(
                 if UPCAST:
                     v = v.to(tl.float32)
                 acc = acc * alpha[:, None]
+                if DROPOUT:  # the row sum above stays undropped; P V sees the kept P, scaled
+                    p = tl.where(_dropout_keep(drop_row, kpos, drop_threshold), p * drop_scale, 0.0)
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
                 m_i = m_new
     empty = l_i == 0.0
@@ -136,7 +174,7 @@ def attn_fwd(
     tl.store(LSE + (b * num_heads + h) * lq + offs_m, lse, mask=offs_m < lq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_seed"])
 def attn_bwd_dkdv(
     Q, K, V, DO, LSE, Delta, DK, DV_, Heads, PermQ, PermK,
     FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
@@ -146,10 +184,11 @@ def attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,{tables}
+    num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,
+    drop_seed, drop_threshold, drop_scale,{tables}
     HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     kb = tl.program_id(0)
     pid = tl.program_id(1)
@@ -205,8 +244,14 @@ def attn_bwd_dkdv(
                 if part == 1:
                     keep = keep & allowed(qpos, kpos, b, h, q_offset,{tables_call})
                 p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+                if DROPOUT:  # dV from the kept P, scaled; dP through the same mask
+                    drop = _dropout_keep(_dropout_row(drop_seed, b, h, qpos), kpos, drop_threshold)
+                    drop = tl.where(drop, drop_scale, 0.0)
+                    dv = tl.dot(tl.trans((p * drop).to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+                    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION) * drop
+                else:
+                    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+                    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
                 ds = p * (dp - delta[:, None])
                 if SOFTCAP:
                     ds = ds * modify_grad(raw, qpos, kpos, b, h, q_offset,{tables_call})
@@ -218,7 +263,7 @@ def attn_bwd_dkdv(
              mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < DV))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_seed"])
 def attn_bwd_dq(
     Q, K, V, DO, LSE, Delta, DQ, Heads, PermQ, PermK,
     FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
@@ -227,11 +272,12 @@ def attn_bwd_dq(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,{tables}
+    num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,
+    drop_seed, drop_threshold, drop_scale,{tables}
     HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    TENSOR_GRADS: tl.constexpr,
+    TENSOR_GRADS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     qb = tl.program_id(0)
     pid = tl.program_id(1)
@@ -253,6 +299,8 @@ def attn_bwd_dq(
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
     qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
+    if DROPOUT:
+        drop_row = _dropout_row(drop_seed, b, h, qpos)
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     K_base = K + b * stride_kb + kvh * stride_kh
     V_base = V + b * stride_vb + kvh * stride_vh
@@ -287,6 +335,8 @@ def attn_bwd_dq(
                     keep = keep & allowed(qpos, kpos, b, h, q_offset,{tables_call})
                 p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+                if DROPOUT:
+                    dp = tl.where(_dropout_keep(drop_row, kpos, drop_threshold), dp * drop_scale, 0.0)
                 ds = p * (dp - delta[:, None])
                 if TENSOR_GRADS:
                     modify_backward(ds, raw, qpos, kpos, b, h, q_offset,{tables_call})

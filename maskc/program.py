@@ -16,7 +16,7 @@ from maskc.codegen.schedule import BlockSchedule
 from maskc.dsl import evaluate, ir, printer
 from maskc.dsl.errors import MaskError, MaskTypeError
 from maskc.dsl.spec import Instance, Spec, load
-from maskc.runtime import dispatch, op
+from maskc.runtime import dispatch, dropout, op
 from maskc.runtime.reference import reference_attention
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -191,12 +191,16 @@ class Program:
         scale: float | None = None,
         q_offset: int | None = None,
         return_lse: bool = False,
+        dropout_p: float = 0.0,
+        dropout_seed: int | None = None,
         **bindings,
     ):
         """Dense attention over the mask and modifiers (slow, exact, differentiable).
 
         q [batch, heads, lq, dim], k and v [batch, kv_heads, lk, dim] with
         kv_heads dividing heads.  Rows with no allowed key output 0.
+        `dropout_p` drops with the keep mask every backend uses for `dropout_seed`
+        (drawn like the forward draws it when None: see `dropout_seed()`).
         """
         check_qkv(q, k, v)
         bindings = {"q": q, "k": k, **bindings}
@@ -208,7 +212,12 @@ class Program:
         def score_mod(logits: torch.Tensor) -> torch.Tensor:
             return evaluate.scores(instance, tensors, logits)
 
-        return reference_attention(q, k, v, allowed, score_mod, scale, return_lse)
+        keep, dropout_p = None, dropout.check_p(dropout_p)
+        if dropout_p:
+            seed = dropout.draw_seed() if dropout_seed is None else int(dropout_seed)
+            qp, kp = evaluate.positions(instance)
+            keep = dropout.dense_keep(dropout.Dropout(dropout_p, seed), q.shape[0], q.shape[1], qp, kp)
+        return reference_attention(q, k, v, allowed, score_mod, scale, return_lse, keep, dropout_p)
 
     def normal_form(self, lq: int, lk: int | None = None, *, heads: int = 1, q_offset: int | None = None, **sizes):
         """Each distinct head pattern in normal form, with the heads that share it."""
@@ -248,6 +257,7 @@ class Program:
         scale: float | None = None,
         return_lse: bool = False,
         q_offset: int | None = None,
+        dropout_p: float = 0.0,
         **bindings,
     ):
         """Attention with this pattern, like `scaled_dot_product_attention`.
@@ -257,6 +267,9 @@ class Program:
         "cpu", "flex" (FlexAttention with maskc's schedule) or "reference".
         `return_lse=True` also returns the log-sum-exp per query row, float32
         [batch, heads, lq], so results over key shards can be merged exactly.
+        `dropout_p` (0 <= p < 1) drops attention probabilities like SDPA's: the keep
+        mask hashes (seed, batch, head, query and key positions), the seed drawn from
+        torch's default generator (`dropout_seed()`); "cpu", "triton", "reference".
         """
         return dispatch.run(
             self,
@@ -267,6 +280,7 @@ class Program:
             scale=scale,
             return_lse=return_lse,
             q_offset=q_offset,
+            dropout_p=dropout_p,
             **bindings,
         )
 
@@ -375,11 +389,18 @@ def _batch_of(tensors: dict[str, torch.Tensor], batch: int | None, batched: set[
     return sizes.pop() if sizes else None
 
 
+def dropout_seed() -> int:
+    """The seed a forward with `dropout_p > 0` draws from torch's default CPU generator:
+    after ``torch.manual_seed(s)``, ``dropout_seed()`` returns the seed the next such
+    forward will use, for ``Program.reference(..., dropout_seed=...)``."""
+    return dropout.draw_seed()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, /, **params_and_bindings):
     """One-shot attention: compile `spec` and run it.
 
     Keyword arguments that name the pattern's parameters fix them; the rest
-    are bindings (grid sizes, tensors, `scale`, `q_offset`).
+    are bindings (grid sizes, tensors, `scale`, `q_offset`, `dropout_p`).
     """
     probe = compile(spec)
     declared = {p.name for p in probe.spec.definition.node.params} if probe.spec.definition else set()
@@ -390,4 +411,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, /, *
     return program(q, k, v, **rest)
 
 
-__all__ = ["Program", "attention", "check_qkv", "compile"]
+__all__ = ["Program", "attention", "check_qkv", "compile", "dropout_seed"]

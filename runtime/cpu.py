@@ -26,7 +26,8 @@ query blocks, each with the same number of key blocks.
   folded into the additive mask.  Softcap, and modifiers whose tensors need a
   gradient, run the *generic path*: the same segments computed with
   differentiable torch ops (scores of the visited blocks only), autograd does
-  the backward.
+  the backward.  So does attention dropout: each visited block's probabilities
+  are multiplied by the keep mask of runtime/dropout.py, scaled by 1 / (1 - p).
 * The fused path's backward is a custom `torch.autograd.Function` that calls
   ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` per segment
   with the *merged* output and log-sum-exp, which gives each segment's exact
@@ -61,6 +62,7 @@ import torch
 from maskc.dsl import ir
 from torch.nn.functional import pad
 
+from .dropout import Dropout, keep_mask
 from .merge import merge_partials
 from .prepare import Prepared
 
@@ -888,9 +890,9 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float):
 # ---------------------------------------------------------------- generic path
 
 
-def _generic(q, k, v, prepared: Prepared, scale: float):
-    """The same segments with differentiable torch ops, for softcap and for modifier
-    tensors that need gradients.
+def _generic(q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None = None):
+    """The same segments with differentiable torch ops, for softcap, for modifier
+    tensors that need gradients, and for dropout.
 
     Each chunk of rows computes its own partial softmax (output and log-sum-exp)
     under non-reentrant checkpointing, so its scores are recomputed in the backward
@@ -909,13 +911,16 @@ def _generic(q, k, v, prepared: Prepared, scale: float):
         qg, kg, vg = _group_inputs(group, qc, kc, vc, prepared, fused=False)
         n, lq_pad, _ = qg.shape
         hg = len(group.heads)
+        # dropout's (batch, head) per row of the group's [N = batch * hg] layout
+        drop = None if dropout is None else (dropout, _batch_heads(batch, group.heads))
         rows_out, rows_lse, rows_index = [], [], []
         for whole in group.plan.segments:
             for a, b in _chunks(whole, 4 * qg.shape[0] * max(qg.shape[-1], vg.shape[-1], bq)):
                 seg = whole.slice(a, b)
                 out_c, lse_c = checkpoint(
-                    _generic_chunk, prepared, group.index, seg, qg, kg, vg, scale, batch, hg, n, use_reentrant=False
-                )
+                    _generic_chunk, prepared, group.index, seg, qg, kg, vg, scale, batch, hg, n, drop,
+                    use_reentrant=False,
+                )  # fmt: skip
                 token_rows = (seg.rows[:, None] * bq + torch.arange(bq)[None, :]).reshape(-1)
                 rows_out.append(out_c.reshape(n, -1, out_c.shape[-1]))
                 rows_lse.append(lse_c.reshape(n, -1))
@@ -939,9 +944,17 @@ def _empty_piece(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> tuple[
     return torch.matmul(logits, vg[:, :1]), logits[..., 0]
 
 
-def _generic_chunk(prepared, group: int, seg, qg, kg, vg, scale, batch, hg, n):
+def _batch_heads(batch: int, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index, head index) [N, 1, 1, 1] of each row of a group's N = batch * len(heads)."""
+    b = torch.arange(batch).repeat_interleave(len(heads))
+    h = torch.tensor(heads).repeat(batch)
+    return b.view(-1, 1, 1, 1), h.view(-1, 1, 1, 1)
+
+
+def _generic_chunk(prepared, group: int, seg, qg, kg, vg, scale, batch, hg, n, drop=None):
     """Partial softmax of a chunk: (out [N, m, bq, Dv], lse [N, m, bq]), -inf where a
-    row has no allowed key in the chunk."""
+    row has no allowed key in the chunk.  `drop`: (Dropout, (b, h) per row) or None;
+    the log-sum-exp stays that of the undropped softmax."""
     bq = prepared.block_q
     qs, ks, vs = _rows_view(qg, seg, bq), _keys_view(kg, seg), _keys_view(vg, seg)
     logits = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # [N, m, bq, nk]
@@ -955,16 +968,26 @@ def _generic_chunk(prepared, group: int, seg, qg, kg, vg, scale, batch, hg, n):
         logits = logits.masked_fill(~_expand_rows(seg.allowed, hg, n), -math.inf)
     lse = torch.logsumexp(logits, -1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = torch.matmul(torch.exp(logits - safe[..., None]), vs)
+    probs = torch.exp(logits - safe[..., None])
+    if drop is not None:
+        dropout, (b, h) = drop
+        qp, kp = _positions(prepared, seg)
+        keep = keep_mask(dropout, b, h, qp[:, :, None], kp[:, None, :])  # [N, m, bq, nk]
+        probs = probs * (keep * dropout.scale).to(probs.dtype)
+    out = torch.matmul(probs, vs)
     return out, lse
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Prepared, scale: float):
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Prepared, scale: float,
+                  dropout: Dropout | None = None):  # fmt: skip
     """Attention over the schedule in `prepared`: (out like q with v's head dim,
-    lse float32 [batch, heads, lq], -inf for rows with no allowed key)."""
+    lse float32 [batch, heads, lq], -inf for rows with no allowed key).
+    With `dropout`, the generic path (autograd differentiates it)."""
+    if dropout is not None:
+        return _generic(q, k, v, prepared, scale, dropout)
     if _needs_generic(prepared):
         return _generic(q, k, v, prepared, scale)
     return _FusedAttention.apply(q, k, v, prepared, scale)

@@ -17,6 +17,7 @@ from maskc.dsl.errors import MaskTypeError
 
 from . import clustered
 from . import op as _op
+from .dropout import Dropout, check_p, draw_seed
 from .prepare import Prepared
 
 BACKENDS = ("auto", "triton", "cpu", "flex", "reference")
@@ -102,15 +103,20 @@ def run(
     scale: float | None = None,
     return_lse: bool = False,
     q_offset: int | None = None,
+    dropout_p: float = 0.0,
     **bindings,
 ):
     check_inputs(q, k, v)
     name = resolve_backend(backend, q)
     scale = check_scale(scale, q.shape[-1])
+    if dropout_p != 0.0 or not isinstance(dropout_p, float):
+        dropout_p = check_dropout(dropout_p, name)
     if 0 in (q.shape[0], q.shape[2], k.shape[2]):
         out, lse = empty_attention(q, k, v, scale)
         return (out, lse) if return_lse else out
     if name == "reference":
+        if dropout_p:
+            bindings = {**bindings, "dropout_p": dropout_p, "dropout_seed": draw_seed()}
         return program.reference(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, **bindings)
     tensor_names = [n for n, x in bindings.items() if isinstance(x, torch.Tensor)]
     size_names = [n for n, x in bindings.items() if not isinstance(x, torch.Tensor)]
@@ -126,8 +132,20 @@ def run(
         [bindings[n] for n in tensor_names],
         ",".join(size_names),
         [bindings[n] for n in size_names],
+        dropout_p,
     )
     return (out, lse) if return_lse else out
+
+
+def check_dropout(p: object, name: str) -> float:
+    """dropout_p in [0, 1), on a backend that can drop (not FlexAttention)."""
+    p = check_p(p)
+    if p and name == "flex":
+        raise MaskTypeError(
+            f"backend='flex' has no attention dropout (dropout_p={p}): use backend='cpu' or 'triton' "
+            "(or 'auto'), or dropout_p=0"
+        )
+    return p
 
 
 def clustered_heads(name: str, prepared: Prepared) -> list[clustered.ClusterHead] | None:
@@ -141,11 +159,17 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-def run_prepared(name: str, q, k, v, prepared: Prepared, scale: float):
+def run_prepared(name: str, q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None = None):
     """Permute into the schedule's token order, run the backend, permute back
-    (clustered patterns: gather into cluster order instead, see runtime/clustered.py)."""
+    (clustered patterns: gather into cluster order instead, see runtime/clustered.py).
+    `dropout` (None: none) reaches the CPU and Triton backends only."""
     heads = clustered_heads(name, prepared)
     if heads is not None:
+        if dropout is not None:
+            raise MaskTypeError(
+                f"backend={name!r} has no attention dropout for clustered patterns (cluster(...) heads run "
+                "gathered into cluster order): use dropout_p=0"
+            )
         if name == "triton" and clustered_splits(prepared.forms) is not None:  # what AOT compiles, too
             from .clustered_triton import triton_clustered_attention
 
@@ -156,7 +180,12 @@ def run_prepared(name: str, q, k, v, prepared: Prepared, scale: float):
         q = q[:, :, perm_q.to(q.device)]
     if perm_k is not None:
         k, v = k[:, :, perm_k.to(k.device)], v[:, :, perm_k.to(k.device)]
-    out, lse = backend_function(name)(q, k, v, prepared, scale)
+    if dropout is None:
+        out, lse = backend_function(name)(q, k, v, prepared, scale)
+    elif name in ("cpu", "triton"):
+        out, lse = backend_function(name)(q, k, v, prepared, scale, dropout)
+    else:
+        raise MaskTypeError(f"backend={name!r} has no attention dropout: use backend='cpu' or 'triton'")
     if perm_q is not None:
         inverse = inverse_permutation(perm_q.to(q.device))
         out, lse = out[:, :, inverse], lse[:, :, inverse]

@@ -22,6 +22,15 @@ whole backward, recompute included, is the `maskc::attention_backward` op, so
 nothing traced depends on concrete sizes (dynamic shapes work).  Gradients come
 back laid out like `torch.empty_like` of their inputs, what the fake kernels
 promise.  FlexAttention has no CPU backward (torch 2.13, eager or compiled).
+
+Dropout (`dropout_p > 0`): the forward draws a seed from torch's default CPU
+generator (runtime/dropout.py) and keeps it for the backward, which regenerates
+the same keep mask.  Under `torch.compile` a call with dropout is the sibling op
+`maskc::attention_dropout`, which draws the seed when it runs (so compiled and
+eager runs agree under `torch.manual_seed`) and returns it for
+`maskc::attention_backward`; it is tagged nondeterministic_seeded.  Calls
+without dropout take the paths above unchanged.  On CPU, dropout runs the
+generic path (autograd does the backward).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from collections.abc import Iterator
 import torch
 from maskc.dsl import ir
 
+from .dropout import Dropout, draw_seed
 from .prepare import Prepared, prepare
 
 _PROGRAMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -159,14 +169,15 @@ def _with_spill_free_tiles(prepared: Prepared, program, q, k, v, q_offset, bindi
 # ----------------------------------------------------------------- the work itself
 
 
-def forward_impl(q, k, v, key, backend, scale, q_offset, bindings, prepared: Prepared | None = None):
+def forward_impl(q, k, v, key, backend, scale, q_offset, bindings, prepared: Prepared | None = None,
+                 dropout: Dropout | None = None):  # fmt: skip
     """(out, lse), contiguous like the fake kernel's."""
     from .dispatch import run_prepared
 
     if prepared is None:
         prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
     with torch.no_grad():
-        out, lse = run_prepared(backend, q, k, v, prepared, scale)
+        out, lse = run_prepared(backend, q, k, v, prepared, scale, dropout)
     return out.contiguous(), lse.contiguous()
 
 
@@ -175,9 +186,11 @@ def flex_has_backward(device: torch.device) -> bool:
     return device.type not in ("cpu", "mps")
 
 
-def needs_recompute(backend: str, prepared: Prepared, wanted: list[bool], device: torch.device) -> bool:
+def needs_recompute(backend: str, prepared: Prepared, wanted: list[bool], device: torch.device,
+                    dropout: Dropout | None = None) -> bool:  # fmt: skip
     """Whether gradients need the forward again under autograd: Flex (its own backward),
-    clustered attention (which composes under autograd), CPU softcap / modifier tensors."""
+    clustered attention (which composes under autograd), CPU softcap / modifier tensors
+    / dropout."""
     from .dispatch import clustered_heads
 
     if backend == "flex":
@@ -186,12 +199,14 @@ def needs_recompute(backend: str, prepared: Prepared, wanted: list[bool], device
         return True
     if backend != "cpu":
         return False
+    if dropout is not None:
+        return True
     from . import cpu
 
     return any(wanted) or cpu._needs_generic(prepared, for_backward=True)
 
 
-def backward_kernels(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, bindings, wanted):
+def backward_kernels(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, bindings, wanted, dropout=None):
     """(dq, dk, dv, {tensor name: grad}) from the saved output and log-sum-exp."""
     from .dispatch import inverse_permutation
 
@@ -210,7 +225,9 @@ def backward_kernels(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offse
     if backend == "triton":
         from . import triton_backend
 
-        dq, dk, dv, grads = triton_backend.backward(q, k, v, out, lse, dout, dlse, prepared, scale, any(wanted))
+        dq, dk, dv, grads = triton_backend.backward(
+            q, k, v, out, lse, dout, dlse, prepared, scale, any(wanted), dropout
+        )
     else:
         from . import cpu
 
@@ -224,7 +241,8 @@ def backward_kernels(q, k, v, out, lse, dout, dlse, key, backend, scale, q_offse
     return dq, dk, dv, grads
 
 
-def differentiable_forward(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted):
+def differentiable_forward(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted,
+                           dropout: Dropout | None = None):  # fmt: skip
     """(out, lse, inputs): the forward under autograd from fresh leaves; `inputs` are the
     q, k, v leaves and the bound tensors that want a gradient."""
     from .dispatch import run_prepared
@@ -234,7 +252,7 @@ def differentiable_forward(q, k, v, key, backend, scale, q_offset, tensor_names,
         extra = [t.detach().requires_grad_() if w else t for t, w in zip(tensors, wanted, strict=True)]
         bindings = _bindings(tensor_names, extra, size_names, sizes)
         prepared = prepared_for(key, backend, leaves[0], leaves[1], leaves[2], q_offset, bindings)
-        out, lse = run_prepared(backend, *leaves, prepared, scale)
+        out, lse = run_prepared(backend, *leaves, prepared, scale, dropout)
     return out, lse, leaves + [t for t, w in zip(extra, wanted, strict=True) if w]
 
 
@@ -262,22 +280,23 @@ def _autograd_inside_op() -> Iterator[None]:
 
 
 def backward_impl(dout, dlse, q, k, v, out, lse, key, backend, scale, q_offset, tensor_names, tensors, size_names,
-                  sizes, wanted) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+                  sizes, wanted, dropout: Dropout | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """dq, dk, dv and a gradient per bound tensor (zeros where not wanted), each laid out
     like `torch.empty_like` of its input: the compiled graph checks the strides the fake
     kernel promises, and views into a backend's padded buffers would keep those alive."""
     bindings = _bindings(tensor_names, tensors, size_names, sizes)
     prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
-    if needs_recompute(backend, prepared, wanted, q.device):
+    if needs_recompute(backend, prepared, wanted, q.device, dropout):
         with _autograd_inside_op():
             graph = differentiable_forward(
-                q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted
+                q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted, dropout
             )
             dq, dk, dv, extra = graph_grads(*graph, dout, dlse, wanted)
         grads = dict(zip(_names(tensor_names), extra, strict=True))
     else:
         dq, dk, dv, grads = backward_kernels(
-            q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, bindings, wanted
+            q, k, v, out, lse, dout, dlse, key, backend, scale, q_offset, bindings, wanted, dropout
         )
     extra = []
     for name, t, w in zip(_names(tensor_names), tensors, wanted, strict=True):
@@ -301,22 +320,24 @@ def laid_out_like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, meta, *tensors):
-        key, backend, scale, q_offset, tensor_names, size_names, sizes = meta
+        key, backend, scale, q_offset, tensor_names, size_names, sizes, dropout_p = meta
         ctx.meta = meta
+        # the seed is drawn here, when the forward runs, and kept for the backward
+        dropout = ctx.dropout = Dropout(dropout_p, draw_seed()) if dropout_p else None
         ctx.program = program_for(key)  # alive until the backward (a one-shot program may be dropped)
         bindings = _bindings(tensor_names, tensors, size_names, sizes)
         wanted = [bool(n) and t.is_floating_point() for n, t in zip(ctx.needs_input_grad[4:], tensors, strict=True)]
         prepared = None
         if any(ctx.needs_input_grad):
             prepared = prepared_for(key, backend, q, k, v, q_offset, bindings)
-        if prepared is not None and needs_recompute(backend, prepared, wanted, q.device):
+        if prepared is not None and needs_recompute(backend, prepared, wanted, q.device, dropout):
             # Differentiable forward now, its graph kept for the backward (no second forward).
             out, lse, inputs = differentiable_forward(
-                q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted
+                q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, wanted, dropout
             )
             ctx.graph = (out, lse, inputs, wanted)
             return out.detach(), lse.detach()
-        out, lse = forward_impl(q, k, v, key, backend, scale, q_offset, bindings, prepared)
+        out, lse = forward_impl(q, k, v, key, backend, scale, q_offset, bindings, prepared, dropout)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
         return out, lse
 
@@ -328,7 +349,7 @@ class _Attention(torch.autograd.Function):
             dq, dk, dv, extra = graph_grads(out, lse, inputs, dout, dlse, wanted)
             return dq, dk, dv, None, *extra
         q, k, v, out, lse, *tensors = ctx.saved_tensors
-        key, backend, scale, q_offset, tensor_names, size_names, sizes = ctx.meta
+        key, backend, scale, q_offset, tensor_names, size_names, sizes, _ = ctx.meta
         wanted = [
             bool(needs) and t.is_floating_point() for needs, t in zip(ctx.needs_input_grad[4:], tensors, strict=True)
         ]
@@ -336,16 +357,22 @@ class _Attention(torch.autograd.Function):
         dlse = torch.zeros_like(lse) if dlse is None else dlse
         dq, dk, dv, extra = backward_impl(
             dout, dlse, q, k, v, out, lse, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
-            wanted,
+            wanted, ctx.dropout,
         )  # fmt: skip
         return dq, dk, dv, None, *(g if w else None for g, w in zip(extra, wanted, strict=True))
 
 
-def attention(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes):
-    """Run the program `key` with its bindings; (out, lse).  Traced as one op under torch.compile."""
+def attention(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, dropout_p=0.0):
+    """Run the program `key` with its bindings; (out, lse).  Traced as one op under torch.compile
+    (`maskc::attention`, or `maskc::attention_dropout` when dropout_p > 0)."""
     if torch.compiler.is_compiling():
+        if dropout_p:
+            out, lse, _ = attention_dropout_op(
+                q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, dropout_p
+            )
+            return out, lse
         return attention_op(q, k, v, key, backend, scale, q_offset, tensor_names, tensors, size_names, sizes)
-    meta = (key, backend, scale, q_offset, tensor_names, size_names, tuple(sizes))
+    meta = (key, backend, scale, q_offset, tensor_names, size_names, tuple(sizes), dropout_p)
     return _Attention.apply(q, k, v, meta, *tensors)
 
 
@@ -394,16 +421,19 @@ def attention_backward_op(
     size_names: str,
     sizes: list[int],
     wanted: list[bool],
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    dropout = Dropout(dropout_p, int(dropout_seed)) if dropout_p else None
     return backward_impl(
         dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
-        wanted,
+        wanted, dropout,
     )  # fmt: skip
 
 
 @attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
-      wanted):  # fmt: skip
+      wanted, dropout_p=0.0, dropout_seed=None):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(t) for t in tensors]
 
 
@@ -430,3 +460,59 @@ def _backward(ctx, dout, dlse):
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------- torch.compile, with dropout
+
+
+@torch.library.custom_op("maskc::attention_dropout", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def attention_dropout_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    program: str,
+    backend: str,
+    scale: float,
+    q_offset: int | None,
+    tensor_names: str,
+    tensors: list[torch.Tensor],
+    size_names: str,
+    sizes: list[int],
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`maskc::attention` with dropout: (out, lse, seed), the seed (int64, CPU) drawn when it runs."""
+    seed = draw_seed()
+    bindings = _bindings(tensor_names, tensors, size_names, sizes)
+    out, lse = forward_impl(q, k, v, program, backend, scale, q_offset, bindings, dropout=Dropout(dropout_p, seed))
+    return out, lse, torch.tensor(seed, dtype=torch.int64)
+
+
+@attention_dropout_op.register_fake
+def _(q, k, v, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, dropout_p):
+    batch, heads, lq, _ = q.shape
+    out = q.new_empty(batch, heads, lq, v.shape[-1])
+    return out, q.new_empty(batch, heads, lq, dtype=torch.float32), torch.empty((), dtype=torch.int64)
+
+
+def _setup_dropout_context(ctx, inputs, output):
+    q, k, v, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, *tensors)
+    ctx.args = (program, backend, scale, q_offset, tensor_names, size_names, sizes, dropout_p)
+
+
+def _dropout_backward(ctx, dout, dlse, _dseed):
+    q, k, v, out, lse, seed, *tensors = ctx.saved_tensors
+    program, backend, scale, q_offset, tensor_names, size_names, sizes, dropout_p = ctx.args
+    wanted = [t.requires_grad and t.is_floating_point() for t in tensors]
+    dout = torch.zeros_like(out) if dout is None else dout
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    dq, dk, dv, extra = attention_backward_op(
+        dout, dlse, q, k, v, out, lse, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes,
+        wanted, dropout_p, seed,
+    )  # fmt: skip
+    extra = [g if w else None for g, w in zip(extra, wanted, strict=True)]
+    return dq, dk, dv, None, None, None, None, None, extra, None, (None if sizes else []), None
+
+
+attention_dropout_op.register_autograd(_dropout_backward, setup_context=_setup_dropout_context)

@@ -25,11 +25,16 @@ def reference_attention(
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    dropout_keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ):
     """q [B, H, lq, D], k/v [B, Hk, lk, D]; mask broadcastable to [B, H, lq, lk].
 
     Computes in float32 (float64 for float64 inputs) and returns q's dtype.
-    The log-sum-exp is -inf for rows with no allowed key.
+    The log-sum-exp is -inf for rows with no allowed key.  Dropout: the
+    probabilities are multiplied by `dropout_keep` (bool, broadcastable to
+    [B, H, lq, lk]) and scaled by 1 / (1 - dropout_p); the log-sum-exp is
+    that of the undropped softmax.
     """
     heads = q.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -47,7 +52,10 @@ def reference_attention(
     weights = torch.exp(logits - row_max)
     total = weights.sum(dim=-1, keepdim=True)
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
-    out = torch.matmul(weights / safe_total, vc).to(q.dtype)
+    probs = weights / safe_total
+    if dropout_keep is not None:
+        probs = probs * (dropout_keep.to(probs.device) * (1.0 / (1.0 - dropout_p))).to(probs.dtype)
+    out = torch.matmul(probs, vc).to(q.dtype)
     if not return_lse:
         return out
     lse = torch.where(total > 0, torch.log(safe_total) + row_max, torch.full_like(total, -math.inf))

@@ -23,6 +23,7 @@ from maskc.dsl.random_blocks import draw
 import maskc
 
 from . import cache
+from .dropout import Dropout
 from .prepare import Prepared
 
 SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -232,7 +233,14 @@ def _or(tensor, fallback):
     return tensor if tensor is not None else fallback
 
 
-def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _dropout_args(dropout: Dropout | None) -> tuple[int, int, float]:
+    """(drop_seed, drop_threshold, drop_scale) kernel arguments; unused unless DROPOUT."""
+    return (0, 0, 1.0) if dropout is None else (dropout.seed, dropout.threshold, dropout.scale)
+
+
+def forward(
+    q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     interpret, perm_q, perm_k = _common(q, k, v, prepared)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, lq, d = q.shape
@@ -258,19 +266,21 @@ def forward(q, k, v, prepared: Prepared, scale: float) -> tuple[torch.Tensor, to
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group,
-            *tables,
+            *_dropout_args(dropout), *tables,
             HAS_PERM_Q=perm_q is not None,
             HAS_PERM_K=perm_k is not None, BLOCK_M=bm, BLOCK_N=bn,
             HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
             INPUT_PRECISION=_precision(q.dtype),
-            UPCAST=interpret and q.dtype == torch.bfloat16,
+            UPCAST=interpret and q.dtype == torch.bfloat16, DROPOUT=dropout is not None,
             num_warps=_tile(prepared, max(d, dv), lq).fwd_warps,
         )  # fmt: skip
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, tensor_grads: bool = False):
-    """(dq, dk, dv, {tensor name: gradient}); the dict is filled when `tensor_grads`."""
+def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, tensor_grads: bool = False,
+             dropout: Dropout | None = None):  # fmt: skip
+    """(dq, dk, dv, {tensor name: gradient}); the dict is filled when `tensor_grads`.
+    With `dropout`, `out` is the forward's dropped output: Delta = rowsum(dO * O) holds."""
     interpret, perm_q, perm_k = _common(q, k, v, prepared)
     q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
     batch, heads, lq, d = q.shape
@@ -297,11 +307,12 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
             HAS_PERM_K=perm_k is not None, BLOCK_M=bm, BLOCK_N=bn,
             HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
             INPUT_PRECISION=_precision(q.dtype), SOFTCAP=source.softcap,
-            UPCAST=interpret and q.dtype == torch.bfloat16,
+            UPCAST=interpret and q.dtype == torch.bfloat16, DROPOUT=dropout is not None,
         )  # fmt: skip
         tile = _tile(prepared, max(d, dv), lq)
         perms = (_or(perm_q, group_heads), _or(perm_k, group_heads))
-        sizes = (heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group)
+        sizes = (heads, lq, lk, prepared.instance.sizes.q_offset, scale, group_heads.numel(), kv_group,
+                 *_dropout_args(dropout))  # fmt: skip
         with cache.mode(interpret):
             module.attn_bwd_dkdv[(math.ceil(lk / bn), batch * group_heads.numel())](
             q, k, v, dout, lse_b, delta, dk, dvv, group_heads, *perms,
@@ -334,10 +345,10 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prepared, scale):
-        out, lse = forward(q, k, v, prepared, scale)
+    def forward(ctx, q, k, v, prepared, scale, dropout=None):
+        out, lse = forward(q, k, v, prepared, scale, dropout)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.prepared, ctx.scale = prepared, scale
+        ctx.prepared, ctx.scale, ctx.dropout = prepared, scale, dropout
         return out, lse
 
     @staticmethod
@@ -345,9 +356,9 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, _ = backward(q, k, v, out, lse, dout, dlse, ctx.prepared, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv, _ = backward(q, k, v, out, lse, dout, dlse, ctx.prepared, ctx.scale, dropout=ctx.dropout)
+        return dq, dk, dv, None, None, None
 
 
-def triton_attention(q, k, v, prepared: Prepared, scale: float):
-    return _TritonAttention.apply(q, k, v, prepared, scale)
+def triton_attention(q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None = None):
+    return _TritonAttention.apply(q, k, v, prepared, scale, dropout)

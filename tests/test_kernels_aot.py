@@ -57,6 +57,30 @@ def test_modifier_gradient_kernels_compile_for_sm90():
     assert all(r.spill_stores == 0 for r in resources), resources
 
 
+def test_dropout_kernels_compile_for_sm90_without_spills():
+    """With attention dropout (the DROPOUT constexpr: the keep-mask hash in uint32, regenerated in
+    both backward kernels) the kernels still compile for sm_90 on the default tiles, without
+    spills, and differ from the kernels without dropout."""
+    from maskc.codegen import tiles
+    from maskc.runtime import cache
+
+    program = maskc.compile("causal & window(256)")
+    tile = tiles.config(64, 1024)
+    (source,) = aot.kernel_sources(program, 1024, head_dim=64, tile=tile)
+    module = cache.load(cache.key_of(source.text, "aot", "0"), source.text, interpret=False)
+    for kernel in aot.KERNELS:
+        warps = tile.warps(kernel)
+        plain, dropped = (
+            aot.compile_kernel(
+                module, kernel, source, torch.float16, 64, tile.block_q, tile.block_k, warps, 90, dropout=dropout
+            )
+            for dropout in (False, True)
+        )
+        assert dropped.asm["ptx"] != plain.asm["ptx"], kernel
+        regs, spill_stores, _ = aot.ptxas_resources(dropped.asm["ptx"], 90)
+        assert spill_stores == 0 and 0 < regs <= 255, (kernel, regs, spill_stores)
+
+
 def test_tile_choice_is_remembered(tmp_path, monkeypatch):
     """The runtime's choice per pattern structure and GPU is compiled once, then read back."""
     from maskc.codegen import plan
