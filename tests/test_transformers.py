@@ -198,10 +198,10 @@ def test_mask_function_without_padding_is_static():
 
 
 def test_errors_say_what_to_do():
-    with pytest.raises(NotImplementedError, match="dropout"):
+    with pytest.raises(maskc.MaskTypeError, match="dropout_p"):  # training: the layer's dropout reaches maskc
         module = torch.nn.Module().train()
         q = torch.randn(1, 2, 4, 8)
-        maskc_hf.MaskcAttention("causal")(module, q, q, q, None, dropout=0.1)
+        maskc_hf.MaskcAttention("causal")(module, q, q, q, None, dropout=1.5)
     with pytest.raises(KeyError, match="sliding_attention"):
         maskc_hf.MaskcAttention({"full": "causal"}).program("sliding_attention")
     with pytest.raises(ValueError, match="own attention"):
@@ -259,18 +259,48 @@ def test_minilm_window_matches_eager_with_dense_mask(minilm):
     assert (embeddings - full_embeddings).abs().max() > 1e-3  # the window changed the embeddings
 
 
-def test_minilm_training_dropout_raises(minilm):
+def test_minilm_training_step_with_attention_dropout(minilm):
+    """In training mode BERT passes its attention_probs_dropout_prob (0.1) as `dropout`, which
+    maskc applies: a training step runs, is the same under the same torch.manual_seed, and
+    differs with another seed and from the step without dropout (the model's other dropout
+    layers are off, so only attention dropout varies)."""
     model, tokenizer = minilm
+    assert model.config.attention_probs_dropout_prob > 0
     batch = tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")
     maskc_hf.register("maskc_test_train", "all")
     model.set_attn_implementation("maskc_test_train")
-    model.train()
+    hidden = [  # every dropout but the attention's own (whose p the layer passes to maskc)
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Dropout) and m.p > 0 and not name.endswith("attention.self.dropout")
+    ]
+    assert hidden
+    saved = [m.p for m in hidden]
+
+    def step(seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        if seed is not None:
+            torch.manual_seed(seed)
+        loss = model(**batch).last_hidden_state.square().mean()
+        loss.backward()
+        return loss.detach(), model.embeddings.word_embeddings.weight.grad.clone()
+
     try:
-        with pytest.raises(NotImplementedError, match="attention_probs_dropout_prob"):
-            model(**batch)
+        for m in hidden:
+            m.p = 0.0
+        model.eval()
+        plain = step(None)
+        model.train()
+        first, again, other = step(0), step(0), step(1)
     finally:
+        for m, p in zip(hidden, saved, strict=True):
+            m.p = p
+        model.zero_grad()
         model.eval()
         model.set_attn_implementation("sdpa")
+    assert torch.isfinite(first[0]) and torch.isfinite(first[1]).all()
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert first[0] != other[0] and first[0] != plain[0]
 
 
 # ---------------------------------------------------------------- generation

@@ -79,9 +79,12 @@ as Mistral does for every layer when ``config.sliding_window`` is set) and
 ``"sliding"``, ``"chunked"``) or as transformers' names; a kind without an
 entry raises.
 
-Not supported: attention dropout in training mode (maskc's kernels have no
-dropout: `NotImplementedError` when ``dropout > 0`` while training; eval mode
-ignores it), additive position biases (T5), cross-attention, and packed
+Attention dropout: in training mode (``module.training``) the layer's
+``dropout`` becomes maskc's ``dropout_p`` (CPU and Triton backends; the keep
+mask is drawn from torch's default generator, so a training step is
+reproducible under ``torch.manual_seed``); eval mode ignores it.
+
+Not supported: additive position biases (T5), cross-attention, and packed
 sequences that transformers detects from restarting ``position_ids``.
 """
 
@@ -320,12 +323,7 @@ class MaskcAttention:
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         """query [B, H, Lq, D], key/value [B, Hkv, Lk, D] -> (output [B, Lq, H, Dv], None)."""
-        if dropout and getattr(module, "training", False):
-            raise NotImplementedError(
-                f"maskc has no attention dropout (this layer asks for {dropout}): train with the model's "
-                "attention dropout set to 0 (e.g. config.attention_dropout = 0.0, BERT's "
-                "attention_probs_dropout_prob = 0.0), or run in eval mode"
-            )
+        dropout_p = dropout if dropout and getattr(module, "training", False) else 0.0  # eval: no dropout
         if kwargs.get("position_bias") is not None:
             raise NotImplementedError("maskc does not add transformers' position_bias (T5-style): use eager or sdpa")
         if getattr(module, "is_cross_attention", False):
@@ -340,11 +338,20 @@ class MaskcAttention:
         program = self.program(layer_type(module, kwargs.get("sliding_window")), padded=padded, softcap=softcap)
         bindings = {PAD_IDS: mask.pad_ids} if padded else {}
         q_offset = None if mask is None else mask.q_offset
-        if _decoding(query, key, q_offset):
+        if not dropout_p and _decoding(query, key, q_offset):  # decoding has no dropout
             position = key.shape[2] - query.shape[2] if q_offset is None else q_offset
             out = program.decode(query, key, value, position, backend=self.backend, scale=scaling, **bindings)
         else:
-            out = program(query, key, value, backend=self.backend, scale=scaling, q_offset=q_offset, **bindings)
+            out = program(
+                query,
+                key,
+                value,
+                backend=self.backend,
+                scale=scaling,
+                q_offset=q_offset,
+                dropout_p=dropout_p,
+                **bindings,
+            )
         if padded:
             out = out.masked_fill(~mask.query_keep, 0)  # a padded query's row, like SDPA's fully masked rows
         return out.transpose(1, 2).contiguous(), None
