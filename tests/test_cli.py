@@ -299,3 +299,164 @@ def test_version_subprocess():
     )
     assert result.returncode == 0
     assert result.stdout.strip() == f"maskc {maskc.__version__}"
+
+
+# ---------------------------------------------------------------- compile
+
+
+def compile_parser_choices() -> list[str]:
+    """The --emit choices `maskc compile` offers."""
+    sub = next(a for a in cli.build_parser()._subparsers._group_actions if a.dest == "command")
+    emit = next(a for a in sub.choices["compile"]._actions if a.dest == "emit")
+    return list(emit.choices)
+
+
+def normal_text(program, lq, heads=1, **sizes) -> list[str]:
+    """What `--emit normal` should print: each head group's normal form."""
+    from maskc.codegen.irtext import pattern_text
+
+    return [pattern_text(form) for _, form in program.normal_form(lq, heads=heads, **sizes)]
+
+
+def assert_triton_source(out: str, normal: str) -> None:
+    """A generated Triton kernel file for the given normal form."""
+    import ast
+
+    assert "import triton" in out
+    assert "@triton.jit" in out
+    assert "def allowed(qpos, kpos" in out
+    assert "# normal form:\n#     " + normal.replace("\n", "\n#     ") in out
+    ast.parse(out)  # Python source, as Triton needs it
+
+
+SPEC_FILE = """\
+# two patterns, one on a grid
+pattern local(w = 3) = causal & window(w, 0)
+pattern box(r = 1) on grid(h, w) = window(r) & keys(0 .. lk)
+"""
+
+
+def test_compile_emit_choices_are_all_tested():
+    # The tests below check "normal" and "triton"; a new choice needs its own test.
+    assert sorted(compile_parser_choices()) == ["normal", "triton"]
+
+
+def test_compile_emit_normal_library_pattern(capsys):
+    assert cli.main(["compile", "mistral", "--lq", "64", "--set", "w=8"]) == 0
+    out = capsys.readouterr().out
+    assert out == "-7 <= k - q <= 0\n"
+    assert out.splitlines() == normal_text(maskc.compile("mistral", w=8), 64)
+    # --emit normal is the default
+    assert cli.main(["compile", "mistral", "--lq", "64", "--set", "w=8", "--emit", "normal"]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_compile_emit_normal_grid_pattern_and_sizes(capsys):
+    assert cli.main(["compile", "natten2d", "--lq", "64", "--set", "h=8", "--set", "w=8", "--set", "k=3"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == normal_text(maskc.compile("natten2d", k=3), 64, h=8, w=8)
+    assert out.count("neighborhood") == 2  # one per axis
+
+
+def test_compile_emit_normal_spec_file(tmp_path, capsys):
+    path = tmp_path / "two.mask"
+    path.write_text(SPEC_FILE)
+    assert cli.main(["compile", str(path), "--pattern", "local", "--lq", "32", "--set", "w=5"]) == 0
+    assert capsys.readouterr().out == "-5 <= k - q <= 0\n"
+    args = ["compile", str(path), "--pattern", "box", "--lq", "12", "--lk", "24", "--set", "h=4", "--set", "w=6"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    expected = normal_text(maskc.compile(str(path), pattern="box"), 12, lk=24, h=4, w=6)
+    assert out.splitlines() == expected
+
+
+def test_compile_emit_normal_per_head_groups(capsys):
+    spec = "heads { 0 .. 2: causal; 2 .. 4: window(1) }"
+    assert cli.main(["compile", spec, "--lq", "16", "--heads", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["# heads 0-1", "k - q <= 0", "# heads 2-3", "-1 <= k - q <= 1"]
+
+
+def test_compile_emit_triton_library_pattern(capsys):
+    assert cli.main(["compile", "mistral", "--lq", "64", "--set", "w=8", "--emit", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert_triton_source(out, "-7 <= k - q <= 0")
+    assert "# pattern: pattern mistral(w = 4096) = causal & ~causal(-w)" in out
+
+
+def test_compile_emit_triton_spec_file(tmp_path, capsys):
+    path = tmp_path / "two.mask"
+    path.write_text(SPEC_FILE)
+    args = ["compile", str(path), "--pattern", "local", "--lq", "32", "--emit", "triton", "--head-dim", "128"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert_triton_source(out, "-3 <= k - q <= 0")
+    assert "# pattern: pattern local(w = 3) = causal & window(w, 0)" in out
+
+
+def test_compile_emit_triton_per_head_groups_and_modifiers(capsys):
+    spec = "heads { 0 .. 1: causal; 1 .. 2: all } with alibi, softcap(20.0)"
+    assert cli.main(["compile", spec, "--lq", "16", "--heads", "2", "--emit", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# heads 0\n")
+    files = out.split("# heads 1\n")
+    assert len(files) == 2
+    assert_triton_source(files[0].removeprefix("# heads 0\n"), "k - q <= 0")
+    assert_triton_source(files[1], "all")
+    assert all("# modifiers: " in f and "softcap" in f for f in files)
+
+
+def test_compile_emit_triton_clustered_pattern(capsys):
+    # `cluster` runs gathered into cluster order: its own kernel file
+    import ast
+
+    args = ["compile", "routing_causal", "--lq", "64", "--set", "n=2", "--set", "w=32", "--emit", "triton"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "# execution: gathered into cluster order" in out
+    assert "@triton.jit" in out
+    ast.parse(out)
+
+
+@pytest.mark.parametrize("emit", ["normal", "triton"])
+def test_compile_bad_spec_file_is_located(tmp_path, capsys, emit):
+    path = tmp_path / "bad.mask"
+    bad_line = "pattern b(w = 2) = causal & window(w, -1)"
+    path.write_text("pattern a = causal\n" + bad_line + "\n")
+    assert cli.main(["compile", str(path), "--pattern", "b", "--lq", "8", "--emit", emit]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    assert f"{path}:2:" in err and ">= 0" in err
+    lines = err.splitlines()
+    quoted = next(i for i, line in enumerate(lines) if line.endswith(bad_line))
+    caret = lines[quoted + 1]
+    assert caret.index("^") == lines[quoted].index(bad_line) + bad_line.index("-1")
+    assert "Traceback" not in err
+
+
+def test_compile_bad_spec_text_and_bad_sizes(capsys):
+    # a syntax error in spec text
+    assert cli.main(["compile", "causal & (window(3)", "--lq", "8", "--emit", "triton"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "<spec>:1:" in captured.err and "^" in captured.err
+    # an error found when the sizes are known: the grid does not hold the keys
+    assert cli.main(["compile", "natten2d", "--lq", "64", "--set", "h=5", "--set", "w=8"]) == 1
+    err = capsys.readouterr().err
+    assert "patterns/natten.mask:" in err and "holds 40 positions" in err and "^" in err
+
+
+def test_compile_bad_spec_exit_status_subprocess():
+    result = subprocess.run(
+        [sys.executable, "-m", "maskc", "compile", "causal & windw(3)", "--lq", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "<spec>:1:10: unknown pattern 'windw'; did you mean 'window'?" in result.stderr
+    assert "^^^^^" in result.stderr
+    assert "Traceback" not in result.stderr
