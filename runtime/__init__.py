@@ -4,8 +4,9 @@ Dense reference attention (`reference`); the fast CPU executor over block
 schedules (`cpu`); the generated Triton kernels, their file cache and tile
 choice (`triton_backend`, `cache`, `tuning`); the FlexAttention lowering
 (`flex`); clustered attention for `cluster` patterns (`clustered`,
-`clustered_triton`); decoding steps against a KV cache (`decode`); the exact
-log-sum-exp merge of partial results (`merge`); and the wiring of a call:
+`clustered_triton`); decoding steps against a KV cache (`decode`); attention
+dropout's counter-based keep mask (`dropout`); the exact log-sum-exp merge of
+partial results (`merge`); and the wiring of a call:
 inputs checked and a backend picked (`dispatch`), per-call data (`prepare`),
 autograd and the `maskc::attention` custom op (`op`).
 """
