@@ -145,6 +145,16 @@ class Plan:
 
     def __post_init__(self) -> None:
         self.no_tensors = evaluate.Tensors({}, self.instance, batch=1)
+        self._at_capacity: dict = {}
+
+    def exact_mask(self, mask: ir.Mask, capacity: int) -> ir.Mask:
+        """`mask` with its segment ids read over a cache of `capacity` keys (not padded)."""
+        key = (mask, capacity)
+        if key not in self._at_capacity:
+            if len(self._at_capacity) > 64:
+                self._at_capacity.clear()
+            self._at_capacity[key] = _at_capacity(mask, capacity)
+        return self._at_capacity[key]
 
 
 @dataclass
@@ -325,7 +335,7 @@ def decode(program, q, k, v, positions, key_lengths, backend: str, scale: float,
             row = _row(tensors, b, p, capacity)
             out[b], lse[b] = cpu_step(p, q[b], k[b], v[b], positions[b], key_lengths[b], scale, row)
         elif p is not None:
-            row = _row(tensors, b, p, capacity)
+            row = _row(tensors, b, p, capacity, pad=True)
             o, s = triton_step(
                 p, program, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b], key_lengths[b], scale, row
             )
@@ -336,21 +346,38 @@ def decode(program, q, k, v, positions, key_lengths, backend: str, scale: float,
     return out, lse
 
 
-def _row(tensors: dict, b: int, p: Plan, capacity: int) -> evaluate.Tensors:
-    """Batch element b's tensors; segment ids (given over the cache's capacity) padded
-    to the plan's length, where no query or kept key ever reads them."""
+def _row(tensors: dict, b: int, p: Plan, capacity: int, pad: bool = False) -> evaluate.Tensors:
+    """Batch element b's tensors.  Segment ids are given over the cache's capacity;
+    with `pad` (the kernels, generated for the plan's length) they are padded to the
+    plan's length, where no query or kept key ever reads them."""
     if not tensors:
         return p.no_tensors
     row = {}
     for name, x in tensors.items():
         node = p.segments.get(name)
         if node is not None:
-            given = ir.Segments(name, ir.Coord(node.coord.div, None, -(-capacity // node.coord.div)), node.span)
+            given = _resized(node, capacity)
             ids = evaluate.segment_ids(given, evaluate.Tensors(tensors, None))  # checks dtype and shape
-            ids = ids[b if ids.shape[0] > 1 else 0][None]
-            x = torch.nn.functional.pad(ids, (0, node.coord.size - ids.shape[-1]))
+            x = ids[b if ids.shape[0] > 1 else 0][None]
+            if pad:
+                x = torch.nn.functional.pad(x, (0, node.coord.size - x.shape[-1]))
         row[name] = x
     return evaluate.Tensors(row, p.instance, batch=1)
+
+
+def _resized(node: ir.Segments, capacity: int) -> ir.Segments:
+    """The `segments` atom of a sequence of `capacity` keys."""
+    return dataclasses.replace(node, coord=ir.Coord(node.coord.div, None, -(-capacity // node.coord.div)))
+
+
+def _at_capacity(mask: ir.Mask, capacity: int) -> ir.Mask:
+    if isinstance(mask, ir.Segments):
+        return _resized(mask, capacity)
+    if isinstance(mask, ir.Not):
+        return ir.Not(_at_capacity(mask.part, capacity))
+    if isinstance(mask, (ir.And, ir.Or)):
+        return type(mask)(tuple(_at_capacity(part, capacity) for part in mask.parts))
+    return mask
 
 
 def _call_prefix(program, q, k, v, b, position, key_length, backend, scale, sizes, tensors):
@@ -382,7 +409,8 @@ def cpu_step(p: Plan, q, k, v, position: int, key_length: int, scale: float, ten
             continue
         spans = _spans(runs, SKELETON_BLOCK_Q, key_length)
         kp = _positions(spans)[None, :]
-        allowed = _allowed(p, mg.mask, runs, spans, qp, kp, tensors)
+        mask = mg.mask if not p.segments else p.exact_mask(mg.mask, k.shape[1])
+        allowed = _allowed(p, mask, runs, spans, qp, kp, tensors)
         step = _fused if mg.additive else _softcapped
         results.append((mg, *step(p, mg, q, k, v, spans, qp, kp, allowed, scale, tensors)))
     if len(results) == 1 and results[0][0].every:  # the common case: nothing to assemble

@@ -216,6 +216,12 @@ def _common(q, k, v, prepared: Prepared):
     return interpret, as_int32(prepared.perm_q), as_int32(prepared.perm_k)
 
 
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take batch, head and row strides but step one element along the
+    head dim: a view into a KV cache (a decode step's prefix) is read in place."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -242,7 +248,7 @@ def forward(
     q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     interpret, perm_q, perm_k = _common(q, k, v, prepared)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     batch, heads, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
     out = torch.empty(batch, heads, lq, dv, dtype=q.dtype, device=q.device)
