@@ -136,9 +136,11 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
     # the same object at the same version: packed-document ids reused call after
     # call keep their schedule.  The cached entry holds the tensor, so its id
     # cannot pass to another tensor meanwhile.
-    versions = tuple((n, id(x), x._version) for n, x in tensors)
+    # Inference tensors have no version counter (they may change in place unseen): never kept.
+    inference = any(x.is_inference() for _, x in tensors)
+    versions = tuple((n, id(x), None if inference else x._version) for n, x in tensors)
     cache_key = (key, backend, tuple(q.shape), tuple(k.shape), v.shape[-1], q_offset, sizes, versions, str(q.device))
-    if cache_key in _PREPARED:
+    if not inference and cache_key in _PREPARED:
         _PREPARED.move_to_end(cache_key)
         return _PREPARED[cache_key]
     prepared = prepare(program, q, k, block_q, block_k, q_offset, bindings)
@@ -146,7 +148,7 @@ def prepared_for(key: str, backend: str, q, k, v, q_offset, bindings: dict) -> P
         prepared = _with_spill_free_tiles(prepared, program, q, k, v, q_offset, bindings)
     # Not kept: schedules over q and k's contents (routing, clusters), which hold for
     # one call, and tensors being trained (each step is a new version, or a fresh leaf).
-    reused = not any(x.requires_grad for _, x in tensors)
+    reused = not inference and not any(x.requires_grad for _, x in tensors)
     if reused and not any(ir.reads_qk(p.mask) for p in prepared.instance.patterns):
         _PREPARED[cache_key] = prepared
         while len(_PREPARED) > PREPARED_CACHE_SIZE:

@@ -99,3 +99,18 @@ def test_backward_of_a_one_shot_call_after_its_program_is_gone():
     ref = maskc.compile("causal & window(5) with softcap(3)").reference(q, k, v)
     for got, want in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_inference_mode_tensor_bindings_run_and_are_not_cached():
+    """Inference tensors have no version counter: ids made under torch.inference_mode
+    work, and a later in-place change to them is seen (the schedule is not kept)."""
+    program = maskc.compile("documents_causal")
+    q = torch.randn(1, 2, 40, 8)
+    with torch.inference_mode():
+        ids = torch.zeros(1, 40, dtype=torch.long)
+        first = program(q, q, q, ids=ids)
+        torch.testing.assert_close(first, program.reference(q, q, q, ids=ids))
+        ids[:, 20:] = 1  # in place, unseen by any version counter
+        second = program(q, q, q, ids=ids)
+        torch.testing.assert_close(second, program.reference(q, q, q, ids=ids))
+    assert not torch.allclose(first, second)
