@@ -1,11 +1,13 @@
-"""Decode-step latency: one new query against a growing KV cache (batch 1, 8 heads, d 64).
+"""Decode-step latency: one new query against a KV cache (batch 1, 8 heads, d 64).
 
-Compares maskc (CPU executor) with SDPA over the whole cache and with SDPA over
-the cache sliced to exactly the keys the pattern keeps (the lower bound: same
-keys, no mask).  Each step appends one key, as generation does, so a schedule
-keyed on the cache length is rebuilt every step.
+Compares `Program.decode` (the CPU executor's decode path) with SDPA over the
+whole cache and with SDPA over the cache sliced to exactly the keys the pattern
+keeps (the lower bound: same keys, no mask).  The cache has a fixed capacity
+and each step attends one more key, as generation does.  Rounds run the three
+side by side; a ratio is the median over rounds of the per-round ratios
+(timings on a shared machine swing, ratios much less).
 
-    .venv/bin/python bench/models.py [--lk 4096 16384 65536] [--steps 8] [--json PATH]
+    .venv/bin/python bench/models.py [--lk 4096 16384 65536] [--steps 16] [--rounds 7] [--json PATH]
 
 `bench/models.py minilm` instead times all-MiniLM-L6-v2 forwards through transformers
 (maskc vs sdpa vs flex_attention; see the MiniLM section below).
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, progress, table, write_json
+from common import progress, table, write_json
 
 import maskc
 
@@ -40,63 +42,71 @@ PATTERNS = {
 
 
 def decode_steps(lk: int, steps: int, step_fn) -> float:
-    """Mean seconds per step over `steps` steps starting at cache length lk."""
-    lengths = range(lk, lk + steps)
-
-    def run():
-        for n in lengths:
-            step_fn(n)
-
-    return best_time(run, repeat=2) / steps
+    """Mean seconds per step over `steps` steps, the cache holding lk keys at the first."""
+    start = time.perf_counter()
+    for n in range(lk, lk + steps):
+        step_fn(n)
+    return (time.perf_counter() - start) / steps
 
 
-def measure(name: str, lk: int, steps: int) -> dict:
+def measure(name: str, lk: int, steps: int, rounds: int) -> dict:
     program, kept = PATTERNS[name]
     g = torch.Generator().manual_seed(0)
-    cache_k = torch.randn(1, HEADS, lk + steps, DIM, generator=g)
-    cache_v = torch.randn(1, HEADS, lk + steps, DIM, generator=g)
+    capacity = lk + steps
+    cache_k = torch.randn(1, HEADS, capacity, DIM, generator=g)
+    cache_v = torch.randn(1, HEADS, capacity, DIM, generator=g)
     q = torch.randn(1, HEADS, 1, DIM, generator=g)
 
-    def maskc_step(n):
-        return program(q, cache_k[:, :, :n], cache_v[:, :, :n])
+    def maskc_step(n):  # the query is token n - 1; keys 0 .. n - 1 are written
+        return program.decode(q, cache_k, cache_v, n - 1)
 
     def full_step(n):
         return F.scaled_dot_product_attention(q, cache_k[:, :, :n], cache_v[:, :, :n])
 
     def sliced_step(n):
         ranges = kept(n)
-        k = torch.cat([cache_k[:, :, a:b] for a, b in ranges], 2)
-        v = torch.cat([cache_v[:, :, a:b] for a, b in ranges], 2)
+        if len(ranges) == 1:
+            ((a, b),) = ranges
+            k, v = cache_k[:, :, a:b], cache_v[:, :, a:b]
+        else:
+            k = torch.cat([cache_k[:, :, a:b] for a, b in ranges], 2)
+            v = torch.cat([cache_v[:, :, a:b] for a, b in ranges], 2)
         return F.scaled_dot_product_attention(q, k, v)
 
-    n = lk + steps - 1
-    torch.testing.assert_close(maskc_step(n), sliced_step(n), atol=1e-5, rtol=1e-5)
-    maskc_step(lk)  # first call: compile and cache what does not depend on lk
-    t_maskc = decode_steps(lk, steps, maskc_step)
-    t_full = decode_steps(lk, steps, full_step)
-    t_sliced = decode_steps(lk, steps, sliced_step)
+    steps_fns = {"maskc": maskc_step, "full": full_step, "sliced": sliced_step}
+    torch.testing.assert_close(maskc_step(capacity), sliced_step(capacity), atol=1e-5, rtol=1e-5)
+    for fn in steps_fns.values():  # warm up: the first call builds the skeleton tile
+        fn(lk)
+    times = {name_: [] for name_ in steps_fns}
+    for _ in range(rounds):
+        for name_, fn in steps_fns.items():
+            times[name_].append(decode_steps(lk, steps, fn))
+    med = {name_: statistics.median(t) for name_, t in times.items()}
+    vs_sliced = statistics.median(m / s for m, s in zip(times["maskc"], times["sliced"], strict=True))
+    full_vs = statistics.median(f / m for m, f in zip(times["maskc"], times["full"], strict=True))
     return {
         "pattern": name,
         "lk": lk,
-        "maskc_ms": round(t_maskc * 1e3, 3),
-        "sdpa_full_ms": round(t_full * 1e3, 3),
-        "sdpa_sliced_ms": round(t_sliced * 1e3, 3),
-        "maskc_vs_sliced": round(t_maskc / t_sliced, 1),
-        "full_vs_maskc": round(t_full / t_maskc, 2),
+        "maskc_ms": round(med["maskc"] * 1e3, 3),
+        "sdpa_full_ms": round(med["full"] * 1e3, 3),
+        "sdpa_sliced_ms": round(med["sliced"] * 1e3, 3),
+        "maskc_vs_sliced": round(vs_sliced, 2),
+        "full_vs_maskc": round(full_vs, 2),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lk", type=int, nargs="+", default=[4096, 16384, 65536])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
     for name in PATTERNS:
         for lk in args.lk:
             progress(f"{name} at lk = {lk}")
-            rows.append(measure(name, lk, args.steps))
+            rows.append(measure(name, lk, args.steps, args.rounds))
     print(table([list(r.values()) for r in rows], list(rows[0])))
     write_json(args.json, rows)
 

@@ -54,6 +54,8 @@ def _pair(qp: torch.Tensor, kp: torch.Tensor, coord: ir.Coord) -> tuple[torch.Te
 
 
 def _shape(qp: torch.Tensor, kp: torch.Tensor) -> torch.Size:
+    if qp.dim() == kp.dim():  # the usual case, without broadcast_shapes' Python cost
+        return torch.Size(a if b == 1 else b for a, b in zip(qp.shape, kp.shape, strict=True))
     return torch.broadcast_shapes(qp.shape, kp.shape)
 
 

@@ -33,12 +33,10 @@ gradients (use the program itself to train).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +54,6 @@ MIN_PLAN_LENGTH = 4096
 SKELETON_CACHE_SIZE = 256
 # Nodes whose meaning depends on the sequence length (or on q and k): such patterns fall back.
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-# Multiply-adds from which a fused call uses every thread (below, one: a decode step is
-# small, and on a busy machine a parallel region stalls on a descheduled thread).
-PARALLEL_WORK = 1 << 24
 # Up to this many visited keys, a step evaluates its predicate over all of them in one go.
 WHOLE_MASK_KEYS = 1 << 14
 _LENGTH_BOUND = (ir.Neighborhood, ir.RandomBlocks, ir.Route, ir.Cluster)
@@ -168,6 +163,7 @@ class MaskGroup:
     by_modifiers: dict[int, list[int]]  # head group -> indices into `heads`
     additive: bool  # no softcap: modifiers fold into an additive mask
     modified: bool  # some head has a modifier
+    interval: bool = False  # one query's keys are intervals computed from the mask (`key_intervals`)
 
 
 def _mask_groups(instance: Instance) -> list[MaskGroup]:
@@ -182,7 +178,61 @@ def _mask_groups(instance: Instance) -> list[MaskGroup]:
         mods = [m for g in by_modifiers for m in instance.patterns[g].modifiers]
         additive = not any(isinstance(m, ir.Softcap) for m in mods)
         every = len(hs) == len(instance.head_group)
-        out.append(MaskGroup(mask, instance.head_group[hs[0]], hs, every, by_modifiers, additive, bool(mods)))
+        group = MaskGroup(mask, instance.head_group[hs[0]], hs, every, by_modifiers, additive, bool(mods))
+        group.interval = is_intervals(mask)
+        out.append(group)
+    return out
+
+
+def is_intervals(mask: ir.Mask) -> bool:
+    """Whether `key_intervals` can say which keys one query attends: constants, offsets
+    and position sets on the flat sequence, under &, | and ~ (windows, sinks, causal,
+    prefixes), not segments, strides, blocks or grids."""
+    if isinstance(mask, ir.Const):
+        return True
+    if isinstance(mask, (ir.Offset, ir.PosSet)):
+        flat = mask.coord.div == 1 and mask.coord.mod is None
+        return flat and (not isinstance(mask, ir.PosSet) or mask.modulus is None)
+    if isinstance(mask, ir.Not):
+        return is_intervals(mask.part)
+    if isinstance(mask, (ir.And, ir.Or)):
+        return all(is_intervals(p) for p in mask.parts)
+    return False
+
+
+def key_intervals(mask: ir.Mask, q: int, n: int) -> list[tuple[int, int]]:
+    """The keys among 0 .. n-1 that a query at position q attends, as sorted disjoint
+    [a, b) intervals (masks for which `is_intervals` holds), in Python integers."""
+    if isinstance(mask, ir.Const):
+        return [(0, n)] if mask.value and n > 0 else []
+    if isinstance(mask, ir.Offset):
+        lo = 0 if mask.lo is None else max(q + mask.lo, 0)
+        hi = n if mask.hi is None else min(q + mask.hi + 1, n)
+        return [(lo, hi)] if lo < hi else []
+    if isinstance(mask, ir.PosSet):
+        if mask.side == "q":
+            return [(0, n)] if mask.lo <= q < mask.hi and n > 0 else []
+        lo, hi = max(mask.lo, 0), min(mask.hi, n)
+        return [(lo, hi)] if lo < hi else []
+    if isinstance(mask, ir.Not):
+        out, at = [], 0
+        for a, b in key_intervals(mask.part, q, n):
+            if at < a:
+                out.append((at, a))
+            at = b
+        return [*out, (at, n)] if at < n else out
+    parts = [key_intervals(p, q, n) for p in mask.parts]
+    if isinstance(mask, ir.Or):
+        out = []
+        for a, b in sorted(x for part in parts for x in part):
+            if out and a <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], b))
+            else:
+                out.append((a, b))
+        return out
+    out = parts[0]
+    for part in parts[1:]:
+        out = [(max(a, c), min(b, d)) for a, b in out for c, d in part if max(a, c) < min(b, d)]
     return out
 
 
@@ -404,6 +454,12 @@ def cpu_step(p: Plan, q, k, v, position: int, key_length: int, scale: float, ten
     qp = torch.arange(position, position + rows)[:, None]
     results = []
     for mg in p.mask_groups:
+        if rows == 1 and mg.interval and mg.additive and not mg.modified:  # windows, sinks, causal
+            # the exact keys in Python integers: no schedule lookup, no mask, views of the cache
+            spans = key_intervals(mg.mask, position, key_length)
+            if spans:
+                results.append((mg, *_fused(p, mg, q, k, v, spans, None, None, None, scale, tensors)))
+            continue
         runs = visited(p, mg.group, position, position + rows, SKELETON_BLOCK_Q, key_length)
         if not runs:
             continue
@@ -479,7 +535,8 @@ def _heads_view(mg: MaskGroup, q, k, compute):
     heads, kv_heads = q.shape[0], k.shape[0]
     reps = heads // kv_heads
     if mg.every:
-        return q.to(compute).reshape(kv_heads, reps * q.shape[1], -1), None
+        q = q if q.dtype == compute else q.to(compute)
+        return q.reshape(kv_heads, reps * q.shape[1], -1), None
     return q[mg.heads].to(compute), torch.tensor([h // reps for h in mg.heads])
 
 
@@ -503,47 +560,68 @@ def _fused(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, tenso
     rows = q.shape[1]
     qh, kv_index = _heads_view(mg, q, k, compute)
     stacked = qh.shape[1] // rows  # query heads stacked as rows of one kv head
+    pieces = [(a, b, offset) for (a, b), offset in zip(spans, _offsets(spans), strict=True)]
+    if allowed is not None and rows == 1:  # one query: cut each span to its allowed keys
+        pieces, allowed = _trimmed(pieces, allowed)
+        if not pieces:
+            return q.new_zeros(len(mg.heads), rows, v.shape[-1]), qh.new_full((len(mg.heads), rows), -math.inf)
     bias = _bias_for(p, mg, qp, kp, allowed, compute, tensors)
     if bias is not None and bias.shape[0] > 1:
         bias = bias.reshape(qh.shape[0], qh.shape[1], -1)
     elif bias is not None and stacked > 1:
         bias = bias.repeat(1, stacked, 1)
     width = max(q.shape[-1], v.shape[-1])
-    outs, lses, offset = [], [], 0
-    for a, b in spans:
+    out = lse = None
+    for a, b, offset in pieces:
         ks = k[:, a:b] if kv_index is None else k[kv_index, a:b]
         vs = v[:, a:b] if kv_index is None else v[kv_index, a:b]
-        qs, ks, vs = qh, ks.to(compute), vs.to(compute)
+        qs = qh
+        if ks.dtype != compute:
+            ks, vs = ks.to(compute), vs.to(compute)
         if q.shape[-1] != v.shape[-1]:  # the fused kernel wants one head dim: pad the narrower with zeros
             qs, ks, vs = (torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (qs, ks, vs))
         mask = None if bias is None else bias[None, ..., offset : offset + b - a]
-        with _kernel_threads(qs.shape[0] * qs.shape[1] * (b - a) * width):
-            o, s = _FLASH(qs[None], ks[None], vs[None], 0.0, False, attn_mask=mask, scale=scale)
+        o, s = _FLASH(qs[None], ks[None], vs[None], 0.0, False, attn_mask=mask, scale=scale)
         o, s = o[0, ..., : v.shape[-1]], s[0]
         if allowed is not None:  # rows that saw no key here: the kernel leaves their lse finite
-            some = (allowed if len(spans) == 1 else allowed[:, offset : offset + b - a]).any(-1)
+            some = allowed[:, offset : offset + b - a].any(-1)
             if not bool(some.all()):
                 some = some.repeat(stacked)
                 s = s.masked_fill(~some, -math.inf)
                 o = o.masked_fill(~some[:, None], 0)
-        outs.append(o)
-        lses.append(s)
-        offset += b - a
-    out, lse = outs[0], lses[0]
-    for o, s in zip(outs[1:], lses[1:], strict=True):
-        out, lse = _merge_two(out, lse, o, s)
+        out, lse = (o, s) if out is None else _merge_two(out, lse, o, s)
     return out.reshape(len(mg.heads), rows, -1), lse.reshape(len(mg.heads), rows)
 
 
+def _offsets(spans: list[tuple[int, int]]) -> list[int]:
+    out, at = [], 0
+    for a, b in spans:
+        out.append(at)
+        at += b - a
+    return out
+
+
+def _trimmed(pieces, allowed: torch.Tensor):
+    """A single query's spans cut to their first and last allowed key.  When every
+    span's allowed keys are contiguous no mask is left (None): the fused kernel then
+    runs on exactly the kept keys, as SDPA on a hand-sliced cache would."""
+    out, contiguous = [], True
+    for a, b, offset in pieces:
+        hits = allowed[0, offset : offset + b - a].nonzero()
+        if hits.numel() == 0:
+            continue
+        first, last = int(hits[0, 0]), int(hits[-1, 0])
+        contiguous = contiguous and hits.shape[0] == last - first + 1
+        out.append((a + first, a + last + 1, offset + first))
+    return out, (None if contiguous else allowed)
+
+
 def _merge_two(o1, s1, o2, s2):
-    """Exact softmax over two key sets from their outputs and log-sum-exps."""
-    top = torch.maximum(s1, s2)
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    w1, w2 = torch.exp(s1 - top), torch.exp(s2 - top)
-    total = w1 + w2
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    out = (w1[..., None] * o1 + w2[..., None] * o2) / safe[..., None]
-    return out, torch.where(total > 0, torch.log(safe) + top, torch.full_like(total, -math.inf))
+    """Exact softmax over two key sets from their outputs and log-sum-exps (a row
+    without keys in either has output 0 and log-sum-exp -inf)."""
+    lse = torch.logaddexp(s1, s2)
+    w1 = torch.exp(s1 - lse).nan_to_num_(0.0)  # nan only where both are -inf, whose outputs are 0
+    return torch.lerp(o2, o1, w1[..., None]), lse
 
 
 def _softcapped(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, tensors):
@@ -575,20 +653,6 @@ def _softcapped(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@contextlib.contextmanager
-def _kernel_threads(work: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    wanted = before if work >= PARALLEL_WORK else 1
-    if wanted == before:
-        yield
-        return
-    torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _spans(runs: list[tuple[int, int, bool]], block_k: int, key_length: int) -> list[tuple[int, int]]:

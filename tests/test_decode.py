@@ -172,8 +172,10 @@ def test_batch_of_zero_and_empty_cache():
 
 
 def test_skeletons_are_reused_across_steps():
-    """One schedule per tile of positions, not per step."""
-    program = maskc.compile("mistral", w=64)
+    """One schedule per tile of positions, not per step (a strided pattern: windows and
+    sinks need no schedule at all, their keys are computed as intervals)."""
+    program = maskc.compile("sparse_strided", l=32)
+    assert not decoding.is_intervals(program.instantiate(1, 64).patterns[0].mask)
     k, v = cache(1, 1, 3 * decoding.TILE, 8)
     q = torch.randn(1, 1, 1, 8)
     decoding._SKELETONS.clear()
@@ -182,6 +184,21 @@ def test_skeletons_are_reused_across_steps():
         program.decode(q, k, v, position)
     tiles = [key for key in decoding._SKELETONS if len(key) > 4]
     assert len(tiles) == len({p // decoding.TILE for p in positions}) == 3
+
+
+@pytest.mark.parametrize("spec,params", FAST[:5], ids=[s for s, _ in FAST[:5]])
+def test_window_and_sink_patterns_take_the_interval_path(spec, params):
+    """Their keys for one query are intervals computed in Python integers."""
+    program = maskc.compile(spec, **params)
+    instance = program.instantiate(1, 300, q_offset=150)
+    mask = instance.patterns[0].mask
+    assert decoding.is_intervals(mask)
+    for q in (0, 1, 37, 150, 299):
+        dense = program.mask(1, 300, q_offset=q)[0, 0]
+        expected = torch.zeros(300, dtype=torch.bool)
+        for a, b in decoding.key_intervals(mask, q, 300):
+            expected[a:b] = True
+        assert torch.equal(dense, expected), (q, decoding.key_intervals(mask, q, 300))
 
 
 def test_compiled_decode_loop_does_not_recompile():
