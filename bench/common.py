@@ -53,6 +53,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def write_json(path: str | None, data: object) -> None:
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
         print(f"wrote {path}")

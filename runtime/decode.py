@@ -46,6 +46,8 @@ from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.lower import Sizes
 from maskc.dsl.spec import Instance
 
+from .op import _bindings, program_for
+
 # Query positions per cached skeleton tile, and the query block it is scheduled with.
 TILE = 1024
 SKELETON_BLOCK_Q = 64
@@ -373,6 +375,10 @@ def decode(program, q, k, v, positions, key_lengths, backend: str, scale: float,
     tensors = {n: x for n, x in bindings.items() if isinstance(x, torch.Tensor)}
     fast = backend in ("cpu", "triton") and length_invariant(program, heads, sizes)
     p = plan_for(program, heads, sizes, capacity) if fast else None
+    if batch == 1 and p is not None and backend == "cpu" and rows == 1 and len(p.mask_groups) == 1:
+        mg = p.mask_groups[0]
+        if mg.interval and mg.additive and not mg.modified and q.shape[-1] == v.shape[-1]:
+            return _interval_step(mg, q, k, v, key_intervals(mg.mask, positions[0], key_lengths[0]), scale)
     if batch == 1 and p is not None and backend == "cpu" and key_lengths[0] > 0:  # no assembling
         o, s = cpu_step(p, q[0], k[0], v[0], positions[0], key_lengths[0], scale, _row(tensors, 0, p, capacity))
         return o[None], s[None]
@@ -394,6 +400,28 @@ def decode(program, q, k, v, positions, key_lengths, backend: str, scale: float,
             o, s = _call_prefix(program, q, k, v, b, positions[b], key_lengths[b], backend, scale, sizes, tensors)
             out[b], lse[b] = o, s
     return out, lse
+
+
+def _interval_step(mg: MaskGroup, q, k, v, spans: list[tuple[int, int]], scale: float):
+    """The common generation step, kept short: one sequence, one query, a window or
+    sinks (keys computed as intervals): one fused call per interval on a view of the
+    cache, every head at once (each kv head's query heads stacked as its rows)."""
+    _, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    if not spans:
+        return q.new_zeros(q.shape), torch.full((1, heads, 1), -math.inf)
+    compute = _compute_dtype(q.dtype)
+    qs = q.reshape(1, kv_heads, heads // kv_heads, dim)
+    if qs.dtype != compute:
+        qs = qs.to(compute)
+    out = lse = None
+    for a, b in spans:
+        ks, vs = k[:, :, a:b], v[:, :, a:b]
+        if ks.dtype != compute:
+            ks, vs = ks.to(compute), vs.to(compute)
+        o, s = _FLASH(qs, ks, vs, 0.0, False, scale=scale)
+        out, lse = (o, s) if out is None else _merge_two(out, lse, o, s)
+    return out.reshape(1, heads, 1, dim).to(q.dtype), lse.reshape(1, heads, 1).float()
 
 
 def _row(tensors: dict, b: int, p: Plan, capacity: int, pad: bool = False) -> evaluate.Tensors:
@@ -451,7 +479,7 @@ def _call_prefix(program, q, k, v, b, position, key_length, backend, scale, size
 def cpu_step(p: Plan, q, k, v, position: int, key_length: int, scale: float, tensors):
     """One sequence: q [H, n, D], k and v [Hkv, C, D] -> (out [H, n, Dv], lse float32 [H, n])."""
     rows = q.shape[1]
-    qp = torch.arange(position, position + rows)[:, None]
+    qp = None
     results = []
     for mg in p.mask_groups:
         if rows == 1 and mg.interval and mg.additive and not mg.modified:  # windows, sinks, causal
@@ -463,6 +491,8 @@ def cpu_step(p: Plan, q, k, v, position: int, key_length: int, scale: float, ten
         runs = visited(p, mg.group, position, position + rows, SKELETON_BLOCK_Q, key_length)
         if not runs:
             continue
+        if qp is None:
+            qp = torch.arange(position, position + rows)[:, None]
         spans = _spans(runs, SKELETON_BLOCK_Q, key_length)
         kp = _positions(spans)[None, :]
         mask = mg.mask if not p.segments else p.exact_mask(mg.mask, k.shape[1])
@@ -744,8 +774,6 @@ def _as_tensors(positions, key_lengths, q) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _decode_impl(q, k, v, positions, key_lengths, key, backend, scale, tensor_names, tensors, size_names, sizes):
-    from .op import _bindings, program_for
-
     batch, rows = q.shape[0], q.shape[2]
     pos = as_lengths(positions, batch, "positions")
     lengths = [p + rows for p in pos] if key_lengths is None else as_lengths(key_lengths, batch, "key_lengths")
