@@ -62,6 +62,7 @@ _LENGTH_BOUND = (ir.Neighborhood, ir.RandomBlocks, ir.Route, ir.Cluster)
 _TABLE_MODIFIERS = (ir.Bias, ir.Polyline)
 
 _INVARIANT: dict = {}
+_QUICK: dict = {}  # (program key, backend, heads, capacity) -> Plan or None, for steps without bindings
 _SKELETONS: OrderedDict = OrderedDict()
 
 
@@ -371,10 +372,17 @@ def decode(program, q, k, v, positions, key_lengths, backend: str, scale: float,
     """(out [B, H, n, Dv], lse float32 [B, H, n]) for one decode step; see the module docstring."""
     batch, heads, rows, _ = q.shape
     capacity = k.shape[2]
+    quick = (program.key, backend, heads, capacity) if not bindings else None  # the usual step: one lookup
+    p = _QUICK.get(quick, False) if quick is not None else False
     sizes = {n: x for n, x in bindings.items() if not isinstance(x, torch.Tensor)}
     tensors = {n: x for n, x in bindings.items() if isinstance(x, torch.Tensor)}
-    fast = backend in ("cpu", "triton") and length_invariant(program, heads, sizes)
-    p = plan_for(program, heads, sizes, capacity) if fast else None
+    if p is False:
+        fast = backend in ("cpu", "triton") and length_invariant(program, heads, sizes)
+        p = plan_for(program, heads, sizes, capacity) if fast else None
+        if quick is not None:
+            if len(_QUICK) >= SKELETON_CACHE_SIZE:
+                _QUICK.clear()
+            _QUICK[quick] = p
     if batch == 1 and p is not None and backend == "cpu" and rows == 1 and len(p.mask_groups) == 1:
         mg = p.mask_groups[0]
         if mg.interval and mg.additive and not mg.modified and q.shape[-1] == v.shape[-1]:
@@ -742,22 +750,17 @@ def run(program, q, k, v, positions, key_lengths, *, backend: str, scale, return
     scale = check_scale(scale, q.shape[-1])
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise MaskTypeError("decode computes no gradients: train with the program itself, prog(q, k, v)")
-    tensor_names = [n for n, x in bindings.items() if isinstance(x, torch.Tensor)]
-    size_names = [n for n, x in bindings.items() if not isinstance(x, torch.Tensor)]
-    args = (
-        program.key,
-        name,
-        scale,
-        ",".join(tensor_names),
-        [bindings[n] for n in tensor_names],
-        ",".join(size_names),
-        [bindings[n] for n in size_names],
-    )
     if torch.compiler.is_compiling():
+        tensor_names = [n for n, x in bindings.items() if isinstance(x, torch.Tensor)]
+        size_names = [n for n, x in bindings.items() if not isinstance(x, torch.Tensor)]
         positions, key_lengths = _as_tensors(positions, key_lengths, q)
-        out, lse = decode_op(q, k, v, positions, key_lengths, *args)
+        out, lse = decode_op(
+            q, k, v, positions, key_lengths, program.key, name, scale,
+            ",".join(tensor_names), [bindings[n] for n in tensor_names],
+            ",".join(size_names), [bindings[n] for n in size_names],
+        )  # fmt: skip
     else:
-        out, lse = _decode_impl(q, k, v, positions, key_lengths, *args)
+        out, lse = _step(program, q, k, v, positions, key_lengths, name, scale, bindings)
     return (out, lse) if return_lse else out
 
 
@@ -773,14 +776,19 @@ def _as_tensors(positions, key_lengths, q) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, key_lengths
 
 
-def _decode_impl(q, k, v, positions, key_lengths, key, backend, scale, tensor_names, tensors, size_names, sizes):
+def _step(program, q, k, v, positions, key_lengths, backend, scale, bindings):
+    """One eager step: positions and lengths as ints, checked, then `decode`."""
     batch, rows = q.shape[0], q.shape[2]
     pos = as_lengths(positions, batch, "positions")
     lengths = [p + rows for p in pos] if key_lengths is None else as_lengths(key_lengths, batch, "key_lengths")
     check_steps(pos, lengths, rows, k.shape[2])
-    bindings = _bindings(tensor_names, tensors, size_names, sizes)
     with torch.no_grad():
-        return decode(program_for(key), q, k, v, pos, lengths, backend, scale, bindings)
+        return decode(program, q, k, v, pos, lengths, backend, scale, bindings)
+
+
+def _decode_impl(q, k, v, positions, key_lengths, key, backend, scale, tensor_names, tensors, size_names, sizes):
+    bindings = _bindings(tensor_names, tensors, size_names, sizes)
+    return _step(program_for(key), q, k, v, positions, key_lengths, backend, scale, bindings)
 
 
 @torch.library.custom_op("maskc::decode", mutates_args=())
