@@ -1,8 +1,9 @@
 """Semantic tests of every atom, operator and coordinate frame.
 
 Expected masks are written by hand or computed by plain Python loops taken
-directly from docs/language.md §8 / §8.1 (and PATTERNS.md for published patterns);
-the dense evaluator is never used to produce an expectation.
+directly from docs/language.md §8 / §8.1 (or, for published patterns, from an
+independent re-implementation of the paper's definition); the dense evaluator
+is never used to produce an expectation.
 """
 
 from __future__ import annotations
@@ -177,13 +178,13 @@ def test_queries_modulo_and_absolute_positions():
 def test_sink_and_prefix():
     assert_mask(mask_of("sink(2)", 5)[0], keys_only(5, 5, [0, 1]))
     assert_mask(mask_of("prefix(3)", 4)[0], keys_only(4, 4, [0, 1, 2]))
-    # prefix-LM (PATTERNS.md): j <= i or j < n_prefix
+    # prefix-LM (T5 / UniLM), its definition re-implemented: j <= i or j < n_prefix
     check("causal | prefix(3)", lambda q, k: k <= q or k < 3, 7)
 
 
 def test_global():
     check("global(1 .. 3)", lambda q, k: q in (1, 2) or k in (1, 2), 6)
-    # Longformer (PATTERNS.md): |i - j| <= w or i in G or j in G
+    # Longformer (Beltagy et al. 2020), its definition re-implemented: |i - j| <= w or i in G or j in G
     check("window(1) | global(0 .. 1)", lambda q, k: abs(q - k) <= 1 or q == 0 or k == 0, 7)
 
 
@@ -247,7 +248,7 @@ def test_natten_dilation_hand():
 
 
 def test_natten_stride_equal_window_is_blocked():
-    # PATTERNS.md: s = w gives blocked attention
+    # NATTEN (Hassani et al.): stride s = w gives blocked attention
     check("neighborhood(4, stride = 4)", lambda q, k: q // 4 == k // 4, 8)
     m = mask_of("neighborhood(3, stride = 3)", 9)[0]
     assert m[1].nonzero().flatten().tolist() == [0, 1, 2]
@@ -879,7 +880,8 @@ def test_head_in_position_set():
 
 
 def test_s2_attention_pattern():
-    # The s2 example of docs/language.md §12 versus PATTERNS.md S2-Attention with step = 1, off = 0:
+    # The s2 example of docs/language.md §12 versus S2-Attention's definition (Lin et al. 2024,
+    # linxihui/dkernel), re-implemented here with step = 1, off = 0:
     # j <= i and (qb - kb < L or (kb + h) mod S = 0)
     text = """
     pattern s2(b = 64, local = 16, s = 8) =
@@ -950,7 +952,7 @@ def test_library_natten2d():
 def test_library_longformer_and_streaming():
     m = maskc.compile("longformer", w=1, g=2).mask(8)[0]
     assert_mask(m, dense(8, 8, lambda i, j: abs(i - j) <= 1 or i < 2 or j < 2))
-    # StreamingLLM (PATTERNS.md): causal and (j < n_sink or i - j < w)
+    # StreamingLLM (Xiao et al. 2023), its definition re-implemented: causal and (j < n_sink or i - j < w)
     m = maskc.compile("streaming", sinks=2, w=3).mask(9)[0]
     assert_mask(m, dense(9, 9, lambda i, j: j <= i and (j < 2 or i - j < 3)))
 

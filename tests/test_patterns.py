@@ -1,7 +1,7 @@
 """The pattern library (`patterns/*.mask`) against independent definitions.
 
-Every expectation here is written directly from PATTERNS.md (or from the cited
-code where PATTERNS.md defers to it, or is silent) with plain Python loops or
+Every expectation here is an independent re-implementation of the definition in
+the pattern's paper or public code (the code where they differ) with plain Python loops or
 numpy, never through the language or maskc's evaluator.  Data-dependent patterns
 are checked against direct implementations of their definitions on small
 hand-made tensors (PPMA's logits through `Program.reference`).  BigBird's random
@@ -134,7 +134,7 @@ def test_every_pattern_is_documented_and_instantiates_at_its_example(name):
 
 @pytest.mark.parametrize(("lq", "lk", "w"), [(37, 37, 5), (1, 1, 3), (10, 37, 4), (20, 20, 40), (9, 9, 1), (6, 6, 0)])
 def test_mistral(lq, lk, w):
-    # PATTERNS.md: Hugging Face's `sliding_window = w` keeps w keys, the query included.
+    # Mistral 7B as in Hugging Face's `sliding_window = w`: w keys, the query included.
     assert_same(lib_mask("mistral", lq, lk, params={"w": w}), expect(lq, lk, lambda h, i, j: i - w < j <= i))
 
 
@@ -189,7 +189,7 @@ def test_sparse_fixed(n, l, c, nv, heads):
 
 
 def s2_pred(b, local, stride, heads, kv_heads=None, dense=0, off=0, homo=False):
-    """linxihui/dkernel `get_sparse_attn_mask`, per PATTERNS.md."""
+    """S2-Attention (Lin et al. 2024) as in linxihui/dkernel `get_sparse_attn_mask`, re-implemented."""
     kv_heads = kv_heads or heads
     step = max(1, int(stride / heads))
 
@@ -302,7 +302,7 @@ def test_bigbird(n, b, r, seed, heads):
 
 
 def natten_keys(c: int, length: int, w: int, d: int = 1, s: int = 1, causal: bool = False) -> set[int]:
-    """Key coordinates of query coordinate c on one axis (NATTEN, PATTERNS.md and
+    """Key coordinates of query coordinate c on one axis (NATTEN, Hassani et al., and
     docs/language.md §8.1): a window of exactly w keys in the query's dilation group,
     shifted inside the group at the borders, stride groups sharing their
     leader's window, causal windows truncated on the left."""

@@ -96,7 +96,7 @@ def test_anything_that_parses_reprints_to_the_same_tree(text: str) -> None:
 
 # ---------------------------------------------------------------- examples
 
-DESIGN_EXAMPLES = """\
+LANGUAGE_EXAMPLES = """\
 # patterns/longformer.mask
 # Longformer (Beltagy et al. 2020): sliding window plus symmetric global tokens.
 pattern longformer(w = 256, g = 1) = window(w) | global(0 .. g)
@@ -117,16 +117,16 @@ pattern ppma(alpha: tensor, beta: tensor) on grid(h, w) = all with polyline(alph
 """
 
 
-def test_design_examples_print_canonically() -> None:
-    module = parse(DESIGN_EXAMPLES)
+def test_language_examples_print_canonically() -> None:
+    module = parse(LANGUAGE_EXAMPLES)
     assert [d.name for d in module.defs] == ["longformer", "mistral", "natten2d", "s2", "ppma"]
     assert module.main is None
     assert to_text(module) == CANONICAL
     assert parse(CANONICAL) == module
 
 
-def test_design_examples_tree_shape() -> None:
-    module = parse(DESIGN_EXAMPLES)
+def test_language_examples_tree_shape() -> None:
+    module = parse(LANGUAGE_EXAMPLES)
     longformer, mistral, natten, s2, ppma = module.defs
     assert longformer.params == (
         ast.Param("w", None, ast.IntLit(256)),
