@@ -11,28 +11,26 @@ import torch
 from . import ir
 
 
-def _coordinate(positions: torch.Tensor, coord: ir.Coord) -> torch.Tensor:
-    c = positions % coord.mod if coord.mod is not None else positions
-    return torch.div(c, coord.div, rounding_mode="floor")
+def _regions(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> list[torch.Tensor]:
+    from . import expr, semantics  # semantics reads BITS_PER_WORD from here
+
+    index, within = semantics.region(expr.Var("p"), regions)
+    return expr.run((index, within), expr.Env({"p": positions}))
 
 
 def region_ids(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> torch.Tensor:
-    """Row-major region index of each absolute position (meaningful where `in_regions`)."""
-    ids = torch.zeros_like(positions)
-    for coord in regions:
-        ids = ids * coord.size + _coordinate(positions, coord)
-    return ids
+    """Row-major region index of each absolute position (meaningful where `in_regions`;
+    `semantics.region` defines regions)."""
+    ids = _regions(positions, regions)[0]
+    return ids if isinstance(ids, torch.Tensor) else torch.full_like(positions, ids)
 
 
 def in_regions(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> torch.Tensor:
     """Whether each position lies in a region.  Regions tile the keys' positions;
     a query outside them (before the first key, or past the last region when
     lq > lk) belongs to no region and so attends no key."""
-    inside = positions == positions  # out-of-place throughout: Flex traces this under vmap
-    for coord in regions:
-        c = _coordinate(positions, coord)
-        inside = inside & (c >= 0) & (c < coord.size)
-    return inside
+    inside = _regions(positions, regions)[1]
+    return inside if isinstance(inside, torch.Tensor) else torch.full_like(positions, inside, dtype=torch.bool)
 
 
 def expand_kv_heads(k: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """The reference semantics: a vectorised dense evaluator of `ir` patterns.
 
-This module *defines* what every atom and modifier means (docs/language.md §8, §9); schedules
-and kernels are tested against it.  Predicates are elementwise over two
-broadcastable tensors of absolute positions, `qp` and `kp` (for a dense mask
-`qp[:, None]` and `kp[None, :]`; for a batch of blocks `[n, bq, 1]` and
-`[n, 1, bk]`).  Atoms that read a runtime tensor add a leading batch dim.
+Every atom and modifier is defined once, as an expression, in `dsl.semantics`
+(docs/language.md §8, §9); this module runs those expressions on torch tensors
+and is what schedules and kernels are tested against.  Predicates are
+elementwise over two broadcastable tensors of absolute positions, `qp` and `kp`
+(for a dense mask `qp[:, None]` and `kp[None, :]`; for a batch of blocks
+`[n, bq, 1]` and `[n, 1, bk]`).  Atoms that read a runtime tensor add a leading
+batch dim.  It also fills the tables the definitions read (`_DenseEnv.read`),
+from the call's tensors, which other torch backends reuse (`table_data`).
 """
 
 from __future__ import annotations
@@ -14,14 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ir
+from . import expr, ir, semantics
 from .dynamic import (
     cluster_indices,
     cluster_members,
     expand_kv_heads,
-    in_regions,
     membership_bits,
-    region_ids,
     route_selection,
 )
 from .errors import MaskTypeError
@@ -45,12 +46,8 @@ class Tensors:
 
 
 def coordinate(positions: torch.Tensor, coord: ir.Coord) -> torch.Tensor:
-    c = positions % coord.mod if coord.mod is not None else positions
-    return c if coord.div == 1 else torch.div(c, coord.div, rounding_mode="floor")
-
-
-def _pair(qp: torch.Tensor, kp: torch.Tensor, coord: ir.Coord) -> tuple[torch.Tensor, torch.Tensor]:
-    return coordinate(qp, coord), coordinate(kp, coord)
+    (value,) = expr.run((semantics.coordinate(expr.Var("p"), coord),), expr.Env({"p": positions}))
+    return value
 
 
 def _shape(qp: torch.Tensor, kp: torch.Tensor) -> torch.Size:
@@ -63,89 +60,88 @@ def neighborhood_window(
     gc: torch.Tensor, group_len: torch.Tensor, w: int, s: int, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[start, end) of the window of group coordinate gc in a group of
-    group_len positions (docs/language.md §8.1); both are nondecreasing in gc."""
-    if causal:
-        leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s - 1, group_len - 1)
-        start = torch.clamp(leader - w + 1, min=0)
-        end = torch.minimum(gc + 1, group_len)
-        return start, end
-    wl = w // 2
-    wr = w // 2 + (w % 2) - 1
-    leader = torch.minimum(torch.div(gc, s, rounding_mode="floor") * s + s // 2, group_len - 1)
-    start = torch.clamp(leader - wl, min=0) + (leader + wr >= group_len).long() * (group_len - wr - leader - 1)
-    return start, start + w
+    group_len positions (`semantics.neighborhood_window`); both nondecreasing in gc."""
+    window = semantics.neighborhood_window(expr.Var("gc"), expr.Var("len"), w, s, causal)
+    start, end = expr.run(window, expr.Env({"gc": gc, "len": group_len}))
+    return start, end
 
 
 def group_length(length: int, group: torch.Tensor, d: int) -> torch.Tensor:
     """Positions of an axis of `length` that fall in dilation group `group`."""
-    return torch.div(length - group + d - 1, d, rounding_mode="floor")
-
-
-def neighborhood_range(c: torch.Tensor, node: ir.Neighborhood) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(group, start, end) of the keys a query at axis coordinate c attends to,
-    in group coordinates (docs/language.md §8.1)."""
-    d = node.dilation
-    group = c % d
-    gc = torch.div(c, d, rounding_mode="floor")
-    start, end = neighborhood_window(gc, group_length(node.coord.size, group, d), node.window, node.stride, node.causal)
-    return group, start, end
+    (value,) = expr.run((semantics.group_length(length, expr.Var("g"), d),), expr.Env({"g": group}))
+    return value
 
 
 def mask(node: ir.Mask, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> torch.Tensor:
     """Allowed pairs for broadcastable query and key position tensors."""
-    if isinstance(node, ir.Const):
-        return torch.full(_shape(qp, kp), node.value, dtype=torch.bool)
-    if isinstance(node, ir.And):
-        out = mask(node.parts[0], qp, kp, t)
-        for part in node.parts[1:]:
-            out = out & mask(part, qp, kp, t)
-        return out
-    if isinstance(node, ir.Or):
-        out = mask(node.parts[0], qp, kp, t)
-        for part in node.parts[1:]:
-            out = out | mask(part, qp, kp, t)
-        return out
-    if isinstance(node, ir.Not):
-        return ~mask(node.part, qp, kp, t)
-    if isinstance(node, ir.Offset):
-        q, k = _pair(qp, kp, node.coord)
-        d = k - q
-        if node.lo is not None and node.hi is not None:
-            return (d >= node.lo) & (d <= node.hi)
-        if node.lo is not None:
-            return d >= node.lo
-        if node.hi is not None:
-            return d <= node.hi
-        return torch.ones(d.shape, dtype=torch.bool)
-    if isinstance(node, ir.OffsetMod):
-        q, k = _pair(qp, kp, node.coord)
-        return (k - q) % node.modulus == node.residue
-    if isinstance(node, ir.PosSet):
-        c = coordinate(qp if node.side == "q" else kp, node.coord)
-        if node.modulus is not None:
-            c = c % node.modulus
-        inside = (c >= node.lo) & (c < node.hi)
-        return inside.expand(_shape(qp, kp))
-    if isinstance(node, ir.Neighborhood):
-        q, k = _pair(qp, kp, node.coord)
-        group, start, end = neighborhood_range(q, node)
-        kg = torch.div(k, node.dilation, rounding_mode="floor")
-        return (k % node.dilation == group) & (kg >= start) & (kg < end)
-    if isinstance(node, ir.RandomBlocks):
-        q, k = _pair(qp, kp, node.coord)
-        blocks, inverse = torch.unique(q, return_inverse=True)
-        rows = draw(blocks, node.count, node.seed, node.head, node.lo, node.hi, node.skip)[inverse]
-        out = torch.zeros(_shape(qp, kp), dtype=torch.bool)
-        for j in range(rows.shape[-1]):
-            out |= rows[..., j] == k
-        return out
-    if isinstance(node, ir.Segments):
-        return _segments(node, qp, kp, t)
-    if isinstance(node, ir.Route):
-        return _route(node, qp, kp, t)
-    if isinstance(node, ir.Cluster):
-        return _cluster(node, qp, kp, t)
-    raise TypeError(f"unknown pattern node {node!r}")
+    (out,) = _run(semantics.mask_expr(node), node, qp, kp, t)
+    shape = _shape(qp, kp)
+    if not isinstance(out, torch.Tensor):
+        return torch.full(shape, bool(out), dtype=torch.bool)
+    if out.shape[-len(shape) :] != shape:  # a predicate of one side only
+        out = out.expand(*out.shape[: out.dim() - len(shape)], *shape)
+    return out
+
+
+def _run(e: expr.Expr, node: object, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> list:
+    program = expr.compiled(e)
+    head = semantics.head_of(node) if "h" in program.variables else 0
+    return program(_DenseEnv(head, qp, kp, t))
+
+
+class _DenseEnv(expr.Env):
+    """The dense evaluator's bindings: position tensors, every batch element at once
+    (tables indexed by batch add a leading dim), the head, and tables read from the
+    call's tensors."""
+
+    def __init__(self, head: int, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> None:
+        q_offset = t.instance.sizes.q_offset if t.instance is not None else 0
+        super().__init__({"q": qp, "k": kp, "b": expr.ALL, "h": head, "q_offset": q_offset})
+        self.t = t
+        self.memo: dict = {}
+
+    def data(self, table: expr.TableRef) -> torch.Tensor:
+        if table not in self.memo:
+            self.memo[table] = table_data(table, self.t)
+        return self.memo[table]
+
+    def read(self, load: expr.Load, index: list, guard) -> object:
+        table = load.table
+        if table.kind == "random":  # drawn for the query blocks at hand
+            rows, j = index
+            key = (table, id(rows))
+            if key not in self.memo:
+                blocks, inverse = torch.unique(rows, return_inverse=True)
+                n = table.node
+                self.memo[key] = (rows, draw(blocks, n.count, n.seed, n.head, n.lo, n.hi, n.skip)[inverse])
+            return self.memo[key][1][..., j]
+        if table.kind == "alibi":
+            m = table.node
+            return alibi_slopes(m, self.t)[index[0]] if m.tensor is not None else m.slope
+        return expr.gather(self.data(table), index, clamp=guard is not None)
+
+    def reach(self, table: expr.TableRef, axis: int) -> int:
+        return (self.data(table).shape[axis] - 1) // 2
+
+
+def table_data(table: expr.TableRef, t: Tensors) -> torch.Tensor:
+    """The tensor behind a table of `dsl.semantics` (kinds ids, route, cluster, bias,
+    prefix_alpha, prefix_beta), laid out by its logical indices, on the CPU for the
+    tables computed from q and k."""
+    node = table.node
+    if table.kind == "ids":
+        return segment_ids(node, t).cpu()
+    if table.kind == "route":
+        return route_table(t, node)
+    if table.kind == "cluster":
+        bits_q, bits_k = cluster_table(t, node)
+        return bits_q if table.part == "q" else bits_k
+    if table.kind == "bias":
+        return bias_table(node, t)
+    if table.kind in ("prefix_alpha", "prefix_beta"):
+        alpha, beta = polyline_decays(node, t)
+        return torch.cumsum(alpha, dim=-1) if table.kind == "prefix_alpha" else torch.cumsum(beta, dim=-2)
+    raise TypeError(f"no data for a table of kind {table.kind!r}")
 
 
 def segment_ids(node: ir.Segments, t: Tensors) -> torch.Tensor:
@@ -161,13 +157,6 @@ def segment_ids(node: ir.Segments, t: Tensors) -> torch.Tensor:
             f"got {ids.dtype} {list(ids.shape)}"
         )
     return ids
-
-
-def _segments(node: ir.Segments, qp, kp, t: Tensors) -> torch.Tensor:
-    ids = segment_ids(node, t).cpu()
-    n = node.coord.size
-    q, k = _pair(qp, kp, node.coord)
-    return (ids[:, q.clamp(0, n - 1)] == ids[:, k.clamp(0, n - 1)]) & (in_segment_range(q, n) & in_segment_range(k, n))
 
 
 def in_segment_range(c: torch.Tensor, n: int) -> torch.Tensor:
@@ -238,21 +227,6 @@ def cluster_table(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Ten
     return t.cache[key]
 
 
-def _route(node: ir.Route, qp, kp, t: Tensors) -> torch.Tensor:
-    selected = route_table(t, node)
-    last = selected.shape[-1] - 1
-    inside = in_regions(qp, node.regions) & in_regions(kp, node.regions)
-    rq, rk = region_ids(qp, node.regions).clamp(0, last), region_ids(kp, node.regions).clamp(0, last)
-    return selected[:, rq, rk] & inside
-
-
-def _cluster(node: ir.Cluster, qp, kp, t: Tensors) -> torch.Tensor:
-    bits_q, bits_k = cluster_table(t, node)
-    s = t.instance.sizes
-    common = bits_q[:, :, qp - s.q_offset] & bits_k[:, :, kp]  # [B, words, ...]
-    return (common != 0).any(1)
-
-
 # ---------------------------------------------------------------- modifiers
 
 ScoreTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -264,32 +238,11 @@ def modifier_terms(
     """Each modifier as ("add", logits [.., nq, nk]) or ("softcap", c), in order."""
     terms: list[tuple[str, object]] = []
     for m in mods:
-        if isinstance(m, ir.Softcap):
-            terms.append(("softcap", m.cap))
-        else:
-            terms.append(("add", _additive(m, qp, kp, t)))
+        kind, value = semantics.modifier_term(m)
+        if kind == "add":
+            (value,) = _run(value, m, qp, kp, t)
+        terms.append((kind, value))
     return terms
-
-
-def _additive(m: ir.Modifier, qp, kp, t: Tensors) -> torch.Tensor:
-    if isinstance(m, ir.Alibi):
-        q, k = _pair(qp, kp, m.coord)
-        if m.tensor is not None:
-            slope = alibi_slopes(m, t)[m.head]
-        else:
-            slope = torch.tensor(m.slope, dtype=torch.float64)
-        return -slope * (k - q).abs().to(slope.dtype)
-    if isinstance(m, ir.Decay):
-        total = 0
-        for coord in m.coords:
-            q, k = _pair(qp, kp, coord)
-            total = total + (k - q).abs()
-        return m.log_gamma * total.to(torch.float64)
-    if isinstance(m, ir.Bias):
-        return _bias(m, qp, kp, t)
-    if isinstance(m, ir.Polyline):
-        return _polyline(m, qp, kp, t)
-    raise TypeError(f"unknown modifier {m!r}")
 
 
 def floating(x: torch.Tensor, name: str, what: str) -> torch.Tensor:
@@ -360,51 +313,6 @@ def check_tensors(instance: Instance, t: Tensors) -> None:
                 bias_table(m, t)
             elif isinstance(m, ir.Polyline):
                 polyline_decays(m, t)
-
-
-def _bias(m: ir.Bias, qp, kp, t: Tensors) -> torch.Tensor:
-    table = bias_table(m, t)
-    index: list[torch.Tensor] = []
-    for axis, coord in enumerate(m.coords):
-        reach = (table.shape[axis + 1] - 1) // 2
-        q, k = _pair(qp, kp, coord)
-        index.append(torch.clamp(k - q, -reach, reach) + reach)
-    head_table = table[m.head if table.shape[0] > 1 else 0]
-    return head_table[tuple(index)]
-
-
-def _polyline(m: ir.Polyline, qp, kp, t: Tensors) -> torch.Tensor:
-    ycoord, xcoord = m.coords
-    h, w = ycoord.size, xcoord.size
-    alpha, beta = (x[:, m.head if x.shape[1] > 1 else 0] for x in polyline_decays(m, t))
-    # Every path is one row segment plus one column segment.  All segments of a
-    # grid form two small tables, rows [B, h, w, w] and columns [B, w, h, h]
-    # (O(N^1.5) for an N-token grid), so each pair costs two lookups, and the
-    # backward scatters into the tables rather than into alpha and beta per pair.
-    rows = _segment_table(torch.cumsum(alpha, dim=-1))  # [B, y, x1, x2]: alpha summed over (x1, x2]
-    columns = _segment_table(torch.cumsum(beta, dim=-2).transpose(-1, -2))  # [B, x, y1, y2]
-    y1, y2 = _pair(qp, kp, ycoord)
-    x1, x2 = _pair(qp, kp, xcoord)
-    if m.path == "hv":  # along the query's row to the key's column, then along that column
-        row_at, column_at = (y1 * w + x1) * w + x2, (x2 * h + y1) * h + y2
-    else:  # along the query's column to the key's row, then along that row
-        column_at, row_at = (x1 * h + y1) * h + y2, (y2 * w + x1) * w + x2
-    return _lookup(rows, row_at) + _lookup(columns, column_at)
-
-
-def _segment_table(sums: torch.Tensor) -> torch.Tensor:
-    """[B, lines, n] inclusive prefix sums -> [B, lines, n, n]: the sum over the
-    positions after min(a, b) up to max(a, b) of each line."""
-    a, b = sums[..., :, None], sums[..., None, :]
-    n = sums.shape[-1]
-    later = torch.arange(n)[:, None] >= torch.arange(n)[None, :]
-    return torch.where(later.to(sums.device), a - b, b - a)
-
-
-def _lookup(table: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """table [B, ...] read at flat indices `at` [...]: [B, *at.shape]."""
-    flat = table.reshape(table.shape[0], -1)
-    return flat.index_select(1, at.reshape(-1)).view(table.shape[0], *at.shape)
 
 
 def apply_terms(scores: torch.Tensor, terms: list[tuple[str, object]]) -> torch.Tensor:
