@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from . import cache
 from .emit import KernelSource
 from .tiles import KERNELS
+from .version import __version__
 
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _TABLE_TYPES = {
@@ -137,8 +139,6 @@ def kernel_sources(program, lq: int, heads: int = 2, head_dim: int = 64, tile=No
 
 
 def sources_for(forms, title: str, tile) -> list[KernelSource]:
-    import maskc
-
     from .emit import emit, emit_clustered
     from .plan import clustered_splits
 
@@ -146,9 +146,9 @@ def sources_for(forms, title: str, tile) -> list[KernelSource]:
     splits = clustered_splits(forms)
     for i, form in enumerate(forms):
         if splits is not None:
-            source = emit_clustered(form, splits[i][1], title, tile.block_q, tile.block_k, maskc.__version__)
+            source = emit_clustered(form, splits[i][1], title, tile.block_q, tile.block_k, __version__)
         else:
-            source = emit(form, title, tile.block_q, tile.block_k, maskc.__version__)
+            source = emit(form, title, tile.block_q, tile.block_k, __version__)
         seen.setdefault(source.text, source)
     return list(seen.values())
 
@@ -195,8 +195,6 @@ def choose_config(load, forms, title: str, dtype, head_dim: int, lq: int, arch: 
 
 def check_program(program, lq: int, dtype: torch.dtype, head_dim: int, arch: int, **sizes):
     """Choose a spill-free configuration for a program and report (config, resources)."""
-    from maskc.runtime import cache
-
     from . import plan
 
     forms = plan.normal_forms(program.instantiate(lq, heads=2, **sizes))

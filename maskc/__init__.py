@@ -11,12 +11,11 @@ attention with it::
 See README.md for a tour of the language and docs/language.md for its reference.
 """
 
+from maskc.codegen.version import __version__
 from maskc.dsl.errors import MaskError, MaskSyntaxError, MaskTypeError
 from maskc.module import PolylineAttention, SparseAttention
 from maskc.packing import document_ids
 from maskc.program import Program, attention, compile
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MaskError",

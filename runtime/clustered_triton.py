@@ -19,12 +19,11 @@ from maskc.codegen import tiles
 from maskc.codegen.emit import emit_clustered
 from maskc.codegen.geometry import Geometry
 from maskc.codegen.schedule import BlockSchedule, Runs
+from maskc.codegen.version import __version__
 from maskc.dsl import evaluate, ir
 from maskc.dsl.dynamic import cluster_members, expand_kv_heads, membership_bits
 from maskc.dsl.lower import Sizes
 from maskc.dsl.spec import Instance
-
-import maskc
 
 from . import triton_backend
 from .clustered import ClusterHead
@@ -137,7 +136,7 @@ def _prepared(original: Prepared, group: list[ClusterHead], rows: int, padded: i
     q_offset = original.instance.sizes.q_offset
     prepared.extra_tables["clusters"] = [table, g * 4 * rows, 4 * rows, rows, padded, q_offset]
     form = ir.HeadPattern(ir.And((group[0].node, rest)) if rest is not None else group[0].node)
-    source = emit_clustered(form, rest, original.title, bq, bk, maskc.__version__)
+    source = emit_clustered(form, rest, original.title, bq, bk, __version__)
     prepared._block_masks[("source", 0)] = source
     return prepared
 

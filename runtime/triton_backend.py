@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from maskc.codegen import tiles
+from maskc.codegen import cache, tiles
 from maskc.codegen.emit import KernelSource, emit
 from maskc.codegen.plan import MAX_TRITON_CLUSTERS
 from maskc.codegen.schedule import Runs
@@ -18,11 +18,9 @@ from maskc.codegen.tiles import config, heavy_forms
 from maskc.codegen.triton_exprs import Table
 from maskc.dsl import evaluate, ir
 from maskc.dsl.errors import MaskTypeError
+from maskc.codegen.version import __version__
 from maskc.dsl.random_blocks import draw
 
-import maskc
-
-from . import cache
 from .dropout import Dropout
 from .prepare import Prepared
 
@@ -41,14 +39,13 @@ def kernel_source(prepared: Prepared, group: int) -> KernelSource:
     if key not in prepared._block_masks:
         title = prepared.title
         prepared._block_masks[key] = emit(
-            prepared.forms[group], title, prepared.block_q, prepared.block_k, maskc.__version__
+            prepared.forms[group], title, prepared.block_q, prepared.block_k, __version__
         )
     return prepared._block_masks[key]
 
 
 def kernel_module(source: KernelSource, dtype: torch.dtype, interpret: bool):
-    key = cache.key_of(source.text, dtype_class(dtype), maskc.__version__)
-    return cache.load(key, source.text, interpret)
+    return cache.load_kernel(source.text, dtype_class(dtype), interpret)
 
 
 def split_runs(runs: Runs, full: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,11 +13,8 @@ import json
 import threading
 
 import torch
-from maskc.codegen import aot, tiles
-
-import maskc
-
-from . import cache
+from maskc.codegen import aot, cache, tiles
+from maskc.codegen.version import __version__
 
 _LOCK = threading.Lock()
 _CHOICES: dict[str, tiles.Config] = {}
@@ -32,7 +29,7 @@ def _key(forms, title: str, dtype: torch.dtype, head_dim: int, lq: int, arch: in
     first = tiles.config(head_dim, lq, tiles.heavy_forms(forms))
     texts = sorted(s.text for s in aot.sources_for(forms, title, first))
     decode = lq <= tiles.DECODE_ROWS
-    return cache.key_of(*texts, str(dtype), str(tiles.padded_dim(head_dim)), str(decode), str(arch), maskc.__version__)
+    return cache.key_of(*texts, str(dtype), str(tiles.padded_dim(head_dim)), str(decode), str(arch), __version__)
 
 
 def _saved() -> dict:
@@ -56,9 +53,7 @@ def spill_free_config(forms, title: str, dtype: torch.dtype, head_dim: int, lq: 
     def load(source):
         from .triton_backend import dtype_class
 
-        return cache.load(
-            cache.key_of(source.text, dtype_class(dtype), maskc.__version__), source.text, interpret=False
-        )
+        return cache.load_kernel(source.text, dtype_class(dtype), interpret=False)
 
     chosen, _ = aot.choose_config(load, forms, title, dtype, head_dim, lq, arch)
     with _LOCK:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from maskc.runtime import cache
+from maskc.codegen import cache
 
 import maskc
 

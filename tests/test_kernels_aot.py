@@ -62,7 +62,7 @@ def test_dropout_kernels_compile_for_sm90_without_spills():
     both backward kernels) the kernels still compile for sm_90 on the default tiles, without
     spills, and differ from the kernels without dropout."""
     from maskc.codegen import tiles
-    from maskc.runtime import cache
+    from maskc.codegen import cache
 
     program = maskc.compile("causal & window(256)")
     tile = tiles.config(64, 1024)

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+from .version import __version__
+
 CHECKSUM_PREFIX = "# maskc-checksum: "
 _LOCK = threading.Lock()
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
@@ -91,6 +93,12 @@ def kernel_file(key: str, source: str) -> Path:
         body = source if source.endswith("\n") else source + "\n"
         write_atomic(path, body + CHECKSUM_PREFIX + _checksum(body) + "\n")
     return path
+
+
+def load_kernel(text: str, variant: str, interpret: bool) -> ModuleType:
+    """The module of a generated kernel source, keyed by its text, a variant (the
+    dtype class it is compiled for) and maskc's version."""
+    return load(key_of(text, variant, __version__), text, interpret)
 
 
 def load(key: str, source: str, interpret: bool) -> ModuleType:
