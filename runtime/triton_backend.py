@@ -16,9 +16,9 @@ from maskc.codegen.plan import MAX_TRITON_CLUSTERS
 from maskc.codegen.schedule import Runs
 from maskc.codegen.tiles import config, heavy_forms
 from maskc.codegen.triton_exprs import Table
+from maskc.codegen.version import __version__
 from maskc.dsl import evaluate, ir
 from maskc.dsl.errors import MaskTypeError
-from maskc.codegen.version import __version__
 from maskc.dsl.random_blocks import draw
 
 from .dropout import Dropout
@@ -38,9 +38,7 @@ def kernel_source(prepared: Prepared, group: int) -> KernelSource:
     key = ("source", group)
     if key not in prepared._block_masks:
         title = prepared.title
-        prepared._block_masks[key] = emit(
-            prepared.forms[group], title, prepared.block_q, prepared.block_k, __version__
-        )
+        prepared._block_masks[key] = emit(prepared.forms[group], title, prepared.block_q, prepared.block_k, __version__)
     return prepared._block_masks[key]
 
 
