@@ -90,7 +90,7 @@ def emit_clustered(
 
 def _assemble(form: ir.HeadPattern, allowed_body: list[str], e: Emitter, title: str, block_m: int, block_n: int,
               version: str) -> KernelSource:  # fmt: skip
-    e.lines, e.counter = [], 0
+    e.new_scope()
     steps = modifier_steps(form.modifiers, e)
     modify_body, grad_body, backward_body = _modifier_bodies(steps, list(e.lines))
     softcap = any(step.kind == "softcap" for step in steps)

@@ -1,20 +1,33 @@
-"""Normal forms -> Triton expressions over absolute positions.
+"""Triton source for the definitions of `dsl.semantics`: a printer of expressions.
 
 `qpos` is [BLOCK_M, 1] and `kpos` is [1, BLOCK_N] (int32, absolute positions;
 `qpos` is negative for queries that precede the keys).  Compiled Triton's `//`
-and `%` round toward zero while the interpreter floors, so they are applied
-only to non-negative operands: query coordinates go through `_floor_div` /
-`_floor_mod`, differences k - q are reduced with ((d % m) + m) % m.  Everything from
-the spec reaches the source only as validated integers and floats; tensor
-arguments get names made here (T0, T1, ...).
+and `%` round toward zero while the interpreter floors, so the printer uses them
+only where the dividend cannot be negative (it tracks every integer's range)
+and calls `_floor_div` / `_floor_mod` elsewhere; integer constants compared
+with int32 values are clamped to int32.  Values the definitions name (`Named`)
+become local variables with those names.  Everything from the spec reaches the
+source only as validated integers and floats; tensor arguments get names made
+here (T0, T1, ... and G0, G1, ... for gradients).
+
+Tables keep the kernel-argument interface `runtime.triton_backend` fills
+(`Table`, `GradTable`); `_address` lays each kind out as that module does.
+The backward of a modifier (what `modify_backward` adds into the gradient of
+each differentiable table) is derived from its definition: d term / d load
+(`dsl.expr.derivative`) at every load, added atomically at the load's address,
+or summed over the block first where the address is the same for every pair.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
-from maskc.dsl import ir
+from maskc.dsl import expr, ir, semantics
+from maskc.dsl.errors import MaskTypeError
+from maskc.dsl.expr import Const, Expr, Load, Named, Op, Reach, Var
+
+from .plan import MAX_TRITON_CLUSTERS
 
 
 @dataclass(frozen=True)
@@ -46,12 +59,19 @@ class GradTable:
     like: str
 
 
+# Names a generated function already uses: its parameters and emit.py's locals.
+RESERVED = {"qpos", "kpos", "b", "h", "q_offset", "s", "g", "t", "ds", "tl", "triton"}
+
+
 @dataclass
 class Emitter:
+    """The tables and local variables of the functions of one kernel file."""
+
     tables: list[Table] = field(default_factory=list)
     grads: list[GradTable] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
-    counter: int = 0
+    names: set[str] = field(default_factory=set)
+    printed: dict[Expr, str] = field(default_factory=dict)  # named values with their local
 
     def grad(self, kind: str, node: object, like: str) -> str:
         for g in self.grads:
@@ -69,12 +89,19 @@ class Emitter:
         self.tables.append(Table(name, kind, node, strides, reaches))
         return name
 
-    def let(self, expr: str) -> str:
-        """Bind an intermediate value to a fresh local name."""
-        name = f"v{self.counter}"
-        self.counter += 1
-        self.lines.append(f"{name} = {expr}")
+    def let(self, text: str, hint: str = "v") -> str:
+        """Bind `text` to a fresh local named after `hint` (hint, hint_2, ...)."""
+        name, n = hint, 1
+        while name in RESERVED or name in self.names or (name.startswith(("T", "G")) and name[1:].isdigit()):
+            n += 1
+            name = f"{hint}_{n}"
+        self.names.add(name)
+        self.lines.append(f"{name} = {text}")
         return name
+
+    def new_scope(self) -> None:
+        """Start the body of another function: no lines, no locals."""
+        self.lines, self.names, self.printed = [], set(), {}
 
     def table_args(self) -> list[str]:
         out = []
@@ -90,28 +117,28 @@ def _same_data(a: object, b: object) -> bool:
 
 
 def _strip_head(node: object) -> object:
-    from dataclasses import fields, replace
-
     names = {f.name for f in fields(node)}
     return replace(node, head=0) if "head" in names else node
 
 
-def coord(pos: str, c: ir.Coord) -> str:
-    """(pos % mod) // div, flooring like the reference.  Key positions are never
-    negative; query positions are when queries precede the keys (q_offset < 0),
-    so theirs go through `_floor_mod` / `_floor_div` (on [M, 1] vectors: cheap)."""
-    if pos != "qpos":
-        text = pos if c.mod is None else f"({pos} % {c.mod})"
-        return text if c.div == 1 else f"({text} // {c.div})"
-    if c.mod is not None:
-        text = f"_floor_mod({pos}, {c.mod})"
-        return text if c.div == 1 else f"({text} // {c.div})"  # non-negative after the floor mod
-    return pos if c.div == 1 else f"_floor_div({pos}, {c.div})"
+# ---------------------------------------------------------------- printing
 
+POSITION_BITS = 30  # positions lie in [-2**30, 2**30) (docs/language.md §6.1)
+INT32 = (-(2**31) + 1, 2**31 - 1)
+VARIABLES = {"q": "qpos", "k": "kpos", "b": "b", "h": "h", "q_offset": "q_offset"}
+RANGES = {
+    "q": (-(2**POSITION_BITS), 2**POSITION_BITS - 1),
+    "k": (0, 2**POSITION_BITS - 1),
+    "b": (0, INT32[1]),
+    "h": (0, INT32[1]),
+    "q_offset": (-(2**POSITION_BITS), 2**POSITION_BITS),
+}
 
-def _in_range(coords: list[tuple[str, int]]) -> str:
-    """All coordinates c within [0, size): a query outside the table matches nothing."""
-    return "(" + " & ".join(f"({c} >= 0) & ({c} < {_int(size)})" for c, size in coords) + ")"
+# Python precedence, loosest first: what needs brackets where
+_CMP, _OR, _AND, _SUM, _PRODUCT, _UNARY, _ATOM = 1, 2, 3, 5, 6, 7, 9
+_COMPARE = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_INFIX = {"add": ("+", _SUM), "sub": ("-", _SUM), "mul": ("*", _PRODUCT), "and": ("&", _AND),
+          "bitand": ("&", _AND), "or": ("|", _OR)}  # fmt: skip
 
 
 def _int(value: int) -> str:
@@ -127,65 +154,170 @@ def _float(value: float) -> str:
     return repr(value)
 
 
+class Printer:
+    """Triton text for expressions; named values go into `e.lines` as locals."""
+
+    def __init__(self, e: Emitter, variables: dict[str, str] | None = None) -> None:
+        self.e = e
+        self.variables = VARIABLES if variables is None else variables
+        self.ranges: dict[Expr, expr.Interval] = {}
+        self.addresses: dict[Load, tuple[str, str]] = {}
+
+    def __call__(self, x: Expr) -> str:
+        return self._text(x, 0)
+
+    def top(self, x: Expr) -> str:
+        """`x`, its named values bound first: the query's, then the key's, then the pair's."""
+        named = [n for n in expr.nodes([x]) if isinstance(n, Named) and n not in self.e.printed]
+        for n in sorted(named, key=lambda n: ("k" in (v := expr.free_vars(n))) + ("q" in v and "k" in v)):
+            self(n)
+        return self(x)
+
+    def range(self, x: Expr) -> expr.Interval:
+        if x not in self.ranges:
+            self.ranges.update(expr.ranges([x], RANGES))
+        return self.ranges[x]
+
+    def _text(self, x: Expr, tightest: int) -> str:
+        text, level = self._print(x)
+        return f"({text})" if level < tightest else text
+
+    def _print(self, x: Expr) -> tuple[str, int]:
+        if isinstance(x, Var):
+            return self.variables.get(x.name, x.name), _ATOM
+        if isinstance(x, Const):
+            return self._const(x.value)
+        if isinstance(x, Named):
+            if x not in self.e.printed:
+                self.e.printed[x] = self.e.let(self(x.value), x.hint)
+            return self.e.printed[x], _ATOM
+        if isinstance(x, Load):
+            return self._load(x)
+        if isinstance(x, Reach):
+            name = self._table(x.table)
+            return f"{name}_r{x.axis - 1}", _ATOM
+        return self._op(x)
+
+    def _const(self, value) -> tuple[str, int]:
+        if isinstance(value, bool):  # a block-shaped boolean (only a whole predicate is constant)
+            return ("qpos == qpos" if value else "qpos != qpos"), _CMP
+        text = _float(value) if isinstance(value, float) else _int(value)
+        return text, (_UNARY if text.startswith("-") else _ATOM)
+
+    def _op(self, x: Op) -> tuple[str, int]:
+        name, args = x.name, x.args
+        if name in _COMPARE:
+            a, b = (self._clamped(a, b) for a, b in ((args[0], args[1]), (args[1], args[0])))
+            return f"{self._text(a, _CMP + 1)} {_COMPARE[name]} {self._text(b, _CMP + 1)}", _CMP
+        if name in _INFIX:
+            symbol, level = _INFIX[name]
+            right = level if name in ("and", "or", "bitand") else level + 1  # a & (b & c) is a & b & c
+            return f"{self._text(args[0], level)} {symbol} {self._text(args[1], right)}", level
+        if name in ("floordiv", "floormod"):
+            lo, hi = self.range(args[1])
+            if not lo == hi > 0:
+                raise ValueError(f"a divisor must be a positive constant, got {args[1]!r}")
+            if self.range(args[0])[0] >= 0:
+                symbol = "//" if name == "floordiv" else "%"
+                return f"{self._text(args[0], _PRODUCT)} {symbol} {self._text(args[1], _UNARY)}", _PRODUCT
+            return f"_floor_{name[5:]}({self(args[0])}, {self(args[1])})", _ATOM
+        if name == "neg":
+            return f"-{self._text(args[0], _UNARY)}", _UNARY
+        if name == "not":
+            return f"{self._text(args[0], _CMP + 1)} == 0", _CMP
+        if name == "float":
+            return f"{self._text(args[0], _ATOM)}.to(tl.float32)", _ATOM
+        functions = {"abs": "tl.abs", "min": "tl.minimum", "max": "tl.maximum", "where": "tl.where"}
+        if name in functions:
+            return f"{functions[name]}({', '.join(self(a) for a in args)})", _ATOM
+        raise TypeError(f"no Triton text for {name!r}")
+
+    def _clamped(self, x: Expr, other: Expr) -> Expr:
+        """An integer constant compared with an int32 value, brought into int32."""
+        if isinstance(x, Const) and type(x.value) is int and not INT32[0] <= x.value <= INT32[1]:
+            lo, hi = self.range(other)
+            if INT32[0] < lo and hi < INT32[1]:
+                return Const(min(max(x.value, INT32[0]), INT32[1]))
+        return x
+
+    # ------------------------------------------------------------ tables
+
+    def _table(self, t: expr.TableRef) -> str:
+        n = t.node
+        strides = {"random": 2, "ids": 1, "route": 2, "cluster": 2, "alibi": 0, "prefix_alpha": 2, "prefix_beta": 2}
+        if t.kind == "bias":
+            return self.e.table("bias", n, len(n.coords) + 1, len(n.coords))
+        if t.kind == "cluster" and n.clusters > MAX_TRITON_CLUSTERS:
+            raise MaskTypeError(f"the Triton backend handles at most {MAX_TRITON_CLUSTERS} clusters, got {n.clusters}")
+        return self.e.table(t.kind, n, strides[t.kind])
+
+    def address(self, load: Load) -> tuple[str, str]:
+        """(the table's name, the element offset of `load` in it)."""
+        if load not in self.addresses:
+            name = self._table(load.table)
+            offset = self(_address(load, name))
+            if load.table.grad and not offset.isidentifier():  # the backward adds at the same offset
+                offset = self.e.let(offset, _OFFSET_HINTS.get(load.table.kind, "at"))
+            self.addresses[load] = name, offset
+        return self.addresses[load]
+
+    def _load(self, load: Load) -> tuple[str, int]:
+        name, offset = self.address(load)
+        pointer = f"{name} + {offset}"
+        if load.guard is None:
+            text = f"tl.load({pointer})"
+        else:
+            text = f"tl.load({pointer}, mask={self(load.guard)}, other=0)"
+        if load.table.dtype == "bool":
+            return f"{text} != 0", _CMP
+        return text, _ATOM
+
+
+_OFFSET_HINTS = {"bias": "bias_at", "prefix_alpha": "alpha_at", "prefix_beta": "beta_at"}
+
+
+def _address(load: Load, name: str) -> Expr:
+    """The offset of `load`'s element, as `runtime.triton_backend` lays out its table
+    (`name_s{i}` are the table's scalar arguments)."""
+    t, index = load.table, load.index
+
+    def scalar(i: int) -> Var:
+        return Var(f"{name}_s{i}")
+
+    if t.kind == "random":  # [rows from the first query block s1 on, draws]
+        row, j = index
+        return (row - scalar(1)) * scalar(0) + j
+    if t.kind == "ids":  # [batch (stride 0: one row for all), n]
+        batch, i = index
+        return batch * scalar(0) + i
+    if t.kind == "route":  # [batch, regions, regions]
+        batch, rq, rk = index
+        return batch * scalar(0) + rq * scalar(1) + rk
+    if t.kind == "cluster":  # [batch, queries then keys, one word of bits]
+        batch, word, i = index
+        if word != Const(0):
+            raise MaskTypeError(f"the Triton backend handles at most {MAX_TRITON_CLUSTERS} clusters")
+        return batch * scalar(0) + (scalar(1) if t.part == "k" else Const(0)) + i
+    if t.kind == "alibi":  # [heads]
+        return index[0]
+    if t.kind == "bias":  # [heads or 1 (stride 0), 2r + 1 per axis]
+        offset: Expr = Const(0)
+        for axis, i in enumerate(index):
+            offset = offset + i * scalar(axis)
+        return offset
+    if t.kind in ("prefix_alpha", "prefix_beta"):  # [batch, heads, y, x]: contiguous rows
+        batch, head, y, x = index
+        width = t.node.coords[1].size
+        return batch * scalar(0) + head * scalar(1) + y * width + x
+    raise TypeError(f"no Triton layout for tables of kind {t.kind!r}")
+
+
+# ---------------------------------------------------------------- masks
+
+
 def predicate(node: ir.Mask, e: Emitter) -> str:
     """A boolean Triton expression for `node` (broadcast [BLOCK_M, BLOCK_N])."""
-    if isinstance(node, ir.Const):
-        return "(qpos >= 0)" if node.value else "(qpos < 0)"
-    if isinstance(node, ir.And):
-        return "(" + " & ".join(predicate(p, e) for p in node.parts) + ")"
-    if isinstance(node, ir.Or):
-        return "(" + " | ".join(predicate(p, e) for p in node.parts) + ")"
-    if isinstance(node, ir.Not):
-        return f"({predicate(node.part, e)} == 0)"
-    if isinstance(node, ir.Offset):
-        d = e.let(f"{coord('kpos', node.coord)} - {coord('qpos', node.coord)}")
-        parts = []
-        if node.lo is not None:
-            parts.append(f"({d} >= {_int(node.lo)})")
-        if node.hi is not None:
-            parts.append(f"({d} <= {_int(node.hi)})")
-        return "(" + " & ".join(parts) + ")" if parts else "(qpos >= 0)"
-    if isinstance(node, ir.OffsetMod):
-        m = _int(node.modulus)
-        d = e.let(f"{coord('kpos', node.coord)} - {coord('qpos', node.coord)}")
-        return f"(((({d} % {m}) + {m}) % {m}) == {_int(node.residue % node.modulus)})"
-    if isinstance(node, ir.PosSet):
-        c = coord("qpos" if node.side == "q" else "kpos", node.coord)
-        if node.modulus is not None:
-            c = f"_floor_mod({c}, {_int(node.modulus)})" if node.side == "q" else f"({c} % {_int(node.modulus)})"
-        lo = max(node.lo, -(2**31) + 1)
-        hi = min(node.hi, 2**31 - 1)
-        return f"(({c} >= {_int(lo)}) & ({c} < {_int(hi)}))"
-    if isinstance(node, ir.Neighborhood):
-        return _neighborhood(node, e)
-    if isinstance(node, ir.RandomBlocks):
-        # rows of draws from query block T_s1 on (negative when queries precede the keys)
-        t = e.table("random", node, 2)
-        qb = e.let(f"{coord('qpos', node.coord)} - {t}_s1")
-        kb = e.let(coord("kpos", node.coord))
-        hits = [f"(tl.load({t} + {qb} * {t}_s0 + {j}) == {kb})" for j in range(min(node.count, node.hi - node.lo))]
-        return "(" + " | ".join(hits) + ")" if hits else "(qpos < 0)"
-    if isinstance(node, ir.Segments):
-        t = e.table("ids", node, 1)
-        qc, kc = e.let(coord("qpos", node.coord)), e.let(coord("kpos", node.coord))
-        n = node.coord.size
-        inq, ink = e.let(_in_range([(qc, n)])), e.let(_in_range([(kc, n)]))
-        ids_q = f"tl.load({t} + b * {t}_s0 + {qc}, mask={inq}, other=0)"
-        ids_k = f"tl.load({t} + b * {t}_s0 + {kc}, mask={ink}, other=0)"
-        return f"({inq} & {ink} & ({ids_q} == {ids_k}))"
-    if isinstance(node, ir.Route):
-        t = e.table("route", node, 2)
-        rq = e.let(_region("qpos", node.regions))
-        rk = e.let(_region("kpos", node.regions))
-        inside = e.let(f"({_regions_in_range('qpos', node.regions)} & {_regions_in_range('kpos', node.regions)})")
-        return f"({inside} & (tl.load({t} + b * {t}_s0 + {rq} * {t}_s1 + {rk}, mask={inside}, other=0) != 0))"
-    if isinstance(node, ir.Cluster):
-        t = e.table("cluster", node, 2)
-        # T[b, q, k] would be L^2; instead a cluster bitmask per token: [b, 2, len] int64 (queries, keys).
-        bits_q = f"tl.load({t} + b * {t}_s0 + (qpos - q_offset))"
-        bits_k = f"tl.load({t} + b * {t}_s0 + {t}_s1 + kpos)"
-        return f"(({bits_q} & {bits_k}) != 0)"
-    raise TypeError(f"no Triton lowering for {node!r}")
+    return Printer(e).top(semantics.mask_expr(node))
 
 
 @dataclass(frozen=True)
@@ -203,52 +335,22 @@ def clustered_predicate(rest: ir.Mask | None, e: Emitter) -> str:
     The table's scalars: _s0, _s1 batch and head strides, _s2 the row length,
     _s3 the padded cluster width, _s4 the true query offset."""
     t = e.table("clusters", ClusterBlocks(), 5)
-    cq = e.let(f"qpos // {t}_s3")
-    ck = e.let(f"kpos // {t}_s3")
-    base = e.let(f"{t} + b * {t}_s0 + h * {t}_s1")
-    tq = e.let(f"tl.load({base} + qpos)")
-    tk = e.let(f"tl.load({base} + {t}_s2 + kpos)")
-    bits_q = e.let(f"tl.load({base} + 2 * {t}_s2 + qpos)")
-    bits_k = e.let(f"tl.load({base} + 3 * {t}_s2 + kpos)")
-    earlier = e.let(f"(tl.full([1, 1], 1, tl.int64) << {cq}.to(tl.int64)) - 1")
-    ok = e.let(f"({cq} == {ck}) & ({tq} >= 0) & ({tk} >= 0) & (({bits_q} & {bits_k} & {earlier}) == 0)")
+    cq = e.let(f"qpos // {t}_s3", "cluster_q")
+    ck = e.let(f"kpos // {t}_s3", "cluster_k")
+    base = e.let(f"{t} + b * {t}_s0 + h * {t}_s1", "rows")
+    tq = e.let(f"tl.load({base} + qpos)", "true_q")
+    tk = e.let(f"tl.load({base} + {t}_s2 + kpos)", "true_k")
+    bits_q = e.let(f"tl.load({base} + 2 * {t}_s2 + qpos)", "bits_q")
+    bits_k = e.let(f"tl.load({base} + 3 * {t}_s2 + kpos)", "bits_k")
+    earlier = e.let(f"(tl.full([1, 1], 1, tl.int64) << {cq}.to(tl.int64)) - 1", "earlier")
+    ok = e.let(f"({cq} == {ck}) & ({tq} >= 0) & ({tk} >= 0) & (({bits_q} & {bits_k} & {earlier}) == 0)", "same_cluster")
     if rest is None:
         return ok
     e.lines += [f"qpos = {tq} + {t}_s4", f"kpos = {tk}"]
-    return f"({ok} & {predicate(rest, e)})"
+    return f"{ok} & ({predicate(rest, e)})"
 
 
-def _region(pos: str, regions: tuple[ir.Coord, ...]) -> str:
-    out = "0"
-    for c in regions:
-        out = f"({out} * {_int(c.size)} + {coord(pos, c)})"
-    return out
-
-
-def _regions_in_range(pos: str, regions: tuple[ir.Coord, ...]) -> str:
-    """Whether `pos` lies in a region (regions tile the keys; see dsl.dynamic.in_regions)."""
-    return _in_range([(coord(pos, c), c.size) for c in regions])
-
-
-def _neighborhood(node: ir.Neighborhood, e: Emitter) -> str:
-    d, w, s, length = node.dilation, node.window, node.stride, node.coord.size
-    qc = e.let(coord("qpos", node.coord))
-    kc = e.let(coord("kpos", node.coord))
-    group = e.let(f"_floor_mod({qc}, {d})")
-    gc = e.let(f"_floor_div({qc}, {d})")
-    glen = e.let(f"({length} - {group} + {d - 1}) // {d}")
-    if node.causal:
-        leader = e.let(f"tl.minimum(_floor_div({gc}, {s}) * {s} + {s - 1}, {glen} - 1)")
-        start = e.let(f"tl.maximum({leader} - {w - 1}, 0)")
-        end = e.let(f"tl.minimum({gc} + 1, {glen})")
-    else:
-        wl, wr = w // 2, w // 2 + (w % 2) - 1
-        leader = e.let(f"tl.minimum(_floor_div({gc}, {s}) * {s} + {s // 2}, {glen} - 1)")
-        shift = f"tl.where({leader} + {wr} >= {glen}, {glen} - {wr} - {leader} - 1, 0)"
-        start = e.let(f"tl.maximum({leader} - {wl}, 0) + {shift}")
-        end = e.let(f"{start} + {w}")
-    kg = e.let(f"{kc} // {d}")
-    return f"((({kc} % {d}) == {group}) & ({kg} >= {start}) & ({kg} < {end}))"
+# ---------------------------------------------------------------- modifiers
 
 
 @dataclass(frozen=True)
@@ -263,75 +365,46 @@ class Step:
 
 def modifier_steps(mods: tuple[ir.Modifier, ...], e: Emitter) -> list[Step]:
     steps = []
+    printer = Printer(e)
     for m in mods:
-        if isinstance(m, ir.Softcap):
-            steps.append(Step("softcap", _float(m.cap)))
-        elif isinstance(m, ir.Alibi):
-            t = e.table("alibi", m, 0)
-            dist = f"tl.abs({coord('kpos', m.coord)} - {coord('qpos', m.coord)}).to(tl.float32)"
-            backward = None
-            if m.tensor is not None:
-                g = e.grad("alibi", m, t)
-
-                def backward(ds, g=g, dist=dist):
-                    total = f"tl.reduce(tl.reduce({ds} * -{dist}, 1, _add), 0, _add)"
-                    return [f"tl.atomic_add({g} + h, {total})"]
-
-            steps.append(Step("add", f"(-tl.load({t} + h) * {dist})", backward))
-        elif isinstance(m, ir.Decay):
-            total = " + ".join(f"tl.abs({coord('kpos', c)} - {coord('qpos', c)})" for c in m.coords)
-            steps.append(Step("add", f"({_float(m.log_gamma)} * ({total}).to(tl.float32))"))
-        elif isinstance(m, ir.Bias):
-            t = e.table("bias", m, len(m.coords) + 1, len(m.coords))
-            index = [f"h * {t}_s0"]
-            for axis, c in enumerate(m.coords):
-                reach = f"{t}_r{axis}"
-                delta = f"tl.minimum(tl.maximum({coord('kpos', c)} - {coord('qpos', c)}, -{reach}), {reach})"
-                index.append(f"({delta} + {reach}) * {t}_s{axis + 1}")
-            offset = e.let(" + ".join(index))
-            g = e.grad("bias", m, t)
-            steps.append(
-                Step(
-                    "add",
-                    f"tl.load({t} + {offset}).to(tl.float32)",
-                    lambda ds, g=g, offset=offset: [f"tl.atomic_add({g} + {offset}, {ds})"],
-                )
-            )
-        elif isinstance(m, ir.Polyline):
-            steps.append(_polyline(m, e))
-        else:
-            raise TypeError(f"no Triton lowering for modifier {m!r}")
+        kind, term = semantics.modifier_term(m)
+        if kind == "softcap":
+            steps.append(Step("softcap", _float(term)))
+            continue
+        printer.top(term)
+        value = printer._text(term, _SUM + 1)  # added to the logit as a whole
+        steps.append(Step("add", value, _backward(term, printer)))
     return steps
 
 
-def _polyline(m: ir.Polyline, e: Emitter) -> Step:
-    """PPMA's path mask from prefix sums: A[b, h, y, x] = cumsum of alpha along x,
-    B[b, h, y, x] = cumsum of beta along y (both [batch, heads, h, w], contiguous).
-    Its backward adds +ds / -ds at the two ends of each path segment into the
-    gradients of A and B; the caller turns those into d alpha, d beta."""
-    ta = e.table("prefix_alpha", m, 2)
-    tb = e.table("prefix_beta", m, 2)
-    ga = e.grad("prefix_alpha", m, ta)
-    gb = e.grad("prefix_beta", m, tb)
-    yc, xc = m.coords
-    y1, x1 = e.let(coord("qpos", yc)), e.let(coord("qpos", xc))
-    y2, x2 = e.let(coord("kpos", yc)), e.let(coord("kpos", xc))
-    width = _int(xc.size)
-    base_a = e.let(f"b * {ta}_s0 + h * {ta}_s1")
-    base_b = e.let(f"b * {tb}_s0 + h * {tb}_s1")
-    xlo, xhi = e.let(f"tl.minimum({x1}, {x2})"), e.let(f"tl.maximum({x1}, {x2})")
-    ylo, yhi = e.let(f"tl.minimum({y1}, {y2})"), e.let(f"tl.maximum({y1}, {y2})")
-    row, col = (y1, x2) if m.path == "hv" else (y2, x1)
-    ends = [
-        (ta, ga, f"{base_a} + {row} * {width} + {xhi}", "+"),
-        (ta, ga, f"{base_a} + {row} * {width} + {xlo}", "-"),
-        (tb, gb, f"{base_b} + {yhi} * {width} + {col}", "+"),
-        (tb, gb, f"{base_b} + {ylo} * {width} + {col}", "-"),
-    ]
-    terms = [f"{sign} tl.load({t} + {offset})" for t, _, offset, sign in ends]
-    value = " ".join(terms)[2:]  # the first term is positive: drop its "+ "
+def _backward(term: Expr, printer: Printer):
+    """The lines adding d loss / d table for every differentiable table `term` reads:
+    ds times d term / d load at each load's address, summed over the block first
+    where the address is the same for every pair.  None when nothing is differentiable."""
+    loads = [n for n in expr.nodes([term]) if isinstance(n, Load) and n.table.grad]
+    if not loads:
+        return None
+    e = printer.e
+    targets = []
+    for load in loads:
+        name, offset = printer.address(load)  # already printed by the forward: the same local
+        grad = e.grad(load.table.kind, load.table.node, name)
+        slope = expr.derivative(term, load)
+        uniform = not expr.free_vars(load) & {"q", "k"}
+        targets.append((grad, offset, slope, uniform))
 
-    def backward(ds):
-        return [f"tl.atomic_add({g} + {offset}, {'' if sign == '+' else '-'}{ds})" for _, g, offset, sign in ends]
+    def backward(ds: str) -> list[str]:
+        lines = []
+        for grad, offset, slope, uniform in targets:
+            if slope == Const(1.0):
+                value = ds
+            elif slope == Const(-1.0):
+                value = f"-{ds}"
+            else:
+                value = f"{ds} * {printer._text(slope, _PRODUCT + 1)}"
+            if uniform:  # one address for the whole block: sum first, one atomic add
+                value = f"tl.reduce(tl.reduce({value}, 1, _add), 0, _add)"
+            lines.append(f"tl.atomic_add({grad} + {offset}, {value})")
+        return lines
 
-    return Step("add", f"({value})", backward)
+    return backward

@@ -246,14 +246,23 @@ def op(name: str, *args: Scalar | Expr) -> Expr:
     return Op(name, exprs)
 
 
+def _int(e: Expr) -> bool:
+    return isinstance(e, Const) and type(e.value) is int
+
+
 def add(a, b) -> Expr:
     a, b = const(a), const(b)
     if _is(b, 0):
         return a
     if _is(a, 0):
         return b
-    if isinstance(b, Const) and isinstance(b.value, int) and b.value < 0:
-        return sub(a, -b.value)
+    if _int(b):
+        if b.value < 0:
+            return sub(a, -b.value)
+        if isinstance(a, Op) and a.name in ("add", "sub") and _int(a.args[1]):  # (x ± c1) + c2
+            return add(a.args[0], b.value + a.args[1].value if a.name == "add" else b.value - a.args[1].value)
+        if isinstance(a, Op) and a.name == "sub" and _int(a.args[0]):  # (c1 - x) + c2
+            return sub(a.args[0].value + b.value, a.args[1])
     return op("add", a, b)
 
 
@@ -261,8 +270,13 @@ def sub(a, b) -> Expr:
     a, b = const(a), const(b)
     if _is(b, 0):
         return a
-    if isinstance(b, Const) and isinstance(b.value, int) and b.value < 0:
-        return add(a, -b.value)
+    if _int(b):
+        if b.value < 0:
+            return add(a, -b.value)
+        if isinstance(a, Op) and a.name in ("add", "sub") and _int(a.args[1]):  # (x ± c1) - c2
+            return add(a.args[0], a.args[1].value - b.value if a.name == "add" else -a.args[1].value - b.value)
+        if isinstance(a, Op) and a.name == "sub" and _int(a.args[0]):  # (c1 - x) - c2
+            return sub(a.args[0].value - b.value, a.args[1])
     return op("sub", a, b)
 
 

@@ -97,17 +97,18 @@ def neighborhood_window(gc, group_len, window: int, stride: int, causal: bool) -
     in a group of group_len positions (docs/language.md §8.1); both nondecreasing in gc."""
     gc, group_len = const(gc), const(group_len)
     if causal:
+        # up to `window` keys ending at the last index of the stride group, cut at the query
         leader = named("leader", minimum(gc // stride * stride + (stride - 1), group_len - 1))
-        start = maximum(leader - (window - 1), 0)
-        end = minimum(gc + 1, group_len)
-    else:
-        left = window // 2
-        right = window // 2 + window % 2 - 1
-        leader = named("leader", minimum(gc // stride * stride + stride // 2, group_len - 1))
-        # centred on the leader, shifted (not cut) to stay inside the group
-        start = maximum(leader - left, 0) + where(leader + right >= group_len, group_len - right - leader - 1, 0)
-        end = start + window
-    return named("start", start), named("end", end)
+        start = named("start", maximum(leader - (window - 1), 0))
+        return start, named("end", minimum(gc + 1, group_len))
+    left = window // 2
+    right = window // 2 + window % 2 - 1
+    # centred on the middle of the stride group, shifted (not cut) to stay inside the group
+    leader = named("leader", minimum(gc // stride * stride + stride // 2, group_len - 1))
+    start = named(
+        "start", maximum(leader - left, 0) + where(leader + right >= group_len, group_len - right - leader - 1, 0)
+    )
+    return start, named("end", start + window)
 
 
 def _neighborhood(n: ir.Neighborhood) -> Expr:
@@ -127,6 +128,8 @@ def _neighborhood(n: ir.Neighborhood) -> Expr:
 def _offset(n: ir.Offset) -> Expr:
     qc, kc = pair(n.coord)
     d = named("d", kc - qc)
+    if n.lo is not None and n.lo == n.hi:
+        return d.eq(n.lo)
     out = TRUE
     if n.lo is not None:
         out = out & (d >= n.lo)
