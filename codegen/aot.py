@@ -56,7 +56,7 @@ def _signature(fn, source: KernelSource, dtype: torch.dtype, constexprs: dict) -
             sig[name] = "constexpr"
         elif name in ("Q", "K", "V", "O", "DO"):
             sig[name] = data
-        elif name in ("LSE", "Delta", "DK", "DV_", "DQ"):
+        elif name in ("LSE", "Delta", "DK", "DV", "DQ"):
             sig[name] = "*fp32"
         elif name in ("Heads", "PermQ", "PermK", "FullPtr", "FullStart", "FullEnd", "PartPtr", "PartStart", "PartEnd"):
             sig[name] = "*i32"
@@ -87,8 +87,8 @@ def compile_kernel(module, name: str, source: KernelSource, dtype: torch.dtype, 
         "BLOCK_N": block_n,
         "HEAD_DIM": head_dim,
         "HEAD_DIM_V": head_dim,
-        "D": head_dim,
-        "DV": head_dim,
+        "QK_DIM": head_dim,
+        "V_DIM": head_dim,
         "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
         "UPCAST": False,
         "DROPOUT": dropout,

@@ -30,41 +30,46 @@ class KernelSource:
 def _modifier_bodies(steps: list[Step], setup: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Bodies of `modify`, `modify_grad` and `modify_backward`.
 
-    `modify_backward` replays the modifiers to find, for each tensor modifier,
-    the product of the derivatives of the softcaps applied after it."""
+    `modify_backward` adds into the gradient buffer of each differentiable
+    modifier tensor (its lines come from `Step.backward`), given ds = d loss /
+    d (final logits): for modifier i that is ds times the derivatives of the
+    softcaps applied after it, for which it replays the modifiers up to the last
+    such softcap.  It returns nothing."""
     modify = list(setup)
     for step in steps:
         modify.append(f"s = s + {step.value}" if step.kind == "add" else f"s = {step.value} * _tanh(s / {step.value})")
     modify.append("return s")
     softcaps = [i for i, step in enumerate(steps) if step.kind == "softcap"]
     grad = ["return s * 0.0 + 1.0"]
-    backward = [*setup]
     if softcaps:
         grad = [*setup, "g = s * 0.0 + 1.0"]
-    for i, step in enumerate(steps):
-        if step.kind == "add":
-            if softcaps:
+        for step in steps:
+            if step.kind == "add":
                 grad.append(f"s = s + {step.value}")
+            else:
+                grad += [f"t = _tanh(s / {step.value})", "g = g * (1.0 - t * t)", f"s = {step.value} * t"]
+        grad.append("return g")
+    differentiable = [i for i, step in enumerate(steps) if step.backward is not None]
+    after = [j for j in softcaps if differentiable and j > differentiable[0]]  # softcaps a gradient goes through
+    backward = list(setup)
+    for i, step in enumerate(steps[: after[-1] + 1] if after else []):
+        if step.kind == "add":
             backward.append(f"s = s + {step.value}")
         else:
-            grad += [f"t = _tanh(s / {step.value})", "g = g * (1.0 - t * t)", f"s = {step.value} * t"]
             backward += [f"t{i} = _tanh(s / {step.value})", f"s = {step.value} * t{i}"]
-    if softcaps:
-        grad.append("return g")
-    for i, step in enumerate(steps):
-        if step.backward is None:
-            continue
+    for i in differentiable:
         factors = [f"(1.0 - t{j} * t{j})" for j in softcaps if j > i]
-        ds = f"ds_{i}"
-        backward.append(f"{ds} = ds" + "".join(f" * {f}" for f in factors))
-        backward += step.backward(ds)
-    backward.append("return ds")
-    return modify, grad, backward
+        ds = "ds"
+        if factors:
+            ds = f"ds_{i}"
+            backward.append(f"{ds} = ds * " + " * ".join(factors))
+        backward += steps[i].backward(ds)
+    return modify, grad, backward or ["pass"]
 
 
 def _function(name: str, params: str, body: list[str], doc: str) -> str:
     lines = ["@triton.jit", f"def {name}({params}):", f'    """{doc}"""']
-    lines += [f"    {line}" for line in body]
+    lines += [f"    {line}" for text in body for line in text.split("\n")]
     return "\n".join(lines)
 
 
@@ -122,7 +127,7 @@ def _assemble(form: ir.HeadPattern, allowed_body: list[str], e: Emitter, title: 
             "modify_backward",
             "ds, s, " + params,
             backward_body,
-            "Add d loss / d (each modifier tensor) given ds = d loss / d (final logits).",
+            "Add d loss / d (each modifier tensor) into its buffer, given ds = d loss / d (final logits).",
         ),
         "",
         KERNELS.replace("{tables_call}", tables_sig).replace("{tables}", tables_sig),

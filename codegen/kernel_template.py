@@ -1,15 +1,24 @@
 """The attention kernels every generated file shares; the pattern enters through
 the `allowed`, `modify` and `modify_grad` functions emitted above them.
 
-FlashAttention-2 structure: the forward runs an online softmax and saves the
-log-sum-exp; the backward computes dK/dV per key block over the transposed
-schedule and dQ per query block over the schedule.  Loops walk CSR runs of key
-(or query) blocks: full runs never call `allowed`, partial runs do.  `{tables}`
-and `{tables_call}` are replaced by the pattern's tensor arguments.
+FlashAttention-2 structure (as Triton's tutorial 06-fused-attention): the
+forward runs an online softmax and saves the log-sum-exp; the backward computes
+dK/dV per key block over the transposed schedule and dQ per query block over
+the schedule.  `{tables}` and `{tables_call}` are replaced by the pattern's
+tensor arguments.
+
+The schedule reaches each kernel as two CSR tables of *runs* (ranges of
+consecutive blocks) per row of blocks: `FullPtr[row] .. FullPtr[row + 1]` index
+the row's full runs, `FullStart[r] .. FullEnd[r]` the blocks of run r, in which
+every pair is allowed (no call to `allowed`); `PartPtr`, `PartStart`, `PartEnd`
+likewise for its partial runs, where `allowed` decides pair by pair.  A row is a
+query block (forward, dQ) or a key block (dK/dV, over the transposed schedule).
 
 Conventions: q/k/v/o/do are [batch, heads, len, dim] with unit stride on dim;
-LSE/Delta are float32 [batch, heads, lq]; dK/dV accumulate per *query* head
-(float32) and are summed over GQA groups by the caller.
+QK_DIM and V_DIM are the head dims of q/k and of v, HEAD_DIM and HEAD_DIM_V
+the same rounded up to a power of two (the tiles' width); LSE/Delta are float32
+[batch, heads, lq]; the gradients DK/DV accumulate per *query* head (float32)
+and are summed over GQA groups by the caller.
 
 Dropout (the DROPOUT constexpr; kernels without it are unchanged): the keep
 mask is a hash of (seed, batch, head, absolute query and key positions), the
@@ -50,6 +59,38 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _runs(row, part: tl.constexpr, FullPtr, PartPtr):
+    """[first, last) of the runs of blocks `row` visits: its full runs (part 0) or partial runs (part 1)."""
+    if part == 0:
+        first = tl.load(FullPtr + row)
+        last = tl.load(FullPtr + row + 1)
+    else:
+        first = tl.load(PartPtr + row)
+        last = tl.load(PartPtr + row + 1)
+    return first, last
+
+
+@triton.jit
+def _run_blocks(r, part: tl.constexpr, FullStart, FullEnd, PartStart, PartEnd):
+    """[start, end) of the blocks of run r of the full (part 0) or partial (part 1) runs."""
+    if part == 0:
+        start = tl.load(FullStart + r)
+        end = tl.load(FullEnd + r)
+    else:
+        start = tl.load(PartStart + r)
+        end = tl.load(PartEnd + r)
+    return start, end
+
+
+# The three kernels below each walk their row's runs with the same two nested loops
+# (`_runs`, `_run_blocks`) around their own per-block body.  Triton could take that
+# body as a `tl.constexpr` function and fold it over the blocks, but each body reads
+# some twenty values and the pattern's tables (a different list in every file) and
+# carries different state (m_i, l_i, acc / dk, dv / dq): packed into tuples, they
+# would hide the kernels' data flow, so the loops stay inline and the walk is shared.
 
 
 @triton.jit
@@ -94,7 +135,7 @@ def _dropout_keep(row, kpos, threshold):
 @triton.jit(do_not_specialize=["drop_seed"])
 def attn_fwd(
     Q, K, V, O, LSE, Heads, PermQ, PermK,
-    FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
+    FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,  # runs of key blocks per query block
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -102,11 +143,11 @@ def attn_fwd(
     num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,
     drop_seed, drop_threshold, drop_scale,{tables}
     HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    pid = tl.program_id(1)
+    qb = tl.program_id(0)  # this program's query block
+    pid = tl.program_id(1)  # and batch element and head (one of the group's)
     b = pid // group_heads
     h = tl.load(Heads + pid % group_heads)
     kvh = h // kv_group
@@ -114,51 +155,44 @@ def attn_fwd(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < lq) & (offs_d[None, :] < D), other=0.0)
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < lq) & (offs_d[None, :] < QK_DIM), other=0.0)
     if UPCAST:  # Triton's interpreter multiplies bfloat16 wrongly in tl.dot
         q = q.to(tl.float32)
     qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
     if DROPOUT:
         drop_row = _dropout_row(drop_seed, b, h, qpos)
+    # online softmax state per query row: running maximum, sum of exponentials, output
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM_V], 0.0, dtype=tl.float32)
     K_base = K + b * stride_kb + kvh * stride_kh
     V_base = V + b * stride_vb + kvh * stride_vh
-    for part in tl.static_range(2):
-        if part == 0:
-            r0 = tl.load(FullPtr + qb)
-            r1 = tl.load(FullPtr + qb + 1)
-        else:
-            r0 = tl.load(PartPtr + qb)
-            r1 = tl.load(PartPtr + qb + 1)
-        for r in range(r0, r1):
-            if part == 0:
-                c0 = tl.load(FullStart + r)
-                c1 = tl.load(FullEnd + r)
-            else:
-                c0 = tl.load(PartStart + r)
-                c1 = tl.load(PartEnd + r)
-            for kb in range(c0, c1):
+    for part in tl.static_range(2):  # 0: the full runs, no mask; 1: the partial runs, `allowed` per pair
+        first_run, last_run = _runs(qb, part, FullPtr, PartPtr)
+        for r in range(first_run, last_run):
+            start, end = _run_blocks(r, part, FullStart, FullEnd, PartStart, PartEnd)
+            for kb in range(start, end):  # the key blocks of run r
                 offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
                 k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                            mask=(offs_n[:, None] < lk) & (offs_d[None, :] < D), other=0.0)
+                            mask=(offs_n[:, None] < lk) & (offs_d[None, :] < QK_DIM), other=0.0)
                 if UPCAST:
                     k = k.to(tl.float32)
                 kpos = _positions(offs_n, PermK, lk, 0, HAS_PERM_K)[None, :]
+                # the block's logits, modified; -inf past the keys and outside the pattern
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
                 s = modify(s, qpos, kpos, b, h, q_offset,{tables_call})
                 keep = offs_n[None, :] < lk
                 if part == 1:
                     keep = keep & allowed(qpos, kpos, b, h, q_offset,{tables_call})
                 s = tl.where(keep, s, float("-inf"))
+                # rescale what was summed so far to the new row maxima (rows with no key yet keep 0)
                 m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp(s - m_use[:, None])
                 alpha = tl.exp(m_i - m_use)
                 l_i = l_i * alpha + tl.reduce(p, 1, _add)
                 v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                            mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < DV), other=0.0)
+                            mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < V_DIM), other=0.0)
                 if UPCAST:
                     v = v.to(tl.float32)
                 acc = acc * alpha[:, None]
@@ -166,18 +200,19 @@ def attn_fwd(
                     p = tl.where(_dropout_keep(drop_row, kpos, drop_threshold), p * drop_scale, 0.0)
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
                 m_i = m_new
+    # rows that allowed no key output 0, with log-sum-exp -inf
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < lq) & (offs_dv[None, :] < DV))
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < lq) & (offs_dv[None, :] < V_DIM))
     tl.store(LSE + (b * num_heads + h) * lq + offs_m, lse, mask=offs_m < lq)
 
 
 @triton.jit(do_not_specialize=["drop_seed"])
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, Delta, DK, DV_, Heads, PermQ, PermK,
-    FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
+    Q, K, V, DO, LSE, Delta, DK, DV, Heads, PermQ, PermK,
+    FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,  # runs of query blocks per key block
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -187,11 +222,11 @@ def attn_bwd_dkdv(
     num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,
     drop_seed, drop_threshold, drop_scale,{tables}
     HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    kb = tl.program_id(0)
-    pid = tl.program_id(1)
+    kb = tl.program_id(0)  # this program's key block
+    pid = tl.program_id(1)  # and batch element and head (one of the group's)
     b = pid // group_heads
     h = tl.load(Heads + pid % group_heads)
     kvh = h // kv_group
@@ -199,9 +234,9 @@ def attn_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=(offs_n[:, None] < lk) & (offs_d[None, :] < D), other=0.0)
+                mask=(offs_n[:, None] < lk) & (offs_d[None, :] < QK_DIM), other=0.0)
     v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < DV), other=0.0)
+                mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < V_DIM), other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -211,40 +246,32 @@ def attn_bwd_dkdv(
     Q_base = Q + b * stride_qb + h * stride_qh
     DO_base = DO + b * stride_dob + h * stride_doh
     row_base = (b * num_heads + h) * lq
-    for part in tl.static_range(2):
-        if part == 0:
-            r0 = tl.load(FullPtr + kb)
-            r1 = tl.load(FullPtr + kb + 1)
-        else:
-            r0 = tl.load(PartPtr + kb)
-            r1 = tl.load(PartPtr + kb + 1)
-        for r in range(r0, r1):
-            if part == 0:
-                c0 = tl.load(FullStart + r)
-                c1 = tl.load(FullEnd + r)
-            else:
-                c0 = tl.load(PartStart + r)
-                c1 = tl.load(PartEnd + r)
-            for qb in range(c0, c1):
+    for part in tl.static_range(2):  # 0: the full runs, no mask; 1: the partial runs, `allowed` per pair
+        first_run, last_run = _runs(kb, part, FullPtr, PartPtr)
+        for r in range(first_run, last_run):
+            start, end = _run_blocks(r, part, FullStart, FullEnd, PartStart, PartEnd)
+            for qb in range(start, end):  # the query blocks of run r
                 offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < lq
                 q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                            mask=row_ok[:, None] & (offs_d[None, :] < QK_DIM), other=0.0)
                 do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                             mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                             mask=row_ok[:, None] & (offs_dv[None, :] < V_DIM), other=0.0)
                 if UPCAST:
                     q = q.to(tl.float32)
                     do = do.to(tl.float32)
                 lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
                 delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
                 qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
+                # P again, from the forward's log-sum-exp
                 raw = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
                 s = modify(raw, qpos, kpos, b, h, q_offset,{tables_call})
                 keep = (offs_n[None, :] < lk) & row_ok[:, None]
                 if part == 1:
                     keep = keep & allowed(qpos, kpos, b, h, q_offset,{tables_call})
                 p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-                if DROPOUT:  # dV from the kept P, scaled; dP through the same mask
+                # dV += P^T dO and dP = dO V^T; with dropout, dV from the kept P, scaled, dP through the same mask
+                if DROPOUT:
                     drop = _dropout_keep(_dropout_row(drop_seed, b, h, qpos), kpos, drop_threshold)
                     drop = tl.where(drop, drop_scale, 0.0)
                     dv = tl.dot(tl.trans((p * drop).to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
@@ -252,21 +279,21 @@ def attn_bwd_dkdv(
                 else:
                     dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
                     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-                ds = p * (dp - delta[:, None])
+                ds = p * (dp - delta[:, None])  # d loss / d logits (after the modifiers)
                 if SOFTCAP:
                     ds = ds * modify_grad(raw, qpos, kpos, b, h, q_offset,{tables_call})
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :], dk,
-             mask=(offs_n[:, None] < lk) & (offs_d[None, :] < D))
-    tl.store(DV_ + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv,
-             mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < DV))
+             mask=(offs_n[:, None] < lk) & (offs_d[None, :] < QK_DIM))
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv,
+             mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < V_DIM))
 
 
 @triton.jit(do_not_specialize=["drop_seed"])
 def attn_bwd_dq(
     Q, K, V, DO, LSE, Delta, DQ, Heads, PermQ, PermK,
-    FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,
+    FullPtr, FullStart, FullEnd, PartPtr, PartStart, PartEnd,  # runs of key blocks per query block
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -275,12 +302,12 @@ def attn_bwd_dq(
     num_heads, lq, lk, q_offset, sm_scale, group_heads, kv_group,
     drop_seed, drop_threshold, drop_scale,{tables}
     HAS_PERM_Q: tl.constexpr, HAS_PERM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     TENSOR_GRADS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    pid = tl.program_id(1)
+    qb = tl.program_id(0)  # this program's query block
+    pid = tl.program_id(1)  # and batch element and head (one of the group's)
     b = pid // group_heads
     h = tl.load(Heads + pid % group_heads)
     kvh = h // kv_group
@@ -289,9 +316,9 @@ def attn_bwd_dq(
     offs_dv = tl.arange(0, HEAD_DIM_V)
     row_ok = offs_m < lq
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                mask=row_ok[:, None] & (offs_d[None, :] < QK_DIM), other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                 mask=row_ok[:, None] & (offs_dv[None, :] < V_DIM), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -304,30 +331,21 @@ def attn_bwd_dq(
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     K_base = K + b * stride_kb + kvh * stride_kh
     V_base = V + b * stride_vb + kvh * stride_vh
-    for part in tl.static_range(2):
-        if part == 0:
-            r0 = tl.load(FullPtr + qb)
-            r1 = tl.load(FullPtr + qb + 1)
-        else:
-            r0 = tl.load(PartPtr + qb)
-            r1 = tl.load(PartPtr + qb + 1)
-        for r in range(r0, r1):
-            if part == 0:
-                c0 = tl.load(FullStart + r)
-                c1 = tl.load(FullEnd + r)
-            else:
-                c0 = tl.load(PartStart + r)
-                c1 = tl.load(PartEnd + r)
-            for kb in range(c0, c1):
+    for part in tl.static_range(2):  # 0: the full runs, no mask; 1: the partial runs, `allowed` per pair
+        first_run, last_run = _runs(qb, part, FullPtr, PartPtr)
+        for r in range(first_run, last_run):
+            start, end = _run_blocks(r, part, FullStart, FullEnd, PartStart, PartEnd)
+            for kb in range(start, end):  # the key blocks of run r
                 offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
                 k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                            mask=(offs_n[:, None] < lk) & (offs_d[None, :] < D), other=0.0)
+                            mask=(offs_n[:, None] < lk) & (offs_d[None, :] < QK_DIM), other=0.0)
                 v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                            mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < DV), other=0.0)
+                            mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < V_DIM), other=0.0)
                 if UPCAST:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
                 kpos = _positions(offs_n, PermK, lk, 0, HAS_PERM_K)[None, :]
+                # P again, from the forward's log-sum-exp
                 raw = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
                 s = modify(raw, qpos, kpos, b, h, q_offset,{tables_call})
                 keep = (offs_n[None, :] < lk) & row_ok[:, None]
@@ -337,13 +355,13 @@ def attn_bwd_dq(
                 dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
                 if DROPOUT:
                     dp = tl.where(_dropout_keep(drop_row, kpos, drop_threshold), dp * drop_scale, 0.0)
-                ds = p * (dp - delta[:, None])
-                if TENSOR_GRADS:
+                ds = p * (dp - delta[:, None])  # d loss / d logits (after the modifiers)
+                if TENSOR_GRADS:  # atomic adds into the gradients of the modifiers' tensors; returns nothing
                     modify_backward(ds, raw, qpos, kpos, b, h, q_offset,{tables_call})
                 if SOFTCAP:
                     ds = ds * modify_grad(raw, qpos, kpos, b, h, q_offset,{tables_call})
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :], dq,
-             mask=row_ok[:, None] & (offs_d[None, :] < D))
+             mask=row_ok[:, None] & (offs_d[None, :] < QK_DIM))
 '''

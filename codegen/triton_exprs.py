@@ -166,12 +166,26 @@ class Printer:
     def __call__(self, x: Expr) -> str:
         return self._text(x, 0)
 
+    def lines(self, x: Expr) -> str:
+        """`x`, a long `|` of several parts broken into one line per part."""
+        parts, stack = [], [x]
+        while stack:
+            part = stack.pop()
+            if isinstance(part, Op) and part.name == "or":
+                stack += reversed(part.args)
+            else:
+                parts.append(part)
+        texts = [self._text(p, _OR + 1) for p in parts]
+        if len(texts) < 3 or sum(len(t) for t in texts) < 80:
+            return " | ".join(texts)
+        return "(\n    " + "\n    | ".join(texts) + "\n)"
+
     def top(self, x: Expr) -> str:
         """`x`, its named values bound first: the query's, then the key's, then the pair's."""
-        named = [n for n in expr.nodes([x]) if isinstance(n, Named) and n not in self.e.printed]
+        named = [n for n in expr.nodes([x]) if isinstance(n, Named) and n.value not in self.e.printed]
         for n in sorted(named, key=lambda n: ("k" in (v := expr.free_vars(n))) + ("q" in v and "k" in v)):
             self(n)
-        return self(x)
+        return self.lines(x)
 
     def range(self, x: Expr) -> expr.Interval:
         if x not in self.ranges:
@@ -188,9 +202,9 @@ class Printer:
         if isinstance(x, Const):
             return self._const(x.value)
         if isinstance(x, Named):
-            if x not in self.e.printed:
-                self.e.printed[x] = self.e.let(self(x.value), x.hint)
-            return self.e.printed[x], _ATOM
+            if x.value not in self.e.printed:  # one local per value, named by its first hint
+                self.e.printed[x.value] = self.e.let(self(x.value), x.hint)
+            return self.e.printed[x.value], _ATOM
         if isinstance(x, Load):
             return self._load(x)
         if isinstance(x, Reach):
@@ -286,7 +300,7 @@ def _address(load: Load, name: str) -> Expr:
 
     if t.kind == "random":  # [rows from the first query block s1 on, draws]
         row, j = index
-        return (row - scalar(1)) * scalar(0) + j
+        return expr.named("draws_at", (row - scalar(1)) * scalar(0)) + j
     if t.kind == "ids":  # [batch (stride 0: one row for all), n]
         batch, i = index
         return batch * scalar(0) + i

@@ -270,7 +270,7 @@ def forward(
             *_dropout_args(dropout), *tables,
             HAS_PERM_Q=perm_q is not None,
             HAS_PERM_K=perm_k is not None, BLOCK_M=bm, BLOCK_N=bn,
-            HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
+            HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), QK_DIM=d, V_DIM=dv,
             INPUT_PRECISION=_precision(q.dtype),
             UPCAST=interpret and q.dtype == torch.bfloat16, DROPOUT=dropout is not None,
             num_warps=_tile(prepared, max(d, dv), lq).fwd_warps,
@@ -306,7 +306,7 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
         common = dict(
             HAS_PERM_Q=perm_q is not None,
             HAS_PERM_K=perm_k is not None, BLOCK_M=bm, BLOCK_N=bn,
-            HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), D=d, DV=dv,
+            HEAD_DIM=padded_dim(d), HEAD_DIM_V=padded_dim(dv), QK_DIM=d, V_DIM=dv,
             INPUT_PRECISION=_precision(q.dtype), SOFTCAP=source.softcap,
             UPCAST=interpret and q.dtype == torch.bfloat16, DROPOUT=dropout is not None,
         )  # fmt: skip
