@@ -73,7 +73,7 @@ def runs_from_blocks(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor,
     rows, cols, full = rows[order], cols[order], full[order]
     new_run = torch.ones(rows.numel(), dtype=torch.bool)
     new_run[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1) | (full[1:] != full[:-1])
-    return _runs(rows[new_run], cols[new_run], _run_ends(cols, new_run), full[new_run], num_rows)
+    return runs_from_intervals(rows[new_run], cols[new_run], _run_ends(cols, new_run), full[new_run], num_rows)
 
 
 def _run_ends(cols: torch.Tensor, new_run: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,8 @@ def _run_ends(cols: torch.Tensor, new_run: torch.Tensor) -> torch.Tensor:
     return cols[last] + 1
 
 
-def _runs(rows, start, end, full, num_rows: int) -> Runs:
+def runs_from_intervals(rows, start, end, full, num_rows: int) -> Runs:
+    """Runs (CSR by query block) of key-block intervals [start, end) given row by row, in order."""
     counts = torch.bincount(rows, minlength=num_rows)
     row_ptr = torch.zeros(num_rows + 1, dtype=torch.int32)
     row_ptr[1:] = torch.cumsum(counts, 0)
@@ -101,7 +102,7 @@ def _merge_intervals(rows, start, end, full, num_rows: int) -> Runs:
     run_end = torch.zeros(int(group[-1]) + 1, dtype=end.dtype).scatter_reduce_(
         0, group, end, "amax", include_self=False
     )
-    return _runs(rows[new_run], start[new_run], run_end, full[new_run], num_rows)
+    return runs_from_intervals(rows[new_run], start[new_run], run_end, full[new_run], num_rows)
 
 
 def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensors | None) -> Runs:

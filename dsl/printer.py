@@ -58,7 +58,7 @@ def to_text(node: object) -> str:
 
 def _definition(d: ast.PatternDef) -> str:
     params = ", ".join(_param(p) for p in d.params)
-    grid = f" on grid({_values(d.body.grid)})" if d.body.grid is not None else ""
+    grid = f" on grid({values_text(d.body.grid)})" if d.body.grid is not None else ""
     return f"pattern {d.name}({params}){grid} = {_body(d.body, header_grid=True)}"
 
 
@@ -76,7 +76,7 @@ def _body(b: ast.Body, header_grid: bool, parenthesise: bool = False) -> str:
     if b.modifiers:
         text += " with " + ", ".join(_expr(m, _PRIMARY_PREC) for m in b.modifiers)
     if b.grid is not None and not header_grid:
-        text += f" on grid({_values(b.grid)})"
+        text += f" on grid({values_text(b.grid)})"
     return text
 
 
@@ -95,7 +95,7 @@ def _expr(e: object, min_prec: int) -> str:
         elif isinstance(e, ast.OnBlocks):
             text = f"on blocks({_value(e.size, 0)}) {_expr(e.body, _PRIMARY_PREC)}"
         elif isinstance(e, ast.OnGrid):
-            text = f"on grid({_values(e.sizes)}) {_expr(e.body, _PRIMARY_PREC)}"
+            text = f"on grid({values_text(e.sizes)}) {_expr(e.body, _PRIMARY_PREC)}"
         elif isinstance(e, ast.PerHead):
             text = "heads { " + "; ".join(_head_case(c) for c in e.cases) + " }"
         else:
@@ -112,7 +112,8 @@ def _arg(a: ast.Arg) -> str:
     return value if a.name is None else f"{a.name} = {value}"
 
 
-def _values(values: tuple) -> str:
+def values_text(values: tuple) -> str:
+    """Argument values as written in the language, comma-separated: `h, w` or `(3, 3), 2`."""
     return ", ".join(_value(v, 0) for v in values)
 
 
@@ -130,9 +131,9 @@ def _value(v: object, min_prec: int) -> str:
     elif isinstance(v, ast.Name):
         prec, text = _ATOM_PREC, v.id
     elif isinstance(v, ast.Func):
-        prec, text = _ATOM_PREC, f"{v.name}({_values(v.args)})"
+        prec, text = _ATOM_PREC, f"{v.name}({values_text(v.args)})"
     elif isinstance(v, ast.Tuple):
-        prec, text = _ATOM_PREC, f"({_values(v.items)})"
+        prec, text = _ATOM_PREC, f"({values_text(v.items)})"
     elif isinstance(v, ast.Negate):
         prec, text = _NEG_PREC, "-" + _value(v.operand, _NEG_PREC)
     elif isinstance(v, ast.BinOp) and v.op in _COMPARE_OPS:

@@ -141,10 +141,11 @@ class Spec:
                 kind = "parameter" if name in self.call_params else "grid size"
                 raise MaskTypeError(
                     f"{kind} '{name}' is not bound: pass {name}=... when calling the pattern",
-                    self._name_span(name),
+                    self.name_span(name),
                 ).with_source(self.unit.source, self.unit.filename)
 
-    def _name_span(self, name: str) -> Span:
+    def name_span(self, name: str) -> Span:
+        """Where `name` is first written in the pattern (its parameter or a use), for errors."""
         stack: list[object] = [self.definition.node if self.definition else self.body]
         while stack:
             node = stack.pop()
@@ -158,8 +159,8 @@ class Spec:
         missing = [n for n in self.size_names if n not in names and n not in self.call_params]
         if len(missing) != 1:
             return names
-        known = {**self._literal_params(), **names}
-        for sizes in self._grids():
+        known = {**self.literal_params(), **names}
+        for sizes in self.grid_sizes():
             if not any(isinstance(v, ast.Name) and v.id == missing[0] for v in sizes):
                 continue
             known_product = 1
@@ -175,7 +176,7 @@ class Spec:
                     return {**names, missing[0]: lk // known_product}
         return names
 
-    def _literal_params(self) -> dict[str, int]:
+    def literal_params(self) -> dict[str, int]:
         """The entry's integer parameters known without evaluation: given ones, literal defaults."""
         out: dict[str, int] = {}
         if self.definition is not None:
@@ -187,16 +188,17 @@ class Spec:
 
     def modifier_names(self) -> set[str]:
         """Names of the modifiers this pattern (with the patterns it calls) applies."""
-        return {m.name for node in self._reachable() if isinstance(node, ast.Body) for m in node.modifiers}
+        return {m.name for node in self.reachable_nodes() if isinstance(node, ast.Body) for m in node.modifiers}
 
-    def _grids(self) -> Iterable[tuple]:
-        for node in self._reachable():
+    def grid_sizes(self) -> Iterable[tuple]:
+        """The size expressions of every grid the pattern (with its callees) declares."""
+        for node in self.reachable_nodes():
             if isinstance(node, ast.Body) and node.grid is not None:
                 yield node.grid
             if isinstance(node, ast.OnGrid):
                 yield node.sizes
 
-    def _reachable(self) -> Iterable[object]:
+    def reachable_nodes(self) -> Iterable[object]:
         """Every AST node of the body and of the patterns it calls (each callee once)."""
         stack: list[object] = [self.body]
         seen: set[str] = set()

@@ -26,8 +26,8 @@ from maskc.dsl.errors import MaskError
 from maskc.dsl.spec import load
 from maskc.picture import (
     PNG_MAX_CELLS,
-    _ranges,
     ascii_picture,
+    head_ranges,
     png_cell,
     reduce_mask,
     schedule_picture,
@@ -167,7 +167,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for i, form in enumerate(forms):
         heads = [h for h, g in enumerate(instance.head_group) if g == i]
         if len(forms) > 1:
-            print(f"# heads {_ranges(heads)}")
+            print(f"# heads {head_ranges(heads)}")
         if args.emit == "normal":
             print(pattern_text(form))
         else:
@@ -231,7 +231,7 @@ def cmd_patterns(args: argparse.Namespace) -> int:
     for name, definition in sorted(library.definitions().items()):
         d = definition.node
         params = ", ".join(printer.to_text(p) for p in d.params)
-        grid = f" on grid({printer._values(d.body.grid)})" if d.body.grid is not None else ""
+        grid = f" on grid({printer.values_text(d.body.grid)})" if d.body.grid is not None else ""
         print(f"{name}({params}){grid}    [{definition.unit.filename}]")
     return 0
 

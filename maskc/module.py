@@ -46,7 +46,7 @@ class SparseAttention(nn.Module):
         # Known from the spec alone, so a traced call of a pattern without clusters
         # never instantiates it (that would fix the sequence length under dynamic shapes).
         self._has_clusters = any(
-            isinstance(node, ast.Call) and node.name == "cluster" for node in self.program.spec._reachable()
+            isinstance(node, ast.Call) and node.name == "cluster" for node in self.program.spec.reachable_nodes()
         )
         self.backend = backend
         self.scale = scale

@@ -81,7 +81,8 @@ def shade(fraction: float) -> str:
     return SHADES[1] if fraction < 0.5 else SHADES[2]
 
 
-def _ranges(heads: list[int]) -> str:
+def head_ranges(heads: list[int]) -> str:
+    """Ascending head indices as ranges: [0, 1, 2, 5] -> "0-2,5"."""
     parts, start = [], heads[0]
     for prev, cur in zip(heads, [*heads[1:], None], strict=True):
         if cur != prev + 1:
@@ -103,7 +104,7 @@ def ascii_picture(reduced: Reduced, lq: int, lk: int) -> str:
         )
     for fractions, heads in zip(reduced.fractions, reduced.groups, strict=True):
         if len(reduced.groups) > 1:
-            lines.append(f"heads {_ranges(heads)}:")
+            lines.append(f"heads {head_ranges(heads)}:")
         border = "+" + "-" * fractions.shape[1] + "+"
         lines.append(border)
         for row in fractions.tolist():
@@ -223,7 +224,7 @@ def schedule_picture(schedule, max_cells: int = 64) -> str:
     for heads in groups:
         state = _pool_states(dense[heads[0]], cell)
         if len(groups) > 1:
-            lines.append(f"heads {_ranges(heads)}:")
+            lines.append(f"heads {head_ranges(heads)}:")
         border = "+" + "-" * state.shape[1] + "+"
         lines.append(border)
         lines.extend("|" + "".join(SCHEDULE_SHADES[int(v)] for v in row) + "|" for row in state.tolist())
@@ -277,7 +278,7 @@ def write_schedule_png(schedule, path: str) -> PngLayout:
     draw = ImageDraw.Draw(img)
     if titled:
         for (ox, _), heads in zip(origins, groups, strict=True):
-            draw.text((ox, MARGIN), f"heads {_ranges(heads)}", fill=(0, 0, 0), font=font)
+            draw.text((ox, MARGIN), f"heads {head_ranges(heads)}", fill=(0, 0, 0), font=font)
     x = MARGIN
     for state in (2, 1, 0):
         y = legend_top + (line_height - swatch) // 2

@@ -13,15 +13,15 @@ import torch
 from maskc import patterns as library
 from maskc.codegen import plan
 from maskc.codegen.schedule import BlockSchedule
-from maskc.dsl import evaluate, ir, printer
+from maskc.dsl import evaluate
 from maskc.dsl.errors import MaskError, MaskTypeError
 from maskc.dsl.spec import Instance, Spec, load
-from maskc.runtime import dispatch, dropout, op
-from maskc.runtime.reference import reference_attention
+from maskc.runtime import dispatch, dropout, registry
+from maskc.runtime.inputs import check_qkv
+from maskc.runtime.prepare import DYNAMIC_TENSORS, instantiate, source_text
+from maskc.runtime.reference import pattern_reference
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Tensors that dynamic atoms read besides the pattern's own tensor parameters.
-_DYNAMIC_TENSORS = ("q", "k", "centroids")
 
 
 def _read_spec(spec: str | os.PathLike, pattern: str | None) -> tuple[str, str | None, str | None]:
@@ -81,7 +81,7 @@ def _check_binding_names(spec: Spec) -> None:
         if name in reserved:
             kind = "parameter" if name in spec.call_params else "grid size"
             params = spec.definition.node.params if spec.definition else ()
-            span = next((p.span for p in params if p.name == name), None) or spec._name_span(name)
+            span = next((p.span for p in params if p.name == name), None) or spec.name_span(name)
             raise MaskTypeError(
                 f"{kind} '{name}' is bound when calling, but '{name}' is an argument of the "
                 "call itself (Program.mask, Program.__call__, ...): rename it",
@@ -91,7 +91,7 @@ def _check_binding_names(spec: Spec) -> None:
 
 @functools.cache
 def _call_arguments() -> frozenset[str]:
-    names: set[str] = set(_DYNAMIC_TENSORS)
+    names: set[str] = set(DYNAMIC_TENSORS)
     for method in (Program.mask, Program.reference, Program.__call__, Program.schedule, Program.instantiate):
         for p in inspect.signature(method).parameters.values():
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
@@ -104,7 +104,7 @@ class Program:
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
-        self.key = op.register(self)  # how the torch.library op refers to this program
+        self.key = registry.register(self)  # how the torch.library ops refer to this program
 
     # ------------------------------------------------------------ description
 
@@ -118,9 +118,7 @@ class Program:
 
     def source(self) -> str:
         """The canonical text of the pattern that runs."""
-        if self.spec.definition is not None:
-            return printer.to_text(self.spec.definition.node)
-        return printer.to_text(self.spec.body)
+        return source_text(self.spec)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.spec.params.items())
@@ -140,29 +138,6 @@ class Program:
         """The pattern evaluated per head for concrete lengths and grid sizes."""
         return self.spec.instantiate(lq, lk, heads=heads, q_offset=q_offset, sizes=sizes)
 
-    def _split(self, bindings: dict) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-        sizes, tensors = {}, {}
-        allowed_tensors = {*self.spec.tensor_params, *_DYNAMIC_TENSORS}
-        for name, value in bindings.items():
-            if isinstance(value, torch.Tensor):
-                if name not in allowed_tensors:
-                    names = ", ".join(sorted(allowed_tensors))
-                    raise MaskTypeError(f"unknown tensor binding '{name}' (this pattern takes: {names})")
-                tensors[name] = value
-            else:
-                sizes[name] = value
-        return sizes, tensors
-
-    def _prepare(self, lq, lk, heads, q_offset, batch, bindings) -> tuple[Instance, evaluate.Tensors]:
-        sizes, tensors = self._split(bindings)
-        instance = self.instantiate(lq, lk, heads=heads, q_offset=q_offset, **sizes)
-        batched = _batched_names(instance)
-        prepared = evaluate.Tensors(tensors, instance, batch=_batch_of(tensors, batch, batched))
-        # Shapes are named here, before any schedule or kernel indexes a tensor
-        # (ids of shape [1, 1, L] would otherwise fail deep inside torch).
-        evaluate.check_tensors(instance, prepared)
-        return instance, prepared
-
     def mask(
         self,
         lq: int,
@@ -179,7 +154,7 @@ class Program:
         `bindings` give grid sizes (``h=56, w=56``), call-time parameters, and
         tensors (``ids=...``, ``q=..., k=...`` for `route`/`cluster`).
         """
-        instance, tensors = self._prepare(lq, lk, heads, q_offset, batch, bindings)
+        instance, tensors = instantiate(self.spec, lq, lk, heads, q_offset, batch, bindings)
         return evaluate.dense_mask(instance, tensors)
 
     def reference(
@@ -202,22 +177,18 @@ class Program:
         `dropout_p` drops with the keep mask every backend uses for `dropout_seed`
         (drawn like the forward draws it when None: see `dropout_seed()`).
         """
-        check_qkv(q, k, v)
-        bindings = {"q": q, "k": k, **bindings}
-        instance, tensors = self._prepare(q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
-        allowed = evaluate.dense_mask(instance, tensors)
-        if allowed.dim() == 3:
-            allowed = allowed[None]
-
-        def score_mod(logits: torch.Tensor) -> torch.Tensor:
-            return evaluate.scores(instance, tensors, logits)
-
-        keep, dropout_p = None, dropout.check_p(dropout_p)
-        if dropout_p:
-            seed = dropout.draw_seed() if dropout_seed is None else int(dropout_seed)
-            qp, kp = evaluate.positions(instance)
-            keep = dropout.dense_keep(dropout.Dropout(dropout_p, seed), q.shape[0], q.shape[1], qp, kp)
-        return reference_attention(q, k, v, allowed, score_mod, scale, return_lse, keep, dropout_p)
+        return pattern_reference(
+            self.spec,
+            q,
+            k,
+            v,
+            scale=scale,
+            q_offset=q_offset,
+            return_lse=return_lse,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+            bindings=bindings,
+        )
 
     def normal_form(self, lq: int, lk: int | None = None, *, heads: int = 1, q_offset: int | None = None, **sizes):
         """Each distinct head pattern in normal form, with the heads that share it."""
@@ -244,7 +215,7 @@ class Program:
         `layout="auto"` may reorder a grid's tokens into tiles when that visits
         fewer blocks; "rowmajor" keeps the given order, "tiled" insists on tiles.
         """
-        instance, tensors = self._prepare(lq, lk, heads, q_offset, None, bindings)
+        instance, tensors = instantiate(self.spec, lq, lk, heads, q_offset, None, bindings)
         return plan.plan_schedule(instance, block_q, block_k, layout, tensors)
 
     def __call__(
@@ -340,55 +311,6 @@ class Program:
         )
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Clear errors for tensors that cannot be attention inputs."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise MaskTypeError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise MaskTypeError(f"{name} must have shape [batch, heads, len, dim], got {list(x.shape)}")
-        if not x.is_floating_point():
-            raise MaskTypeError(f"{name} must be floating point, got {x.dtype}")
-    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
-        raise MaskTypeError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise MaskTypeError(
-            f"k and v must have the same number of heads, dividing q's: q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}"
-        )
-    if k.shape[2] != v.shape[2]:
-        raise MaskTypeError(f"k and v lengths differ: {k.shape[2]} vs {v.shape[2]}")
-    if q.shape[3] != k.shape[3]:
-        raise MaskTypeError(f"q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
-    if q.device != k.device or k.device != v.device:
-        raise MaskTypeError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-
-
-def _batched_names(instance: Instance) -> set[str]:
-    """Tensors with a leading batch dim: q, k, segment ids, polyline decays
-    (not bias tables, ALiBi slopes or centroids, which are per head)."""
-    names = {"q", "k"}
-    for pattern in instance.patterns:
-        names.update(n.tensor for n in ir.walk(pattern.mask) if isinstance(n, ir.Segments))
-        for m in pattern.modifiers:
-            if isinstance(m, ir.Polyline):
-                names.update((m.alpha, m.beta))
-    return names
-
-
-def _batch_of(tensors: dict[str, torch.Tensor], batch: int | None, batched: set[str]) -> int | None:
-    sizes = {t.shape[0] for name, t in tensors.items() if t.dim() >= 2 and name in batched}
-    sizes.discard(1)
-    if batch is not None:
-        if not isinstance(batch, int) or isinstance(batch, bool) or not 0 <= batch < 2**31:
-            raise MaskTypeError(f"batch must be an integer in 0 .. 2**31, got {batch!r}")
-        if sizes - {batch}:
-            raise MaskTypeError(f"batch={batch}, but the tensors have batch sizes {sorted(sizes)}")
-        return batch
-    if len(sizes) > 1:
-        raise MaskTypeError(f"the tensors disagree on the batch size: {sorted(sizes)}")
-    return sizes.pop() if sizes else None
-
-
 def dropout_seed() -> int:
     """The seed a forward with `dropout_p > 0` draws from torch's default CPU generator:
     after ``torch.manual_seed(s)``, ``dropout_seed()`` returns the seed the next such
@@ -410,5 +332,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, /, *
     program = compile(spec, **params) if params else probe
     return program(q, k, v, **rest)
 
+
+# A key alone (a compiled graph keeps only keys) rebuilds a Program.
+registry.build_programs_with(Program)
 
 __all__ = ["Program", "attention", "check_qkv", "compile", "dropout_seed"]

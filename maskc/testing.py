@@ -213,9 +213,9 @@ def pattern_values(program, instance: Instance | None = None) -> list[int]:
     and literals, and the window, block, stride, dilation and grid sizes in `instance`'s
     IR (on a 1-D sequence, blocked values also in tokens)."""
     spec = program.spec
-    sequence = not any(True for _ in spec._grids())
-    found = {v for v in spec._literal_params().values()}
-    found |= {abs(node.value) for node in spec._reachable() if isinstance(node, ast.IntLit)}
+    sequence = not any(True for _ in spec.grid_sizes())
+    found = {v for v in spec.literal_params().values()}
+    found |= {abs(node.value) for node in spec.reachable_nodes() if isinstance(node, ast.IntLit)}
     if instance is not None:
         for pattern in instance.patterns:
             for node in ir.walk(pattern.mask):
@@ -285,7 +285,7 @@ def plan_cases(
     """Which lengths and grid sizes to draw: small ones, and around the pattern's own values."""
     spec = program.spec
     names = spec.bindable()
-    grids = list(spec._grids())
+    grids = list(spec.grid_sizes())
     fixed = dict(sizes or {})
     hints = size_hints(program) if hints is None else hints
     budget = budget or Budget(False)

@@ -41,12 +41,18 @@ from dataclasses import dataclass
 
 import torch
 from maskc.codegen import plan
+from maskc.codegen.geometry import Geometry
+from maskc.codegen.schedule import BlockSchedule, runs_from_intervals
 from maskc.dsl import evaluate, ir
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.lower import Sizes
 from maskc.dsl.spec import Instance
 
-from .op import _bindings, program_for
+from . import dispatch, triton_backend
+from .inputs import check_inputs, check_scale, resolve_backend
+from .op import _bindings
+from .prepare import Prepared, source_text
+from .registry import program_for
 
 # Query positions per cached skeleton tile, and the query block it is scheduled with.
 TILE = 1024
@@ -101,8 +107,8 @@ def length_invariant(program, heads: int, sizes: dict) -> bool:
     """Whether the pattern means the same at given positions whatever lq, lk and q_offset are."""
     key = (program.key, heads, tuple(sorted(sizes.items())))
     if key not in _INVARIANT:
-        a = program.instantiate(64, MIN_PLAN_LENGTH, heads=heads, q_offset=MIN_PLAN_LENGTH - 64, **sizes)
-        b = program.instantiate(128, 2 * MIN_PLAN_LENGTH + 64, heads=heads, q_offset=100, **sizes)
+        a = program.spec.instantiate(64, MIN_PLAN_LENGTH, heads=heads, q_offset=MIN_PLAN_LENGTH - 64, sizes=sizes)
+        b = program.spec.instantiate(128, 2 * MIN_PLAN_LENGTH + 64, heads=heads, q_offset=100, sizes=sizes)
         _INVARIANT[key] = (
             _fast_nodes(a)
             and _fast_nodes(b)
@@ -243,7 +249,7 @@ def plan_for(program, heads: int, sizes: dict, capacity: int) -> Plan:
     length = plan_length(capacity)
     key = (program.key, heads, tuple(sorted(sizes.items())), length)
     if key not in _SKELETONS:
-        instance = program.instantiate(1, length, heads=heads, q_offset=0, **sizes)
+        instance = program.spec.instantiate(1, length, heads=heads, q_offset=0, sizes=sizes)
         relaxed = [relax(p.mask) for p in instance.patterns]
         exact = all(r == p.mask for r, p in zip(relaxed, instance.patterns, strict=True))
         segments = {
@@ -468,7 +474,7 @@ def _at_capacity(mask: ir.Mask, capacity: int) -> ir.Mask:
 
 def _call_prefix(program, q, k, v, b, position, key_length, backend, scale, sizes, tensors):
     """The fallback: the program on sequence b's cache prefix."""
-    instance = program.instantiate(q.shape[2], key_length, heads=q.shape[1], q_offset=position, **sizes)
+    instance = program.spec.instantiate(q.shape[2], key_length, heads=q.shape[1], q_offset=position, sizes=sizes)
     row = {}
     for name, x in tensors.items():
         x = x[b : b + 1] if x.dim() >= 2 and x.shape[0] > 1 else x
@@ -478,8 +484,8 @@ def _call_prefix(program, q, k, v, b, position, key_length, backend, scale, size
                     x = x[..., : node.coord.size]
         row[name] = x
     ks, vs = k[b : b + 1, :, :key_length], v[b : b + 1, :, :key_length]
-    o, s = program(
-        q[b : b + 1], ks, vs, backend=backend, scale=scale, q_offset=position, return_lse=True, **sizes, **row
+    o, s = dispatch.run(
+        program, q[b : b + 1], ks, vs, backend=backend, scale=scale, q_offset=position, return_lse=True, **sizes, **row
     )
     return o[0], s[0]
 
@@ -520,15 +526,8 @@ def cpu_step(p: Plan, q, k, v, position: int, key_length: int, scale: float, ten
 def triton_step(p: Plan, program, q, k, v, position: int, key_length: int, scale: float, tensors):
     """One sequence on the generated kernels: a schedule over the call's query blocks
     read off the skeleton (O(visited blocks)), kernels generated once per plan."""
-    from maskc.codegen.geometry import Geometry
-    from maskc.codegen.schedule import BlockSchedule, _runs
-
-    from . import triton_backend
-    from .dispatch import blocks_for
-    from .prepare import Prepared
-
     rows = q.shape[2]
-    block_q, block_k = blocks_for("triton", q, v, program)
+    block_q, block_k = dispatch.blocks_for("triton", q, v, program)
     query_blocks = -(-rows // block_q)
     groups = []
     for g in range(len(p.forms)):
@@ -537,7 +536,7 @@ def triton_step(p: Plan, program, q, k, v, position: int, key_length: int, scale
             lo, hi = position + j * block_q, position + min((j + 1) * block_q, rows)
             found += [(j, a, b, f and p.exact_full) for a, b, f in visited(p, g, lo, hi, block_k, key_length)]
         r, a, b, f = (torch.tensor([x[i] for x in found], dtype=torch.long) for i in range(4))
-        groups.append(_runs(r, a, b, f.bool(), query_blocks))
+        groups.append(runs_from_intervals(r, a, b, f.bool(), query_blocks))
     s = p.instance.sizes
     sizes = Sizes(rows, key_length, s.heads, position, s.names)
     instance = Instance(sizes, p.instance.patterns, p.instance.head_group)
@@ -546,7 +545,7 @@ def triton_step(p: Plan, program, q, k, v, position: int, key_length: int, scale
         rows, key_length, block_q, block_k, instance.head_group, groups, masks,
         Geometry(rows, block_q, position), Geometry(key_length, block_k), tensors,
     )  # fmt: skip
-    prepared = Prepared(instance, p.forms, lambda: schedule, tensors, program.source().strip())
+    prepared = Prepared(instance, p.forms, lambda: schedule, tensors, source_text(program.spec).strip())
     for g in range(len(p.forms)):
         key = (g, block_q, block_k)
         if key not in p.sources:
@@ -741,8 +740,6 @@ def _evaluate(mask: ir.Mask, qp, kp, tensors) -> torch.Tensor:
 
 def run(program, q, k, v, positions, key_lengths, *, backend: str, scale, return_lse: bool, bindings: dict):
     """`Program.decode`: check, then step eagerly or through `maskc::decode` when traced."""
-    from .dispatch import check_inputs, check_scale, resolve_backend
-
     check_inputs(q, k, v)
     name = resolve_backend(backend, q)
     if name == "reference":

@@ -8,7 +8,6 @@ Backends take execution-order q, k, v and a `Prepared`, and return
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 
 import torch
@@ -17,10 +16,10 @@ from maskc.dsl.errors import MaskTypeError
 
 from . import clustered
 from . import op as _op
-from .dropout import Dropout, check_p, draw_seed
+from .dropout import Dropout, draw_seed
+from .inputs import check_dropout, check_inputs, check_scale, resolve_backend
 from .prepare import Prepared
-
-BACKENDS = ("auto", "triton", "cpu", "flex", "reference")
+from .reference import pattern_reference
 
 # Block sizes each backend schedules with (query block, key block); Triton's depend on the head dim.
 BLOCKS = {"cpu": (64, 64), "flex": (128, 128)}
@@ -30,14 +29,6 @@ _MODULES = {
     "flex": ("maskc.runtime.flex", "flex_backend"),
     "triton": ("maskc.runtime.triton_backend", "triton_attention"),
 }
-
-
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise MaskTypeError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if q.is_cuda else "cpu"
-    return backend
 
 
 def backend_function(name: str) -> Callable:
@@ -58,29 +49,6 @@ def blocks_for(name: str, q: torch.Tensor, v: torch.Tensor, program=None) -> tup
     if name == "cpu":  # decoding and short chunks: a query block no taller than the rows
         block_q = min(block_q, 1 << max(q.shape[2] - 1, 0).bit_length())
     return block_q, block_k
-
-
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    from maskc.program import check_qkv
-
-    check_qkv(q, k, v)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise MaskTypeError(f"q, k, v must share a dtype: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise MaskTypeError(f"unsupported dtype {q.dtype}: use float16, bfloat16 or float32")
-    if k.shape[1] == 0:
-        raise MaskTypeError(f"k and v need at least one head, got shapes {list(k.shape)} and {list(v.shape)}")
-    if q.shape[3] == 0 or v.shape[3] == 0:
-        raise MaskTypeError(f"head dims must be at least 1: q has {q.shape[3]}, v has {v.shape[3]}")
-
-
-def check_scale(scale: object, head_dim: int) -> float:
-    """The softmax scale: 1/sqrt(head dim) by default, else a finite real number."""
-    if scale is None:  # int(): a symbolic head dim under torch.compile(dynamic=True) is specialised
-        return 1.0 / math.sqrt(int(head_dim))
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise MaskTypeError(f"scale must be a finite number (or None for 1/sqrt(head dim)), got {scale!r}")
-    return float(scale)
 
 
 def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -117,7 +85,9 @@ def run(
     if name == "reference":
         if dropout_p:
             bindings = {**bindings, "dropout_p": dropout_p, "dropout_seed": draw_seed()}
-        return program.reference(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, **bindings)
+        return pattern_reference(
+            program.spec, q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, bindings=bindings
+        )
     tensor_names = [n for n, x in bindings.items() if isinstance(x, torch.Tensor)]
     size_names = [n for n, x in bindings.items() if not isinstance(x, torch.Tensor)]
     out, lse = _op.attention(
@@ -135,17 +105,6 @@ def run(
         dropout_p,
     )
     return (out, lse) if return_lse else out
-
-
-def check_dropout(p: object, name: str) -> float:
-    """dropout_p in [0, 1), on a backend that can drop (not FlexAttention)."""
-    p = check_p(p)
-    if p and name == "flex":
-        raise MaskTypeError(
-            f"backend='flex' has no attention dropout (dropout_p={p}): use backend='cpu' or 'triton' "
-            "(or 'auto'), or dropout_p=0"
-        )
-    return p
 
 
 def clustered_heads(name: str, prepared: Prepared) -> list[clustered.ClusterHead] | None:

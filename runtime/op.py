@@ -36,9 +36,6 @@ generic path (autograd does the backward).
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -47,66 +44,10 @@ from maskc.dsl import ir
 
 from .dropout import Dropout, draw_seed
 from .prepare import Prepared, prepare
+from .registry import program_for
 
-_PROGRAMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _PREPARED: OrderedDict = OrderedDict()
 PREPARED_CACHE_SIZE = 32
-# Programs rebuilt from their keys (their originals were collected) that stay alive,
-# so that a compiled graph calling one does not parse its spec again at every call.
-REBUILT_CACHE_SIZE = 16
-
-
-# ----------------------------------------------------------------- the program registry
-
-
-def program_key(spec) -> str:
-    """The canonical text of the definitions the program runs with its fixed
-    parameters, as JSON: equal programs share it, and it rebuilds the program.
-
-    The text holds the entry and every definition of the spec's own file it
-    reaches (also through library patterns, which resolve names in that file
-    first); library patterns stay calls by name.
-    """
-    from maskc.dsl import ast, printer
-    from maskc.dsl.atoms import ATOMS, MODIFIERS
-
-    local = spec.resolver.local
-    names = {
-        node.name
-        for node in spec._reachable()
-        if isinstance(node, ast.Call) and node.name in local and node.name not in ATOMS and node.name not in MODIFIERS
-    }
-    entry = spec.definition.node.name if spec.definition is not None else None
-    if entry is not None:
-        names.add(entry)
-    module = ast.Module(tuple(local[n].node for n in sorted(names)), None if entry is not None else spec.body)
-    return json.dumps([printer.to_text(module), entry, sorted(spec.params.items())])
-
-
-def register(program) -> str:
-    """The program's key; the registry holds the program weakly (a live equal one is kept)."""
-    key = program_key(program.spec)
-    if _PROGRAMS.get(key) is None:
-        _PROGRAMS[key] = program
-    return key
-
-
-def program_for(key: str):
-    """The live program with this key, else one rebuilt from the key."""
-    found = _PROGRAMS.get(key)
-    return found if found is not None else _rebuilt(key)
-
-
-@functools.lru_cache(maxsize=REBUILT_CACHE_SIZE)
-def _rebuilt(key: str):
-    from maskc.dsl.spec import load
-
-    from maskc import patterns as library
-    from maskc.program import Program
-
-    text, entry, params = json.loads(key)
-    spec = load(text, pattern=entry, params=dict(params), library=library.lookup, library_names=library.names)
-    return Program(spec)
 
 
 # ----------------------------------------------------------------- preparation

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from maskc.codegen import plan
 from maskc.codegen.schedule import BlockSchedule, Runs
-from maskc.dsl import evaluate, ir
-from maskc.dsl.spec import Instance
+from maskc.dsl import evaluate, ir, printer
+from maskc.dsl.errors import MaskTypeError
+from maskc.dsl.spec import Instance, Spec
 
 
 @dataclass
@@ -128,6 +129,71 @@ class Prepared:
         return 1.0 / math.sqrt(dim)
 
 
+# Tensors that dynamic atoms read besides the pattern's own tensor parameters.
+DYNAMIC_TENSORS = ("q", "k", "centroids")
+
+
+def instantiate(
+    spec: Spec, lq: int, lk: int | None, heads: int, q_offset: int | None, batch: int | None, bindings: dict
+) -> tuple[Instance, evaluate.Tensors]:
+    """The pattern instantiated for a call's sizes, with its tensor bindings checked.
+
+    `bindings` give grid sizes and call-time parameters (ints) and tensors (the
+    pattern's tensor parameters, and q, k, centroids for dynamic atoms)."""
+    sizes, tensors = _split(spec, bindings)
+    instance = spec.instantiate(lq, lk, heads=heads, q_offset=q_offset, sizes=sizes)
+    checked = evaluate.Tensors(tensors, instance, batch=_batch_of(tensors, batch, _batched_names(instance)))
+    # Shapes are named here, before any schedule or kernel indexes a tensor
+    # (ids of shape [1, 1, L] would otherwise fail deep inside torch).
+    evaluate.check_tensors(instance, checked)
+    return instance, checked
+
+
+def _split(spec: Spec, bindings: dict) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    sizes, tensors = {}, {}
+    allowed_tensors = {*spec.tensor_params, *DYNAMIC_TENSORS}
+    for name, value in bindings.items():
+        if isinstance(value, torch.Tensor):
+            if name not in allowed_tensors:
+                names = ", ".join(sorted(allowed_tensors))
+                raise MaskTypeError(f"unknown tensor binding '{name}' (this pattern takes: {names})")
+            tensors[name] = value
+        else:
+            sizes[name] = value
+    return sizes, tensors
+
+
+def _batched_names(instance: Instance) -> set[str]:
+    """Tensors with a leading batch dim: q, k, segment ids, polyline decays
+    (not bias tables, ALiBi slopes or centroids, which are per head)."""
+    names = {"q", "k"}
+    for pattern in instance.patterns:
+        names.update(n.tensor for n in ir.walk(pattern.mask) if isinstance(n, ir.Segments))
+        for m in pattern.modifiers:
+            if isinstance(m, ir.Polyline):
+                names.update((m.alpha, m.beta))
+    return names
+
+
+def _batch_of(tensors: dict[str, torch.Tensor], batch: int | None, batched: set[str]) -> int | None:
+    sizes = {t.shape[0] for name, t in tensors.items() if t.dim() >= 2 and name in batched}
+    sizes.discard(1)
+    if batch is not None:
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 0 <= batch < 2**31:
+            raise MaskTypeError(f"batch must be an integer in 0 .. 2**31, got {batch!r}")
+        if sizes - {batch}:
+            raise MaskTypeError(f"batch={batch}, but the tensors have batch sizes {sorted(sizes)}")
+        return batch
+    if len(sizes) > 1:
+        raise MaskTypeError(f"the tensors disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def source_text(spec: Spec) -> str:
+    """The canonical text of the pattern a spec runs (titles of generated files)."""
+    return printer.to_text(spec.definition.node if spec.definition is not None else spec.body)
+
+
 def prepare(
     program,
     q: torch.Tensor,
@@ -140,10 +206,10 @@ def prepare(
 ) -> Prepared:
     """Instantiate, normalise and schedule the program for these tensors."""
     bindings = {"q": q, "k": k, **bindings}
-    instance, tensors = program._prepare(q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
+    instance, tensors = instantiate(program.spec, q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
     forms = plan.normal_forms(instance)
 
     def build() -> BlockSchedule:
         return plan.plan_schedule(instance, block_q, block_k, layout, tensors)
 
-    return Prepared(instance, forms, build, tensors, program.source().strip())
+    return Prepared(instance, forms, build, tensors, source_text(program.spec).strip())

@@ -1,7 +1,9 @@
 """Dense reference attention: SDPA over an explicit mask and modified logits.
 
 Slow and exact; every faster path is tested against it.  A query row with no
-allowed key outputs 0 and has finite gradients.
+allowed key outputs 0 and has finite gradients.  `pattern_reference` is
+`Program.reference` (and the "reference" backend): the pattern's dense mask and
+modifiers for a call's tensors, then `reference_attention`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ import math
 from collections.abc import Callable
 
 import torch
+from maskc.dsl import evaluate
+from maskc.dsl.spec import Spec
+
+from . import dropout as dropping
+from .inputs import check_qkv
+from .prepare import instantiate
 
 
 def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -60,3 +68,35 @@ def reference_attention(
         return out
     lse = torch.where(total > 0, torch.log(safe_total) + row_max, torch.full_like(total, -math.inf))
     return out, lse.squeeze(-1)
+
+
+def pattern_reference(
+    spec: Spec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    q_offset: int | None = None,
+    return_lse: bool = False,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    bindings: dict,
+):
+    """Dense attention with the pattern of `spec`; see `Program.reference`."""
+    check_qkv(q, k, v)
+    bindings = {"q": q, "k": k, **bindings}
+    instance, tensors = instantiate(spec, q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
+    allowed = evaluate.dense_mask(instance, tensors)
+    if allowed.dim() == 3:
+        allowed = allowed[None]
+
+    def score_mod(logits: torch.Tensor) -> torch.Tensor:
+        return evaluate.scores(instance, tensors, logits)
+
+    keep, dropout_p = None, dropping.check_p(dropout_p)
+    if dropout_p:
+        seed = dropping.draw_seed() if dropout_seed is None else int(dropout_seed)
+        qp, kp = evaluate.positions(instance)
+        keep = dropping.dense_keep(dropping.Dropout(dropout_p, seed), q.shape[0], q.shape[1], qp, kp)
+    return reference_attention(q, k, v, allowed, score_mod, scale, return_lse, keep, dropout_p)

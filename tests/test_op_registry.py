@@ -14,7 +14,7 @@ import tracemalloc
 import weakref
 
 import torch
-from maskc.runtime import op
+from maskc.runtime import op, registry
 
 import maskc
 
@@ -32,7 +32,7 @@ def test_one_shot_calls_keep_no_program_alive():
     for _ in range(100):  # warm every cache a call fills once
         maskc.attention(q, k, v, SPEC)
     gc.collect()
-    before = len(op._PROGRAMS)
+    before = len(registry.PROGRAMS)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -42,7 +42,7 @@ def test_one_shot_calls_keep_no_program_alive():
         grown = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
-    assert len(op._PROGRAMS) <= before
+    assert len(registry.PROGRAMS) <= before
     # A kept program costs kilobytes (its syntax tree, spec, schedule): 1,000 would be megabytes.
     assert grown < 256 * 1024, grown
 
@@ -76,16 +76,16 @@ def test_a_collected_program_is_rebuilt_from_its_key():
     key = program.key
     del program
     gc.collect()
-    assert key not in op._PROGRAMS
+    assert key not in registry.PROGRAMS
     out, _ = op.attention_op(q, k, v, key, "cpu", 1 / math.sqrt(8), None, "", [], "", [])
     torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
-    rebuilt = op.program_for(key)
+    rebuilt = registry.program_for(key)
     assert rebuilt.key == key and rebuilt.params == {"n": 6}
 
 
 def test_library_pattern_key_rebuilds_it():
     program = maskc.compile("natten2d", k=3)
-    rebuilt = op._rebuilt(program.key)
+    rebuilt = registry.rebuilt(program.key)
     assert rebuilt is not program and rebuilt.key == program.key
     q, k, v = qkv(36)
     torch.testing.assert_close(rebuilt(q, k, v, h=6, w=6), program.reference(q, k, v, h=6, w=6), atol=2e-5, rtol=2e-5)
