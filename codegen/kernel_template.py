@@ -85,12 +85,26 @@ def _run_blocks(r, part: tl.constexpr, FullStart, FullEnd, PartStart, PartEnd):
     return start, end
 
 
-# The three kernels below each walk their row's runs with the same two nested loops
-# (`_runs`, `_run_blocks`) around their own per-block body.  Triton could take that
-# body as a `tl.constexpr` function and fold it over the blocks, but each body reads
-# some twenty values and the pattern's tables (a different list in every file) and
-# carries different state (m_i, l_i, acc / dk, dv / dq): packed into tuples, they
-# would hide the kernels' data flow, so the loops stay inline and the walk is shared.
+# The three kernels below walk their row's runs with the same nested loops (`_runs`,
+# `_run_blocks`) around their own per-block body; the body is not passed to a shared
+# walker.  Triton accepts a function as a `tl.constexpr` argument and tuples of values,
+# but values packed into a tuple stop being constexpr when compiled (Triton 3.9:
+# "arange's arguments must be of type tl.constexpr"), and each body needs its own
+# constexprs (BLOCK_N, head dims, UPCAST, DROPOUT, SOFTCAP, ...) besides some twenty
+# values and the pattern's tables (a different list in every file): a walker would
+# have to take every kernel's constexprs by name and hide the data flow.
+
+
+@triton.jit
+def _load_rows(Base, offs, stride, offs_d, n, dim, UPCAST: tl.constexpr):
+    """Rows `offs` of an [n, dim] matrix at Base (row stride `stride`), zero past n rows
+    and dim columns; in float32 when UPCAST (Triton's interpreter multiplies bfloat16
+    wrongly in tl.dot)."""
+    x = tl.load(Base + offs[:, None] * stride + offs_d[None, :], mask=(offs[:, None] < n) & (offs_d[None, :] < dim),
+                other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -154,10 +168,7 @@ def attn_fwd(
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < lq) & (offs_d[None, :] < QK_DIM), other=0.0)
-    if UPCAST:  # Triton's interpreter multiplies bfloat16 wrongly in tl.dot
-        q = q.to(tl.float32)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, lq, QK_DIM, UPCAST)
     qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
     if DROPOUT:
         drop_row = _dropout_row(drop_seed, b, h, qpos)
@@ -173,10 +184,7 @@ def attn_fwd(
             start, end = _run_blocks(r, part, FullStart, FullEnd, PartStart, PartEnd)
             for kb in range(start, end):  # the key blocks of run r
                 offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                            mask=(offs_n[:, None] < lk) & (offs_d[None, :] < QK_DIM), other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
+                k = _load_rows(K_base, offs_n, stride_kn, offs_d, lk, QK_DIM, UPCAST)
                 kpos = _positions(offs_n, PermK, lk, 0, HAS_PERM_K)[None, :]
                 # the block's logits, modified; -inf past the keys and outside the pattern
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
@@ -191,10 +199,7 @@ def attn_fwd(
                 p = tl.exp(s - m_use[:, None])
                 alpha = tl.exp(m_i - m_use)
                 l_i = l_i * alpha + tl.reduce(p, 1, _add)
-                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                            mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < V_DIM), other=0.0)
-                if UPCAST:
-                    v = v.to(tl.float32)
+                v = _load_rows(V_base, offs_n, stride_vn, offs_dv, lk, V_DIM, UPCAST)
                 acc = acc * alpha[:, None]
                 if DROPOUT:  # the row sum above stays undropped; P V sees the kept P, scaled
                     p = tl.where(_dropout_keep(drop_row, kpos, drop_threshold), p * drop_scale, 0.0)
@@ -233,13 +238,8 @@ def attn_bwd_dkdv(
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=(offs_n[:, None] < lk) & (offs_d[None, :] < QK_DIM), other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < V_DIM), other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh, offs_n, stride_kn, offs_d, lk, QK_DIM, UPCAST)
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh, offs_n, stride_vn, offs_dv, lk, V_DIM, UPCAST)
     kpos = _positions(offs_n, PermK, lk, 0, HAS_PERM_K)[None, :]
     dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, HEAD_DIM_V], 0.0, dtype=tl.float32)
@@ -253,13 +253,8 @@ def attn_bwd_dkdv(
             for qb in range(start, end):  # the query blocks of run r
                 offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < lq
-                q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                            mask=row_ok[:, None] & (offs_d[None, :] < QK_DIM), other=0.0)
-                do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                             mask=row_ok[:, None] & (offs_dv[None, :] < V_DIM), other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
+                q = _load_rows(Q_base, offs_m, stride_qm, offs_d, lq, QK_DIM, UPCAST)
+                do = _load_rows(DO_base, offs_m, stride_dom, offs_dv, lq, V_DIM, UPCAST)
                 lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
                 delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
                 qpos = _positions(offs_m, PermQ, lq, q_offset, HAS_PERM_Q)[:, None]
@@ -315,13 +310,8 @@ def attn_bwd_dq(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     row_ok = offs_m < lq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < QK_DIM), other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < V_DIM), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, lq, QK_DIM, UPCAST)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_dv, lq, V_DIM, UPCAST)
     row_base = (b * num_heads + h) * lq
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
@@ -337,13 +327,8 @@ def attn_bwd_dq(
             start, end = _run_blocks(r, part, FullStart, FullEnd, PartStart, PartEnd)
             for kb in range(start, end):  # the key blocks of run r
                 offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                            mask=(offs_n[:, None] < lk) & (offs_d[None, :] < QK_DIM), other=0.0)
-                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                            mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < V_DIM), other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
+                k = _load_rows(K_base, offs_n, stride_kn, offs_d, lk, QK_DIM, UPCAST)
+                v = _load_rows(V_base, offs_n, stride_vn, offs_dv, lk, V_DIM, UPCAST)
                 kpos = _positions(offs_n, PermK, lk, 0, HAS_PERM_K)[None, :]
                 # P again, from the forward's log-sum-exp
                 raw = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale

@@ -26,6 +26,7 @@ build expressions are `<`, `<=`, `>`, `>=` and the methods `eq` and `ne`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -33,6 +34,18 @@ from functools import lru_cache
 import torch
 
 Scalar = int | float | bool
+
+
+def _binary(name: str, swap: bool = False):
+    def method(self, other):
+        build = globals()[name]
+        return build(other, self) if swap else build(self, other)
+
+    return method
+
+
+def _compare(name: str):
+    return lambda self, other: op(name, self, other)
 
 
 class Expr:
@@ -56,59 +69,20 @@ class Expr:
     def __bool__(self) -> bool:
         raise TypeError("an expression has no truth value: use & | ~ and where(), not and/or/if")
 
-    def __add__(self, other):
-        return add(self, other)
-
-    def __radd__(self, other):
-        return add(other, self)
-
-    def __sub__(self, other):
-        return sub(self, other)
-
-    def __rsub__(self, other):
-        return sub(other, self)
-
-    def __mul__(self, other):
-        return mul(self, other)
-
-    def __rmul__(self, other):
-        return mul(other, self)
-
-    def __floordiv__(self, other):
-        return floordiv(self, other)
-
-    def __mod__(self, other):
-        return floormod(self, other)
+    # Operators build expressions (the functions below, looked up when called).
+    __add__, __radd__ = _binary("add"), _binary("add", swap=True)
+    __sub__, __rsub__ = _binary("sub"), _binary("sub", swap=True)
+    __mul__, __rmul__ = _binary("mul"), _binary("mul", swap=True)
+    __floordiv__, __mod__ = _binary("floordiv"), _binary("floormod")
+    __and__, __rand__ = _binary("and_"), _binary("and_", swap=True)
+    __or__, __ror__ = _binary("or_"), _binary("or_", swap=True)
+    __lt__, __le__, __gt__, __ge__ = _compare("lt"), _compare("le"), _compare("gt"), _compare("ge")
 
     def __neg__(self):
         return neg(self)
 
     def __abs__(self):
         return op("abs", self)
-
-    def __lt__(self, other):
-        return op("lt", self, other)
-
-    def __le__(self, other):
-        return op("le", self, other)
-
-    def __gt__(self, other):
-        return op("gt", self, other)
-
-    def __ge__(self, other):
-        return op("ge", self, other)
-
-    def __and__(self, other):
-        return and_(self, other)
-
-    def __rand__(self, other):
-        return and_(other, self)
-
-    def __or__(self, other):
-        return or_(self, other)
-
-    def __ror__(self, other):
-        return or_(other, self)
 
     def __invert__(self):
         return not_(self)
@@ -199,28 +173,12 @@ OPS = {
     "where": 3,
 }  # fmt: skip
 
-_PY = {
-    "neg": lambda a: -a,
-    "abs": abs,
-    "not": lambda a: not a,
-    "float": float,
-    "add": lambda a, b: a + b,
-    "sub": lambda a, b: a - b,
-    "mul": lambda a, b: a * b,
-    "floordiv": lambda a, b: a // b,
-    "floormod": lambda a, b: a % b,
-    "min": min,
-    "max": max,
-    "eq": lambda a, b: a == b,
-    "ne": lambda a, b: a != b,
-    "lt": lambda a, b: a < b,
-    "le": lambda a, b: a <= b,
-    "gt": lambda a, b: a > b,
-    "ge": lambda a, b: a >= b,
-    "and": lambda a, b: a and b,
-    "or": lambda a, b: a or b,
-    "bitand": lambda a, b: a & b,
-}
+# Python's operators on numbers (floor division and remainder included), and torch's
+# on tensors, share the names of `operator`.
+_SHARED = {name: getattr(operator, name) for name in ("neg", "abs", "add", "sub", "mul", "floordiv", "eq", "ne",
+                                                         "lt", "le", "gt", "ge")}  # fmt: skip
+_PY = {**_SHARED, "not": operator.not_, "float": float, "floormod": operator.mod, "min": min, "max": max,
+       "and": lambda a, b: a and b, "or": lambda a, b: a or b, "bitand": operator.and_}  # fmt: skip
 
 
 def const(value: Scalar | Expr) -> Expr:
@@ -252,32 +210,25 @@ def _int(e: Expr) -> bool:
 
 def add(a, b) -> Expr:
     a, b = const(a), const(b)
-    if _is(b, 0):
-        return a
     if _is(a, 0):
         return b
-    if _int(b):
-        if b.value < 0:
-            return sub(a, -b.value)
-        if isinstance(a, Op) and a.name in ("add", "sub") and _int(a.args[1]):  # (x ± c1) + c2
-            return add(a.args[0], b.value + a.args[1].value if a.name == "add" else b.value - a.args[1].value)
-        if isinstance(a, Op) and a.name == "sub" and _int(a.args[0]):  # (c1 - x) + c2
-            return sub(a.args[0].value + b.value, a.args[1])
-    return op("add", a, b)
+    return _plus(a, b.value) if _int(b) else op("add", a, b)
 
 
 def sub(a, b) -> Expr:
     a, b = const(a), const(b)
-    if _is(b, 0):
-        return a
-    if _int(b):
-        if b.value < 0:
-            return add(a, -b.value)
-        if isinstance(a, Op) and a.name in ("add", "sub") and _int(a.args[1]):  # (x ± c1) - c2
-            return add(a.args[0], a.args[1].value - b.value if a.name == "add" else -a.args[1].value - b.value)
-        if isinstance(a, Op) and a.name == "sub" and _int(a.args[0]):  # (c1 - x) - c2
-            return sub(a.args[0].value - b.value, a.args[1])
-    return op("sub", a, b)
+    return _plus(a, -b.value) if _int(b) else op("sub", a, b)
+
+
+def _plus(x: Expr, c: int) -> Expr:
+    """x + c for an integer constant c, its constants gathered: (y ± c1) + c and (c1 - y) + c fold."""
+    if c == 0:
+        return x
+    if isinstance(x, Op) and x.name in ("add", "sub") and _int(x.args[1]):
+        return _plus(x.args[0], c + (x.args[1].value if x.name == "add" else -x.args[1].value))
+    if isinstance(x, Op) and x.name == "sub" and _int(x.args[0]):
+        return sub(x.args[0].value + c, x.args[1])
+    return op("add", x, c) if c > 0 else op("sub", x, -c)
 
 
 def mul(a, b) -> Expr:
@@ -323,26 +274,24 @@ def bitand(a, b) -> Expr:
     return op("bitand", a, b)
 
 
-def and_(a, b) -> Expr:
-    a, b = const(a), const(b)
-    if _is(a, True):
-        return b
-    if _is(b, True):
-        return a
-    if _is(a, False) or _is(b, False):
-        return FALSE
-    return op("and", a, b)
+def _logic(name: str, unit: bool) -> Callable[..., Expr]:
+    """`and` (unit True) or `or` (unit False), folding the constant `unit` and its opposite."""
+
+    def build(a, b) -> Expr:
+        a, b = const(a), const(b)
+        if _is(a, unit):
+            return b
+        if _is(b, unit):
+            return a
+        if _is(a, not unit) or _is(b, not unit):
+            return Const(not unit)
+        return op(name, a, b)
+
+    return build
 
 
-def or_(a, b) -> Expr:
-    a, b = const(a), const(b)
-    if _is(a, False):
-        return b
-    if _is(b, False):
-        return a
-    if _is(a, True) or _is(b, True):
-        return TRUE
-    return op("or", a, b)
+and_ = _logic("and", True)
+or_ = _logic("or", False)
 
 
 def not_(a) -> Expr:
@@ -608,27 +557,16 @@ def _like(x, y):
 
 
 TORCH: dict[str, Callable] = {
-    "neg": lambda a: -a,
-    "abs": abs,
+    **_SHARED,
     "not": lambda a: ~a if _tensor(a) else not a,
     "tanh": torch.tanh,
-    "add": lambda a, b: a + b,
-    "sub": lambda a, b: a - b,
-    "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b,
-    "floordiv": lambda a, b: a // b,
-    "floormod": lambda a, b: a % b,
+    "div": operator.truediv,
+    "floormod": operator.mod,
     "min": _min,
     "max": _max,
-    "eq": lambda a, b: a == b,
-    "ne": lambda a, b: a != b,
-    "lt": lambda a, b: a < b,
-    "le": lambda a, b: a <= b,
-    "gt": lambda a, b: a > b,
-    "ge": lambda a, b: a >= b,
-    "and": lambda a, b: a & b,
-    "or": lambda a, b: a | b,
-    "bitand": lambda a, b: a & b,
+    "and": operator.and_,
+    "or": operator.or_,
+    "bitand": operator.and_,
     "like": _like,
     "where": _where,
 }

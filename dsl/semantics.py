@@ -178,7 +178,8 @@ def _cluster(n: ir.Cluster) -> Expr:
     return any_of(bitand(Load(bits_q, (B, Const(w), row)), Load(bits_k, (B, Const(w), K))).ne(0) for w in range(words))
 
 
-MASKS: dict[type, Callable[..., Expr]] = {
+# Each ir node type's definition: a pattern node's predicate, a modifier's term.
+DEFINITIONS: dict[type, Callable] = {
     ir.Const: lambda n: Const(bool(n.value)),
     ir.And: lambda n: all_of(mask_expr(p) for p in n.parts),
     ir.Or: lambda n: any_of(mask_expr(p) for p in n.parts),
@@ -192,15 +193,6 @@ MASKS: dict[type, Callable[..., Expr]] = {
     ir.Route: _route,
     ir.Cluster: _cluster,
 }
-
-
-@lru_cache(maxsize=4096)
-def mask_expr(node: ir.Mask) -> Expr:
-    """Whether the pair is allowed by `node` (a boolean expression)."""
-    define = MASKS.get(type(node))
-    if define is None:
-        raise TypeError(f"unknown pattern node {node!r}")
-    return define(node)
 
 
 # ---------------------------------------------------------------- modifiers
@@ -248,20 +240,32 @@ def _decay(m: ir.Decay) -> Term:
     return "add", m.log_gamma * to_float(total)
 
 
-MODIFIERS: dict[type, Callable[..., Term]] = {
-    ir.Alibi: _alibi,
-    ir.Softcap: lambda m: ("softcap", float(m.cap)),
-    ir.Bias: _bias,
-    ir.Polyline: _polyline,
-    ir.Decay: _decay,
-}
+DEFINITIONS.update(
+    {
+        ir.Alibi: _alibi,
+        ir.Softcap: lambda m: ("softcap", float(m.cap)),
+        ir.Bias: _bias,
+        ir.Polyline: _polyline,
+        ir.Decay: _decay,
+    }
+)
 
 
 @lru_cache(maxsize=4096)
+def define(node: object):
+    """The definition of `node`: an expression for a pattern node, a term for a modifier."""
+    if type(node) not in DEFINITIONS:
+        raise TypeError(f"unknown pattern node or modifier {node!r}")
+    return DEFINITIONS[type(node)](node)
+
+
+def mask_expr(node: ir.Mask) -> Expr:
+    """Whether the pair is allowed by `node` (a boolean expression)."""
+    return define(node)
+
+
 def modifier_term(m: ir.Modifier) -> Term:
-    define = MODIFIERS.get(type(m))
-    if define is None:
-        raise TypeError(f"unknown modifier {m!r}")
+    """What `m` does to a logit: ("add", a float expression) or ("softcap", cap)."""
     return define(m)
 
 
