@@ -5,6 +5,7 @@ layouts that reorder a grid's tokens into tiles (`layout`, `geometry`);
 exact block schedules from three-valued reasoning over rectangles of blocks
 (`labels`, `dynamic_labels`, `schedule`); the plan that ties them together
 for one instance (`plan`); Triton source emission (`emit`, `triton_exprs`,
-`kernel_template`, `tiles`); and ahead-of-time compilation checks for
-sm_80/sm_90 without a GPU (`aot`).
+`kernel_template`, `tiles`); FlexAttention's `mask_mod` and `score_mod`
+(`flex`); and ahead-of-time compilation checks for sm_80/sm_90 without a GPU
+(`aot`).  Triton and Flex code derive from the definitions of `dsl.semantics`.
 """
