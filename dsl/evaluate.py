@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -75,12 +76,32 @@ def group_length(length: int, group: torch.Tensor, d: int) -> torch.Tensor:
 def mask(node: ir.Mask, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> torch.Tensor:
     """Allowed pairs for broadcastable query and key position tensors."""
     (out,) = _run(semantics.mask_expr(node), node, qp, kp, t)
-    shape = _shape(qp, kp)
+    shape = (*_batch(node, t), *_shape(qp, kp))
     if not isinstance(out, torch.Tensor):
         return torch.full(shape, bool(out), dtype=torch.bool)
-    if out.shape[-len(shape) :] != shape:  # a predicate of one side only
-        out = out.expand(*out.shape[: out.dim() - len(shape)], *shape)
+    if out.shape != shape:  # a predicate of one side only, or a batched part folded away
+        out = out.expand(shape)
     return out
+
+
+def _batch(node: ir.Mask, t: Tensors) -> tuple[int, ...]:
+    """The leading batch dim of a mask that reads per-batch tensors (1 or the batch):
+    there even where constants fold those atoms away (`none & segments(ids)`)."""
+    sizes = []
+    for n in _batched(node):
+        if isinstance(n, ir.Segments):
+            ids = segment_ids(n, t)
+            sizes.append(ids.shape[0] if ids.dim() == 2 else 1)
+        elif isinstance(n, ir.Route):
+            sizes.append(route_table(t, n).shape[0])
+        else:
+            sizes.append(cluster_table(t, n)[0].shape[0])
+    return (max(sizes),) if sizes else ()
+
+
+@lru_cache(maxsize=4096)
+def _batched(node: ir.Mask) -> tuple[ir.Mask, ...]:
+    return tuple(n for n in ir.walk(node) if isinstance(n, ir.DYNAMIC))
 
 
 def _run(e: expr.Expr, node: object, qp: torch.Tensor, kp: torch.Tensor, t: Tensors) -> list:

@@ -649,9 +649,7 @@ def gather(data: torch.Tensor, index: list, clamp: bool, origin: tuple[int, ...]
         n = data.shape[axis]
         if origin is not None and origin[axis]:
             i = i - origin[axis]
-        if n == 1:
-            i = 0
-        elif clamp:
+        if clamp or n == 1:  # (clamped, an index keeps its shape: the result broadcasts as it does)
             i = i.clamp(0, n - 1) if _tensor(i) else min(max(i, 0), n - 1)
         picked.append(i)
     return data[tuple(picked)]
