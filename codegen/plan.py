@@ -52,13 +52,14 @@ def tiling(instance: Instance, block_q: int, block_k: int) -> list[tuple[tuple[i
 
 def plan_schedule(
     instance: Instance,
-    block_q: int = 64,
-    block_k: int = 64,
+    block_q: int,
+    block_k: int,
     layout: str = "auto",
     tensors: evaluate.Tensors | None = None,
 ) -> BlockSchedule:
-    """The block schedule; with layout "auto", tile order is used when it visits
-    fewer blocks than row-major order."""
+    """The block schedule over blocks of block_q x block_k tokens (which blocks a backend
+    runs is runtime/tuning.py's choice); with layout "auto", tile order is used when it
+    visits fewer blocks than row-major order."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise MaskTypeError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
     for name, value in (("block_q", block_q), ("block_k", block_k)):
