@@ -136,13 +136,14 @@ def child(args: list[str]) -> None:
         out["first_s"] = time.perf_counter() - start
         out["imported_dynamo"] = "torch._dynamo" in sys.modules
     elif what == "maskc-first-direct":  # the same below the torch.library op
-        from maskc.runtime.dispatch import BLOCKS, run_prepared
+        from maskc.runtime.execute import run_prepared
         from maskc.runtime.prepare import prepare
+        from maskc.runtime.tuning import POLICY
 
         start = time.perf_counter()
         program = maskc.compile(spec)
         with torch.no_grad():
-            prepared = prepare(program, q, k, *BLOCKS["cpu"], None, sizes)
+            prepared = prepare(program, q, k, POLICY.cpu_block, POLICY.cpu_block, None, sizes)
             run_prepared("cpu", q, k, v, prepared, 1 / math.sqrt(D))
         out["first_s"] = time.perf_counter() - start
     elif what == "flex-first":
@@ -194,8 +195,8 @@ def side_by_side(name: str, rounds: int) -> dict:
     import torch
     import torch.nn.functional as F
     from maskc.runtime.cpu import cpu_attention
-    from maskc.runtime.dispatch import BLOCKS
     from maskc.runtime.prepare import prepare
+    from maskc.runtime.tuning import POLICY
 
     import maskc
 
@@ -208,7 +209,7 @@ def side_by_side(name: str, rounds: int) -> dict:
     flex, block_mask = flex_setup(name)
     qi, ki = torch.arange(L)[:, None], torch.arange(L)[None, :]
     assert torch.equal(mask_mod(name)(0, 0, qi, ki), dense), "Flex's mask_mod differs from maskc's mask"
-    block_q, block_k = BLOCKS["cpu"]
+    block_q, block_k = POLICY.cpu_block, POLICY.cpu_block
     prepared = prepare(program, q, k, block_q, block_k, None, sizes)
     perm = prepared.perm_q
     qp, kp, vp = (q, k, v) if perm is None else (q[:, :, perm], k[:, :, perm], v[:, :, perm])

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from .version import __version__
 
 CHECKSUM_PREFIX = "# maskc-checksum: "
@@ -95,10 +97,15 @@ def kernel_file(key: str, source: str) -> Path:
     return path
 
 
-def load_kernel(text: str, variant: str, interpret: bool) -> ModuleType:
-    """The module of a generated kernel source, keyed by its text, a variant (the
-    dtype class it is compiled for) and maskc's version."""
-    return load(key_of(text, variant, __version__), text, interpret)
+def dtype_class(dtype: torch.dtype) -> str:
+    """Which compiled variant of a kernel a dtype runs: "half" (float16, bfloat16) or "single"."""
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "single"
+
+
+def kernel_module(text: str, dtype: torch.dtype, interpret: bool) -> ModuleType:
+    """The module of a generated kernel source for `dtype`, keyed by its text, the
+    dtype's class and maskc's version."""
+    return load(key_of(text, dtype_class(dtype), __version__), text, interpret)
 
 
 def load(key: str, source: str, interpret: bool) -> ModuleType:

@@ -34,6 +34,7 @@ from maskc.picture import (
     write_png,
     write_schedule_png,
 )
+from maskc.runtime.tuning import POLICY
 
 
 def _parse_set(values: list[str]) -> dict[str, int]:
@@ -171,10 +172,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.emit == "normal":
             print(pattern_text(form))
         else:
-            from maskc.codegen.tiles import config, heavy_forms
-
-            c = config(args.head_dim, args.lq, heavy_forms(forms))
             title, version = program.source(), maskc.__version__
+            # the tiles the Triton backend runs under the interpreter (a GPU may pick a smaller rung)
+            c = POLICY.triton_config(forms, title, torch.float16, args.head_dim, args.lq, "cpu")
             if clustered is not None:
                 source = emit_clustered(form, clustered[i][1], title, c.block_q, c.block_k, version)
             else:

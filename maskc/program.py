@@ -17,9 +17,10 @@ from maskc.dsl import evaluate
 from maskc.dsl.errors import MaskError, MaskTypeError
 from maskc.dsl.spec import Instance, Spec, load
 from maskc.runtime import dispatch, dropout, registry
-from maskc.runtime.inputs import check_qkv
+from maskc.runtime.inputs import backend_for, check_qkv
 from maskc.runtime.prepare import DYNAMIC_TENSORS, instantiate, source_text
 from maskc.runtime.reference import pattern_reference
+from maskc.runtime.tuning import POLICY, Tiles
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -201,22 +202,41 @@ class Program:
         lq: int,
         lk: int | None = None,
         *,
-        block_q: int = 64,
-        block_k: int = 64,
+        block_q: int | None = None,
+        block_k: int | None = None,
         heads: int = 1,
         q_offset: int | None = None,
         layout: str = "auto",
+        backend: str = "auto",
+        head_dim: int = 64,
         **bindings,
     ) -> BlockSchedule:
         """The exact block schedule: per head group and query block, the key blocks
         to visit, each full or partial.  Built from interval reasoning, in time
         that grows with the visited blocks (never with lq * lk).
 
+        Without `block_q` / `block_k`, the blocks `backend` runs for q of `head_dim`
+        (the tile policy of runtime/tuning.py): "auto" is Triton when CUDA is
+        available (on the GPU, for half precision), else the CPU executor (64 x 64,
+        query blocks no taller than lq); "flex" is 128 x 128.
         `layout="auto"` may reorder a grid's tokens into tiles when that visits
         fewer blocks; "rowmajor" keeps the given order, "tiled" insists on tiles.
         """
         instance, tensors = instantiate(self.spec, lq, lk, heads, q_offset, None, bindings)
+        if block_q is None or block_k is None:
+            tiles = self._default_tiles(instance, backend, head_dim)
+            block_q = tiles.block_q if block_q is None else block_q
+            block_k = tiles.block_k if block_k is None else block_k
         return plan.plan_schedule(instance, block_q, block_k, layout, tensors)
+
+    def _default_tiles(self, instance: Instance, backend: str, head_dim: int) -> Tiles:
+        cuda = torch.cuda.is_available()
+        name = backend_for(backend, cuda)
+        if name == "reference":
+            raise MaskTypeError("backend='reference' runs no block schedule: give block_q and block_k")
+        device = "cuda" if cuda and name == "triton" else "cpu"
+        forms = plan.normal_forms(instance)
+        return POLICY.choose(name, forms, self.source(), torch.float16, head_dim, instance.sizes.lq, device)
 
     def __call__(
         self,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-from maskc.codegen import tiles
 from maskc.codegen.emit import emit_clustered
 from maskc.codegen.geometry import Geometry
 from maskc.codegen.schedule import BlockSchedule, Runs
@@ -29,6 +28,7 @@ from . import triton_backend
 from .clustered import ClusterHead
 from .merge import merge_partials
 from .prepare import Prepared
+from .tuning import POLICY, Tiles
 
 
 def triton_clustered_attention(
@@ -63,7 +63,8 @@ def _group(q, k, v, prepared: Prepared, scale: float, group: list[ClusterHead]):
     node = group[0].node
     selections = [evaluate.cluster_selection(prepared.tensors, plan_h.node) for plan_h in group]
     width = max(max(iq.shape[-1], ik.shape[-1]) for iq, ik in selections)
-    tile = _tile(prepared, q, max(d, dv), node.clusters * width)
+    # the tiles for the gathered rows (on a GPU: the clustered kernels' first spill-free rung)
+    tile = POLICY.choose("triton", prepared.forms, prepared.title, q.dtype, max(d, dv), node.clusters * width, q.device)
     step = max(tile.block_q, tile.block_k)
     padded = math.ceil(width / step) * step  # each cluster fills whole blocks
     rows = node.clusters * padded
@@ -89,15 +90,6 @@ def _group(q, k, v, prepared: Prepared, scale: float, group: list[ClusterHead]):
     return out.view(batch, g, s.lq, dv).to(q.dtype), lse.view(batch, g, s.lq)
 
 
-def _tile(prepared: Prepared, q: torch.Tensor, head_dim: int, rows: int) -> tiles.Config:
-    """On a GPU the first spill-free rung for the clustered kernels, else the ladder's first."""
-    if not q.is_cuda:
-        return tiles.config(head_dim, rows, False)
-    from .tuning import architecture, spill_free_config
-
-    return spill_free_config(prepared.forms, prepared.title, q.dtype, head_dim, rows, architecture(q.device))
-
-
 def _pad(index: torch.Tensor, padded: int) -> torch.Tensor:
     """[B, n, w] positions -> [B, n * padded], each cluster padded with -1."""
     b, n, w = index.shape
@@ -119,7 +111,7 @@ def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, at)
 
 
-def _prepared(original: Prepared, group: list[ClusterHead], rows: int, padded: int, tile, table) -> Prepared:
+def _prepared(original: Prepared, group: list[ClusterHead], rows: int, padded: int, tile: Tiles, table) -> Prepared:
     """The gathered problem as the Triton backend sees it: G heads of `rows`
     tokens, a block-diagonal schedule, and the clustered kernel source."""
     rest = group[0].rest
@@ -129,15 +121,14 @@ def _prepared(original: Prepared, group: list[ClusterHead], rows: int, padded: i
     instance = Instance(sizes, [ir.HeadPattern(mask)], [0] * heads)
     bq, bk = tile.block_q, tile.block_k
     schedule = _block_diagonal(rows, padded, bq, bk, heads, mask)
-    prepared = Prepared(instance, [ir.HeadPattern(mask)], lambda: schedule, evaluate.Tensors({}, instance))
-    prepared.title = original.title
-    prepared.tile = tile
+    tensors = evaluate.Tensors({}, instance)
+    prepared = Prepared.with_schedule(instance, [ir.HeadPattern(mask)], tensors, original.title, schedule, tile)
     g = table.shape[1]
     q_offset = original.instance.sizes.q_offset
     prepared.extra_tables["clusters"] = [table, g * 4 * rows, 4 * rows, rows, padded, q_offset]
     form = ir.HeadPattern(ir.And((group[0].node, rest)) if rest is not None else group[0].node)
     source = emit_clustered(form, rest, original.title, bq, bk, __version__)
-    prepared._block_masks[("source", 0)] = source
+    prepared.artifacts.kernel_sources[0] = source
     return prepared
 
 

@@ -49,10 +49,11 @@ from maskc.dsl.lower import Sizes
 from maskc.dsl.spec import Instance
 
 from . import dispatch, triton_backend
+from .call import bindings_of, joined
 from .inputs import check_inputs, check_scale, resolve_backend
-from .op import _bindings
 from .prepare import Prepared, source_text
 from .registry import program_for
+from .tuning import POLICY
 
 # Query positions per cached skeleton tile, and the query block it is scheduled with.
 TILE = 1024
@@ -527,7 +528,9 @@ def triton_step(p: Plan, program, q, k, v, position: int, key_length: int, scale
     """One sequence on the generated kernels: a schedule over the call's query blocks
     read off the skeleton (O(visited blocks)), kernels generated once per plan."""
     rows = q.shape[2]
-    block_q, block_k = dispatch.blocks_for("triton", q, v, program)
+    title = source_text(program.spec).strip()
+    tiles = POLICY.choose("triton", p.forms, title, q.dtype, max(q.shape[-1], v.shape[-1]), rows, q.device)
+    block_q, block_k = tiles.block_q, tiles.block_k
     query_blocks = -(-rows // block_q)
     groups = []
     for g in range(len(p.forms)):
@@ -545,12 +548,12 @@ def triton_step(p: Plan, program, q, k, v, position: int, key_length: int, scale
         rows, key_length, block_q, block_k, instance.head_group, groups, masks,
         Geometry(rows, block_q, position), Geometry(key_length, block_k), tensors,
     )  # fmt: skip
-    prepared = Prepared(instance, p.forms, lambda: schedule, tensors, source_text(program.spec).strip())
+    prepared = Prepared.with_schedule(instance, p.forms, tensors, title, schedule, tiles)
     for g in range(len(p.forms)):
         key = (g, block_q, block_k)
         if key not in p.sources:
             p.sources[key] = triton_backend.kernel_source(prepared, g)
-        prepared._block_masks[("source", g)] = p.sources[key]
+        prepared.artifacts.kernel_sources[g] = p.sources[key]
     ks, vs = k[:, :, :key_length], v[:, :, :key_length]
     return triton_backend.triton_attention(q, ks, vs, prepared, scale)
 
@@ -748,14 +751,11 @@ def run(program, q, k, v, positions, key_lengths, *, backend: str, scale, return
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise MaskTypeError("decode computes no gradients: train with the program itself, prog(q, k, v)")
     if torch.compiler.is_compiling():
-        tensor_names = [n for n, x in bindings.items() if isinstance(x, torch.Tensor)]
-        size_names = [n for n, x in bindings.items() if not isinstance(x, torch.Tensor)]
         positions, key_lengths = _as_tensors(positions, key_lengths, q)
+        tensor_names, tensors, size_names, sizes = joined(bindings)
         out, lse = decode_op(
-            q, k, v, positions, key_lengths, program.key, name, scale,
-            ",".join(tensor_names), [bindings[n] for n in tensor_names],
-            ",".join(size_names), [bindings[n] for n in size_names],
-        )  # fmt: skip
+            q, k, v, positions, key_lengths, program.key, name, scale, tensor_names, tensors, size_names, sizes
+        )
     else:
         out, lse = _step(program, q, k, v, positions, key_lengths, name, scale, bindings)
     return (out, lse) if return_lse else out
@@ -784,7 +784,7 @@ def _step(program, q, k, v, positions, key_lengths, backend, scale, bindings):
 
 
 def _decode_impl(q, k, v, positions, key_lengths, key, backend, scale, tensor_names, tensors, size_names, sizes):
-    bindings = _bindings(tensor_names, tensors, size_names, sizes)
+    bindings = bindings_of(tensor_names, tensors, size_names, sizes)
     return _step(program_for(key), q, k, v, positions, key_lengths, backend, scale, bindings)
 
 

@@ -41,10 +41,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """The backend a call runs: "auto" is Triton on CUDA tensors, the CPU executor otherwise."""
+    return backend_for(backend, q.is_cuda)
+
+
+def backend_for(backend: str, cuda: bool) -> str:
+    """The backend `backend` names for CUDA tensors (`cuda`) or others."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise MaskTypeError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "auto":
-        return "triton" if q.is_cuda else "cpu"
+        return "triton" if cuda else "cpu"
     return backend
 
 

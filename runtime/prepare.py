@@ -1,17 +1,26 @@
-"""Everything a backend needs for one call: sizes, normal forms, schedule, tensors.
+"""Everything a backend needs for one call: sizes, normal forms, tiles, schedule, tensors.
+
+`prepared_for` instantiates a program for a call's tensors and bindings
+(`instantiate`), normalises it, and leaves the tiles (runtime/tuning.py) and the
+block schedule to be made on first use: clustered attention needs neither.
+Preparations of static patterns are kept (`PREPARED_CACHE_SIZE`), so calls
+that repeat a shape reuse the schedule and everything backends derive from it
+(`ScheduleArtifacts`).
 
 Backends work in *execution order*: when the schedule carries a layout
-permutation, `run` (in `runtime.dispatch`) permutes q, k, v before the backend
-runs and restores the output's order after.  Block positions handed to the
-predicate are absolute positions of the original sequence, so the predicate
-never needs to know about layouts.
+permutation, runtime/execute.py permutes q, k, v before the backend runs and
+restores the output's order after.  Block positions handed to the predicate are
+absolute positions of the original sequence, so the predicate never needs to
+know about layouts.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from maskc.codegen import plan
@@ -20,25 +29,63 @@ from maskc.dsl import evaluate, ir, printer
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.spec import Instance, Spec
 
+from .tuning import POLICY, Tiles
+
+if TYPE_CHECKING:
+    from maskc.codegen.emit import KernelSource
+
+    from .cpu.plan import GroupPlan
+
+
+@dataclass
+class ScheduleArtifacts:
+    """What backends derive from a `Prepared` once and reuse for as long as it is kept
+    (static patterns are kept across calls: `prepared_for`), per head group."""
+
+    # the partial blocks and their masks: (rows, cols, bool mask [(batch,) n, bq, bk])
+    partial_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # the CPU executor's segments (runtime/cpu/plan.py)
+    cpu_plans: dict[int, GroupPlan] = field(default_factory=dict)
+    # the generated Triton kernel source
+    kernel_sources: dict[int, KernelSource] = field(default_factory=dict)
+    # (group, transposed, device) -> the schedule's runs as the kernels read them, on the device:
+    # (full ptr, start, end, partial ptr, start, end)
+    kernel_runs: dict[tuple[int, bool, str], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
 
 @dataclass
 class Prepared:
     instance: Instance
     forms: list[ir.HeadPattern]  # normal form per head group (index = schedule group)
-    build_schedule: Callable[[], BlockSchedule] = field(repr=False)
     tensors: evaluate.Tensors
     title: str = "pattern"  # the program's source, for generated files' headers
-    tile: object = None  # the Triton tile configuration (codegen.tiles.Config) when chosen
-    _block_masks: dict = field(default_factory=dict, repr=False)
-    _schedule: BlockSchedule | None = field(default=None, repr=False)
+    choose_tiles: Callable[[], Tiles] | None = field(default=None, repr=False)  # asked on first use
+    layout: str = "auto"  # the schedule's token layout (codegen.plan.LAYOUTS)
+    artifacts: ScheduleArtifacts = field(default_factory=ScheduleArtifacts, repr=False)
     # kernel tables made by the runtime rather than from bindings (clustered execution)
     extra_tables: dict = field(default_factory=dict, repr=False)
+    _tiles: Tiles | None = field(default=None, repr=False)
+    _schedule: BlockSchedule | None = field(default=None, repr=False)
+
+    @classmethod
+    def with_schedule(cls, instance: Instance, forms, tensors, title: str, schedule: BlockSchedule,
+                      tiles: Tiles) -> Prepared:  # fmt: skip
+        """A preparation whose schedule is made already (gathered clusters, decoding steps)."""
+        return cls(instance, forms, tensors, title, _tiles=tiles, _schedule=schedule)
+
+    @property
+    def tiles(self) -> Tiles:
+        """The tiles the backend runs: chosen on first use (clustered attention never needs them)."""
+        if self._tiles is None:
+            self._tiles = self.choose_tiles()
+        return self._tiles
 
     @property
     def schedule(self) -> BlockSchedule:
         """Built on first use: clustered attention (runtime.clustered) never needs it."""
         if self._schedule is None:
-            self._schedule = self.build_schedule()
+            t = self.tiles
+            self._schedule = plan.plan_schedule(self.instance, t.block_q, t.block_k, self.layout, self.tensors)
         return self._schedule
 
     # ------------------------------------------------------------ shapes
@@ -64,11 +111,11 @@ class Prepared:
 
     @property
     def block_q(self) -> int:
-        return self.schedule.block_q
+        return self.tiles.block_q
 
     @property
     def block_k(self) -> int:
-        return self.schedule.block_k
+        return self.tiles.block_k
 
     @property
     def perm_q(self) -> torch.Tensor | None:
@@ -111,11 +158,12 @@ class Prepared:
 
     def partial_block_mask(self, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, mask) of every partial block of a head group, computed once."""
-        if group not in self._block_masks:
+        masks = self.artifacts.partial_masks
+        if group not in masks:
             rows, cols, full = self.runs(group).blocks()
             rows, cols = rows[~full], cols[~full]
-            self._block_masks[group] = (rows, cols, self.block_mask(group, rows, cols))
-        return self._block_masks[group]
+            masks[group] = (rows, cols, self.block_mask(group, rows, cols))
+        return masks[group]
 
     def modifiers(self, group: int) -> tuple[ir.Modifier, ...]:
         return self.forms[group].modifiers
@@ -204,12 +252,65 @@ def prepare(
     bindings: dict,
     layout: str = "auto",
 ) -> Prepared:
-    """Instantiate, normalise and schedule the program for these tensors."""
+    """Instantiate and normalise the program for these tensors, to be scheduled with
+    blocks chosen by hand (tests and benchmarks; calls ask the tile policy)."""
+    tiles = Tiles(block_q, block_k)
+    return _prepare(program, q, k, q_offset, bindings, lambda forms, title: tiles, layout)
+
+
+def prepare_for_backend(program, backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        q_offset: int | None, bindings: dict) -> Prepared:  # fmt: skip
+    """Instantiate and normalise the program for these tensors, to be scheduled with the
+    tiles the policy picks for the backend (runtime/tuning.py) when first needed."""
+    dtype, device, head_dim, lq = q.dtype, q.device, max(q.shape[-1], v.shape[-1]), q.shape[2]
+
+    def choose(forms, title: str) -> Tiles:
+        return POLICY.choose(backend, forms, title, dtype, head_dim, lq, device)
+
+    return _prepare(program, q, k, q_offset, bindings, choose)
+
+
+def _prepare(program, q, k, q_offset, bindings, choose: Callable, layout: str = "auto") -> Prepared:
     bindings = {"q": q, "k": k, **bindings}
     instance, tensors = instantiate(program.spec, q.shape[2], k.shape[2], q.shape[1], q_offset, q.shape[0], bindings)
     forms = plan.normal_forms(instance)
+    title = source_text(program.spec).strip()
+    return Prepared(instance, forms, tensors, title, lambda: choose(forms, title), layout)
 
-    def build() -> BlockSchedule:
-        return plan.plan_schedule(instance, block_q, block_k, layout, tensors)
 
-    return Prepared(instance, forms, build, tensors, source_text(program.spec).strip())
+# ---------------------------------------------------------------- preparations kept across calls
+
+_PREPARED: OrderedDict = OrderedDict()
+PREPARED_CACHE_SIZE = 32
+
+
+def prepared_for(program, backend: str, q, k, v, q_offset: int | None, bindings: dict) -> Prepared:
+    """`prepare_for_backend`, reusing the result for static patterns."""
+    sizes = tuple(sorted((n, x) for n, x in bindings.items() if not isinstance(x, torch.Tensor)))
+    tensors = sorted((n, x) for n, x in bindings.items() if isinstance(x, torch.Tensor))
+    # A tensor binding (segment ids, a bias table) holds the same data while it is
+    # the same object at the same version: packed-document ids reused call after
+    # call keep their schedule.  The cached entry holds the tensor, so its id
+    # cannot pass to another tensor meanwhile.
+    # Inference tensors have no version counter (they may change in place unseen): never kept.
+    inference = any(x.is_inference() for _, x in tensors)
+    versions = tuple((n, id(x), None if inference else x._version) for n, x in tensors)
+    cache_key = (program.key, backend, tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, q_offset, sizes, versions,
+                 str(q.device))  # fmt: skip
+    if not inference and cache_key in _PREPARED:
+        _PREPARED.move_to_end(cache_key)
+        return _PREPARED[cache_key]
+    prepared = prepare_for_backend(program, backend, q, k, v, q_offset, bindings)
+    # Not kept: schedules over q and k's contents (routing, clusters), which hold for
+    # one call, and tensors being trained (each step is a new version, or a fresh leaf).
+    reused = not inference and not any(x.requires_grad for _, x in tensors)
+    if reused and not any(ir.reads_qk(p.mask) for p in prepared.instance.patterns):
+        _PREPARED[cache_key] = prepared
+        while len(_PREPARED) > PREPARED_CACHE_SIZE:
+            _PREPARED.popitem(last=False)
+    return prepared
+
+
+def clear_cache() -> None:
+    """Forget every kept preparation."""
+    _PREPARED.clear()

@@ -1,4 +1,4 @@
-"""The generated Triton kernels, launched from PyTorch, with autograd.
+"""The generated Triton kernels, launched from PyTorch: forward and backward.
 
 One kernel file per distinct normal-form *structure* (heads that differ only
 in data share it); one launch per head group.  On CPU tensors the same files
@@ -14,36 +14,33 @@ from maskc.codegen import cache, tiles
 from maskc.codegen.emit import KernelSource, emit
 from maskc.codegen.plan import MAX_TRITON_CLUSTERS
 from maskc.codegen.schedule import Runs
-from maskc.codegen.tiles import config, heavy_forms
 from maskc.codegen.triton_exprs import Table
 from maskc.codegen.version import __version__
 from maskc.dsl import evaluate, ir
 from maskc.dsl.errors import MaskTypeError
 from maskc.dsl.random_blocks import draw
 
+from .autograd import Kernels, kernel_attention
 from .dropout import Dropout
 from .prepare import Prepared
+from .tuning import POLICY
 
 SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def dtype_class(dtype: torch.dtype) -> str:
-    return "half" if dtype in (torch.float16, torch.bfloat16) else "single"
 
 
 padded_dim = tiles.padded_dim
 
 
 def kernel_source(prepared: Prepared, group: int) -> KernelSource:
-    key = ("source", group)
-    if key not in prepared._block_masks:
-        title = prepared.title
-        prepared._block_masks[key] = emit(prepared.forms[group], title, prepared.block_q, prepared.block_k, __version__)
-    return prepared._block_masks[key]
+    """The generated kernel source of a head group, emitted once per `Prepared`."""
+    sources = prepared.artifacts.kernel_sources
+    if group not in sources:
+        sources[group] = emit(prepared.forms[group], prepared.title, prepared.block_q, prepared.block_k, __version__)
+    return sources[group]
 
 
 def kernel_module(source: KernelSource, dtype: torch.dtype, interpret: bool):
-    return cache.load_kernel(source.text, dtype_class(dtype), interpret)
+    return cache.kernel_module(source.text, dtype, interpret)
 
 
 def split_runs(runs: Runs, full: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,11 +54,13 @@ def split_runs(runs: Runs, full: bool, device) -> tuple[torch.Tensor, torch.Tens
 
 
 def _csr(prepared: Prepared, group: int, transposed: bool, device):
-    key = ("csr", group, transposed, str(device))
-    if key not in prepared._block_masks:
+    """The group's full runs, then its partial runs, as CSR on the device (made once)."""
+    key = (group, transposed, str(device))
+    tables = prepared.artifacts.kernel_runs
+    if key not in tables:
         runs = prepared.transposed_runs(group) if transposed else prepared.runs(group)
-        prepared._block_masks[key] = (*split_runs(runs, True, device), *split_runs(runs, False, device))
-    return prepared._block_masks[key]
+        tables[key] = (*split_runs(runs, True, device), *split_runs(runs, False, device))
+    return tables[key]
 
 
 # ---------------------------------------------------------------- tables
@@ -224,10 +223,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _tile(prepared: Prepared, head_dim: int, lq: int):
-    """The configuration chosen for this GPU, else the ladder's first rung."""
-    if prepared.tile is not None:
-        return prepared.tile
-    return config(head_dim, lq, heavy_forms(prepared.forms))
+    """The kernels' configuration the tile policy chose (or, for blocks chosen by hand, its warps)."""
+    return prepared.tiles.kernel or POLICY.warps(prepared.forms, head_dim, lq)
 
 
 def _or(tensor, fallback):
@@ -344,22 +341,21 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
     return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), grads
 
 
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, prepared, scale, dropout=None):
-        out, lse = forward(q, k, v, prepared, scale, dropout)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.prepared, ctx.scale, ctx.dropout = prepared, scale, dropout
-        return out, lse
+def _forward_kernels(q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None):
+    out, lse = forward(q, k, v, prepared, scale, dropout)
+    return out, lse, None
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv, _ = backward(q, k, v, out, lse, dout, dlse, ctx.prepared, ctx.scale, dropout=ctx.dropout)
-        return dq, dk, dv, None, None, None
+
+def _backward_kernels(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, dropout, state):
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv, _ = backward(q, k, v, out, lse, dout, dlse, prepared, scale, dropout=dropout)
+    return dq, dk, dv
+
+
+# The kernels as autograd differentiates them (runtime/autograd.py).
+TRITON = Kernels(_forward_kernels, _backward_kernels)
 
 
 def triton_attention(q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None = None):
-    return _TritonAttention.apply(q, k, v, prepared, scale, dropout)
+    """(out, lse) by the generated kernels, differentiable through their backward kernels."""
+    return kernel_attention(TRITON, q, k, v, prepared, scale, dropout)

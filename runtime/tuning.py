@@ -1,23 +1,86 @@
-"""Which tile configuration the Triton backend runs, per pattern structure and GPU.
+"""Which tiles each backend runs: one policy for block sizes and Triton's kernel configurations.
 
-On a GPU, the kernels of a pattern are compiled ahead for the device's
-architecture along the tile ladder (`codegen.aot.choose_config`), and the first
-spill-free configuration is kept: in memory, and in `tiles.json` in the kernel
-cache directory so later processes skip the compiles.  Under the interpreter
-(CPU tensors) the ladder's first rung is used: nothing is compiled there.
+`POLICY.choose(backend, forms, title, dtype, head_dim, lq, device)` answers for
+a pattern (its normal forms per head group; `title` heads its generated
+files), a dtype, a head dim (the wider of q's and v's), the number of query
+rows and a device:
+
+* "cpu": query blocks of 64 rows (fewer when the call has fewer rows:
+  decoding, short chunks) and key blocks of 64;
+* "flex": 128 x 128, FlexAttention's block size;
+* "triton": a rung of the tile ladder of codegen/tiles.py, by kind of pattern
+  (modifiers that read tables per pair, heads wider than 64, decoding).  On a
+  GPU, the first rung whose kernels compile without spills for the device's
+  architecture (`codegen.aot.choose_config` compiles them ahead), kept in memory
+  and in `tiles.json` in the kernel cache directory so later processes skip the
+  compiles; under the interpreter (CPU tensors) the ladder's first rung:
+  nothing is compiled there.
+
+The answer, `Tiles`, is what the schedule is built with (block sizes) and, on
+Triton, the kernels' configuration (warps).  Everything that schedules asks
+here: preparation (runtime/prepare.py), clustered Triton attention for its
+gathered rows, decoding steps, and `Program.schedule` without block sizes.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 
 import torch
 from maskc.codegen import aot, cache, tiles
 from maskc.codegen.version import __version__
+from maskc.dsl.errors import MaskTypeError
 
 _LOCK = threading.Lock()
 _CHOICES: dict[str, tiles.Config] = {}
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes to schedule with and, on Triton, the kernels' configuration
+    (None: the ladder's first rung's warps, for blocks chosen by hand)."""
+
+    block_q: int
+    block_k: int
+    kernel: tiles.Config | None = None
+
+
+@dataclass(frozen=True)
+class TilePolicy:
+    cpu_block: int = 64
+    flex_blocks: tuple[int, int] = (128, 128)
+
+    def choose(self, backend: str, forms, title: str, dtype: torch.dtype, head_dim: int, lq: int,
+               device: torch.device | str) -> Tiles:  # fmt: skip
+        """The tiles `backend` runs this pattern with (see the module docstring)."""
+        if backend == "cpu":  # decoding and short chunks: a query block no taller than the rows
+            return Tiles(min(self.cpu_block, 1 << max(lq - 1, 0).bit_length()), self.cpu_block)
+        if backend == "flex":
+            return Tiles(*self.flex_blocks)
+        if backend == "triton":
+            config = self.triton_config(forms, title, dtype, head_dim, lq, device)
+            return Tiles(config.block_q, config.block_k, config)
+        raise MaskTypeError(f"backend={backend!r} runs no block schedule")
+
+    def triton_config(self, forms, title: str, dtype: torch.dtype, head_dim: int, lq: int,
+                      device: torch.device | str) -> tiles.Config:  # fmt: skip
+        """On a GPU the first spill-free rung of the ladder, elsewhere its first rung."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            return spill_free_config(forms, title, dtype, head_dim, lq, architecture(device))
+        return tiles.config(head_dim, lq, tiles.heavy_forms(forms))
+
+    def warps(self, forms, head_dim: int, lq: int) -> tiles.Config:
+        """The warps of kernels whose block sizes were chosen by hand: the first rung's."""
+        return tiles.config(head_dim, lq, tiles.heavy_forms(forms))
+
+
+POLICY = TilePolicy()
+
+
+# ---------------------------------------------------------------- spill-free rungs on a GPU
 
 
 def architecture(device: torch.device) -> int:
@@ -41,6 +104,7 @@ def _saved() -> dict:
 
 
 def spill_free_config(forms, title: str, dtype: torch.dtype, head_dim: int, lq: int, arch: int) -> tiles.Config:
+    """The first rung of the ladder whose kernels compile without spills for `sm_{arch}`."""
     key = _key(forms, title, dtype, head_dim, lq, arch)
     with _LOCK:
         if key in _CHOICES:
@@ -51,9 +115,7 @@ def spill_free_config(forms, title: str, dtype: torch.dtype, head_dim: int, lq: 
             return _CHOICES[key]
 
     def load(source):
-        from .triton_backend import dtype_class
-
-        return cache.load_kernel(source.text, dtype_class(dtype), interpret=False)
+        return cache.kernel_module(source.text, dtype, interpret=False)
 
     chosen, _ = aot.choose_config(load, forms, title, dtype, head_dim, lq, arch)
     with _LOCK:

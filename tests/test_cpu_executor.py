@@ -1,4 +1,4 @@
-"""The fast CPU executor (runtime/cpu.py) against the dense reference.
+"""The fast CPU executor (runtime/cpu/) against the dense reference.
 
 Forward output, log-sum-exp and the gradients of q, k, v (and of tensors that
 modifiers read) are compared with `Program.reference`, through the public call
@@ -17,13 +17,13 @@ import math
 import pytest
 import torch
 from maskc.runtime import cpu
-from maskc.runtime.dispatch import run_prepared
+from maskc.runtime.execute import run_prepared
 from maskc.runtime.prepare import prepare
 
 import maskc
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-BLOCK = 64  # the CPU executor's block size (runtime.dispatch.BLOCKS["cpu"])
+BLOCK = 64  # the CPU executor's block size (runtime.tuning.POLICY.cpu_block)
 
 
 def inputs(b, h, hk, lq, lk, d, dv=None, dtype=torch.float32, seed=0):
@@ -170,7 +170,7 @@ def test_constant_modifiers_take_the_fused_path():
     program = maskc.compile("causal & window(50) with polyline(decay = 0.9) on grid(h, w)")
     q, k, v = inputs(1, 2, 2, 256, 256, 16)
     prepared = prepare(program, q, k, BLOCK, BLOCK, None, {"h": 16, "w": 16})
-    assert not cpu._needs_generic(prepared)
+    assert not cpu.needs_generic(prepared)
     check(program, q, k, v, h=16, w=16)
 
 
@@ -263,8 +263,8 @@ def test_plan_strided_keys_and_shared_masks():
 def test_worker_pool_and_chunked_calls(spec, length, bindings, monkeypatch):
     """Big problems run their fused calls on a pool of workers, in row chunks;
     forced here on small ones by lowering the thresholds."""
-    monkeypatch.setattr(cpu, "PARALLEL_WORK", 1)
-    monkeypatch.setattr(cpu, "CHUNK_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(cpu.threads, "PARALLEL_WORK", 1)
+    monkeypatch.setattr(cpu.threads, "CHUNK_ELEMENTS", 1 << 14)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

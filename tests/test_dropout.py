@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from maskc.runtime import dispatch, triton_backend
+from maskc.runtime import execute, triton_backend
 from maskc.runtime.dropout import Dropout, dense_keep, keep_mask
 from maskc.runtime.prepare import prepare
 
@@ -156,7 +156,7 @@ def test_mask_ignores_layout_and_block_sizes():
     for blocks, layout in (((16, 16), "tiled"), ((32, 64), "rowmajor")):
         prepared = prepare(program, q, k, *blocks, None, {"h": 8, "w": 8}, layout=layout)
         assert (prepared.perm_q is not None) == (layout == "tiled")
-        out, _ = dispatch.run_prepared("cpu", q, k, v, prepared, 1 / math.sqrt(D), dropout)
+        out, _ = execute.run_prepared("cpu", q, k, v, prepared, 1 / math.sqrt(D), dropout)
         torch.testing.assert_close(out, ref, **TOL)
 
 
@@ -172,7 +172,7 @@ def test_p_zero_takes_todays_path(monkeypatch):
     def no_generic(*args, **kwargs):
         raise AssertionError("the generic path ran")
 
-    monkeypatch.setattr(cpu, "_generic", no_generic)
+    monkeypatch.setattr(cpu.generic, "attention", no_generic)
     state = torch.get_rng_state()
     out = program(q, k, v, backend="cpu", dropout_p=0.0)
     out.sum().backward()

@@ -173,8 +173,8 @@ CLUSTER_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec,lq,lk,kv_heads", CLUSTER_CASES)
 def test_clustered_execution_matches_reference(backend, spec, lq, lk, kv_heads):
-    from maskc.runtime import dispatch
-    from maskc.runtime.op import prepared_for
+    from maskc.runtime import execute
+    from maskc.runtime.prepare import prepared_for
 
     program = maskc.compile(spec)
     g = torch.Generator().manual_seed(3)
@@ -186,8 +186,8 @@ def test_clustered_execution_matches_reference(backend, spec, lq, lk, kv_heads):
     clusters = int(spec.split("cluster(")[1].split(",")[0])
     centroids = torch.randn(2, clusters, 16, generator=g, dtype=dtype)
     bindings = {"q": q, "k": k, "centroids": centroids}
-    prepared = prepared_for(program.key, backend, q, k, v, None, bindings)
-    assert dispatch.clustered_heads(backend, prepared) is not None  # gathered, not the block schedule
+    prepared = prepared_for(program, backend, q, k, v, None, bindings)
+    assert execute.clustered_heads(backend, prepared) is not None  # gathered, not the block schedule
     out, lse = program(q, k, v, backend=backend, centroids=centroids, return_lse=True)
     ref, ref_lse = program.reference(q, k, v, centroids=centroids, return_lse=True)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
@@ -223,21 +223,21 @@ def test_clustered_triton_kernels_run_gathered_and_bf16_matches():
     finally:
         clustered_triton.triton_backend.triton_attention = real
     assert len(calls) == 1 and "clusters" in calls[0].extra_tables
-    assert "gathered into cluster order" in calls[0]._block_masks[("source", 0)].text
+    assert "gathered into cluster order" in calls[0].artifacts.kernel_sources[0].text
     ref = program.reference(q, k, v, centroids=centroids)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cluster_in_a_union_runs_on_the_block_schedule(backend):
-    from maskc.runtime import dispatch
-    from maskc.runtime.op import prepared_for
+    from maskc.runtime import execute
+    from maskc.runtime.prepare import prepared_for
 
     program = maskc.compile("cluster(3, size = 20) | window(2)")
     q, k, v = _qkv(1, 2, 48, 16)
     centroids = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))
-    prepared = prepared_for(program.key, backend, q, k, v, None, {"q": q, "k": k, "centroids": centroids})
-    assert dispatch.clustered_heads(backend, prepared) is None
+    prepared = prepared_for(program, backend, q, k, v, None, {"q": q, "k": k, "centroids": centroids})
+    assert execute.clustered_heads(backend, prepared) is None
     out = program(q, k, v, backend=backend, centroids=centroids)
     ref = program.reference(q, k, v, centroids=centroids)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)

@@ -26,8 +26,8 @@ import math
 import pytest
 import torch
 from maskc.runtime import flex, op
-from maskc.runtime.dispatch import BLOCKS
 from maskc.runtime.prepare import prepare
+from maskc.runtime.tuning import POLICY
 from torch.nn.attention import flex_attention as flex_module
 
 import maskc
@@ -106,12 +106,12 @@ def test_dilated_neighborhood_on_tiled_grid():
     """A tile layout (execution order != token order) and maskc's schedule as the BlockMask."""
     program = maskc.compile(NATTEN)
     q, k, v = qkv(1, 2, 32 * 64)
-    prepared = prepare(program, q, k, *BLOCKS["flex"], None, dict(NATTEN_GRID))
+    prepared = prepare(program, q, k, *POLICY.flex_blocks, None, dict(NATTEN_GRID))
     assert prepared.schedule.layout.startswith("tiled") and prepared.perm is not None
     check(program, q, k, v, **NATTEN_GRID)
     bm = flex.lower(prepared, "cpu").block_mask
     sched = prepared.schedule.to_dense()  # [heads, q blocks, kv blocks]: 0 empty, 1 partial, 2 full
-    assert (bm.BLOCK_SIZE, bm.seq_lengths) == (BLOCKS["flex"], (32 * 64, 32 * 64))
+    assert (bm.BLOCK_SIZE, bm.seq_lengths) == (POLICY.flex_blocks, (32 * 64, 32 * 64))
     assert bm.kv_num_blocks.shape[:2] == (1, 1)  # heads share one schedule: broadcast
     assert torch.equal(_dense(bm.kv_num_blocks, bm.kv_indices)[0].expand_as(sched), sched == 1)
     assert torch.equal(_dense(bm.full_kv_num_blocks, bm.full_kv_indices)[0].expand_as(sched), sched == 2)
@@ -121,7 +121,7 @@ def test_block_mask_counts_per_head():
     """Heads with different schedules get their own rows; full blocks go to full_kv_* (no compile)."""
     program = maskc.compile("heads { 0 .. 1: causal; 1 .. 2: window(130); 2 .. 3: causal }")
     q, k, _ = qkv(1, 3, 700)
-    prepared = prepare(program, q, k, *BLOCKS["flex"], None, {})
+    prepared = prepare(program, q, k, *POLICY.flex_blocks, None, {})
     bm = flex.lower(prepared, "cpu").block_mask
     sched = prepared.schedule.to_dense()
     assert (sched == 2).any() and (sched == 1).any() and (sched == 0).any()
@@ -178,7 +178,7 @@ def test_gradients_are_refused_on_cpu():
     program = maskc.compile(S2)
     q, k, v = qkv(1, 4, 300, kv_heads=2, dim=72)
     q.requires_grad_()
-    prepared = prepare(program, q, k, *BLOCKS["flex"], None, {})
+    prepared = prepare(program, q, k, *POLICY.flex_blocks, None, {})
     with pytest.raises(NotImplementedError, match="no CPU backward"):
         flex.flex_backend(q, k, v, prepared, 1.0 / math.sqrt(72))
     out = program(q, k, v, backend="flex")  # the forward runs (under the op's no_grad) ...
@@ -250,7 +250,7 @@ def test_without_lse():
     """need_lse=False: Flex alone (what a benchmark of the kernel times)."""
     program = maskc.compile(S2)
     q, k, v = qkv(1, 4, 300, kv_heads=2, dim=72, seed=1)
-    prepared = prepare(program, q, k, *BLOCKS["flex"], None, {})
+    prepared = prepare(program, q, k, *POLICY.flex_blocks, None, {})
     scale = 1.0 / math.sqrt(72)  # the scale the S2 test compiled with (a new one recompiles)
     out, lse = flex.flex_backend(q, k, v, prepared, scale, need_lse=False)
     assert lse is None

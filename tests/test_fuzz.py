@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from maskc.runtime import op
+from maskc.runtime import prepare
 from maskc.runtime.prepare import Prepared
 
 import maskc
@@ -39,7 +39,7 @@ def test_fuzz_finds_a_planted_bug_and_prints_a_reproducing_command(monkeypatch, 
     assert "FAILED" in capsys.readouterr().out
     # ...and passes once the bug is gone (prepared schedules are cached across programs: drop the buggy ones).
     monkeypatch.setattr(Prepared, "block_mask", real)
-    op._PREPARED.clear()
+    prepare.clear_cache()
     assert testing.replay(maskc.compile(spec), case, ("cpu",)).ok
 
 

@@ -61,8 +61,7 @@ def test_dropout_kernels_compile_for_sm90_without_spills():
     """With attention dropout (the DROPOUT constexpr: the keep-mask hash in uint32, regenerated in
     both backward kernels) the kernels still compile for sm_90 on the default tiles, without
     spills, and differ from the kernels without dropout."""
-    from maskc.codegen import tiles
-    from maskc.codegen import cache
+    from maskc.codegen import cache, tiles
 
     program = maskc.compile("causal & window(256)")
     tile = tiles.config(64, 1024)

@@ -50,11 +50,11 @@ def test_packed_causal_attention_equals_attention_per_document(backend):
 
 
 def test_schedule_is_kept_while_the_ids_are_unchanged(monkeypatch):
-    from maskc.runtime import op
+    from maskc.runtime import prepare
 
     builds = []
-    real_prepare = op.prepare
-    monkeypatch.setattr(op, "prepare", lambda *a, **kw: builds.append(1) or real_prepare(*a, **kw))
+    real_prepare = prepare.prepare_for_backend
+    monkeypatch.setattr(prepare, "prepare_for_backend", lambda *a, **kw: builds.append(1) or real_prepare(*a, **kw))
     prog = maskc.compile("documents_causal & window(15, 0)")
     ids = maskc.document_ids([40, 60])
     q = k = v = torch.randn(2, 2, 100, 8)
