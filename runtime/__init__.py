@@ -1,12 +1,17 @@
 """Running compiled patterns: the backends and what they share.
 
-Dense reference attention (`reference`); the fast CPU executor over block
-schedules (`cpu`); the generated Triton kernels, their file cache and tile
-choice (`triton_backend`, `cache`, `tuning`); FlexAttention (`flex`, running
-what `codegen.flex` generates); clustered attention for `cluster` patterns (`clustered`,
-`clustered_triton`); decoding steps against a KV cache (`decode`); attention
-dropout's counter-based keep mask (`dropout`); the exact log-sum-exp merge of
-partial results (`merge`); and the wiring of a call:
-inputs checked and a backend picked (`dispatch`), per-call data (`prepare`),
-autograd and the `maskc::attention` custom op (`op`).
+A call, top to bottom: `dispatch` (`Program.__call__`: arguments checked by
+`inputs`, the call described as a `call.Call`), `op` (the call's steps, eager
+and as the `maskc::attention` custom ops under torch.compile), `autograd` (every
+`torch.autograd.Function`), `prepare` (per-call data, kept for static patterns;
+programs found by key in `registry`; tiles from the policy in `tuning`),
+`execute` (a prepared call on a backend, in the schedule's token order).
+
+The backends: dense reference attention (`reference`); the fast CPU executor
+over block schedules (`cpu/`: plan, threads, layout, fused, generic); the
+generated Triton kernels (`triton_backend`); FlexAttention (`flex`, running
+what `codegen.flex` generates); clustered attention for `cluster` patterns
+(`clustered`, `clustered_triton`); decoding steps against a KV cache
+(`decode`); attention dropout's counter-based keep mask (`dropout`); the exact
+log-sum-exp merge of partial results (`merge`).
 """
