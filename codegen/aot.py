@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import cache
-from .emit import KernelSource
+from . import cache, plan, tiles
+from .emit import KernelSource, emit, emit_clustered
+from .plan import clustered_splits
 from .tiles import KERNELS
 from .version import __version__
 
@@ -131,17 +132,13 @@ def ptxas_resources(ptx: str, arch: int) -> tuple[int, int, int]:
 
 def kernel_sources(program, lq: int, heads: int = 2, head_dim: int = 64, tile=None, **sizes) -> list[KernelSource]:
     """The distinct kernel files a program needs for these sizes (and tiles)."""
-    from . import plan, tiles
-
     forms = plan.normal_forms(program.instantiate(lq, heads=heads, **sizes))
     tile = tile or tiles.config(head_dim, lq, tiles.heavy_forms(forms))
     return sources_for(forms, program.source(), tile)
 
 
 def sources_for(forms, title: str, tile) -> list[KernelSource]:
-    from .emit import emit, emit_clustered
-    from .plan import clustered_splits
-
+    """The distinct kernel files of these normal forms on `tile`'s blocks."""
     seen: dict[str, KernelSource] = {}
     splits = clustered_splits(forms)
     for i, form in enumerate(forms):
@@ -155,8 +152,6 @@ def sources_for(forms, title: str, tile) -> list[KernelSource]:
 
 def resources_of(load, sources, dtype, head_dim: int, tile, kernel: str, warps: int, arch: int) -> list[Resources]:
     """Compile one kernel of every source with these warps; its resources per source."""
-    from . import tiles
-
     out = []
     for source in sources:
         module = load(source)
@@ -173,8 +168,6 @@ def choose_config(load, forms, title: str, dtype, head_dim: int, lq: int, arch: 
 
     `load(source)` imports a kernel source as a module.  Returns (config,
     resources); if no rung is spill-free, the last rung and its resources."""
-    from . import tiles
-
     ladder = tiles.candidates(head_dim, lq, tiles.heavy_forms(forms))
     resources: list[Resources] = []
     for tile in ladder:
@@ -195,8 +188,6 @@ def choose_config(load, forms, title: str, dtype, head_dim: int, lq: int, arch: 
 
 def check_program(program, lq: int, dtype: torch.dtype, head_dim: int, arch: int, **sizes):
     """Choose a spill-free configuration for a program and report (config, resources)."""
-    from . import plan
-
     forms = plan.normal_forms(program.instantiate(lq, heads=2, **sizes))
 
     def load(source):

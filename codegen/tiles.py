@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from maskc.dsl import ir
 from maskc.dsl.errors import MaskTypeError
 
 DECODE_ROWS = 16
@@ -76,6 +77,4 @@ def config(head_dim: int, lq: int, heavy: bool = False) -> Config:
 
 def heavy_forms(forms) -> bool:
     """Whether any head pattern (an `ir.HeadPattern`) reads tables in its modifiers."""
-    from maskc.dsl import ir
-
     return any(isinstance(m, (ir.Polyline, ir.Bias)) for form in forms for m in form.modifiers)

@@ -16,6 +16,7 @@ from maskc.codegen.schedule import BlockSchedule
 from maskc.dsl import evaluate
 from maskc.dsl.errors import MaskError, MaskTypeError
 from maskc.dsl.spec import Instance, Spec, load
+from maskc.runtime import decode as decoding
 from maskc.runtime import dispatch, dropout, registry
 from maskc.runtime.inputs import backend_for, check_qkv
 from maskc.runtime.prepare import DYNAMIC_TENSORS, instantiate, source_text
@@ -315,9 +316,7 @@ class Program:
             v_cache[:, :, pos] = v_new[:, :, 0]
             out = prog.decode(q_new, k_cache, v_cache, pos)  # pos: int or tensor [batch]
         """
-        from maskc.runtime import decode
-
-        return decode.run(
+        return decoding.run(
             self,
             q,
             k_cache,

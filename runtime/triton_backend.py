@@ -8,6 +8,7 @@ run under Triton's interpreter (`TRITON_INTERPRET=1` semantics).
 from __future__ import annotations
 
 import math
+from dataclasses import fields, replace
 
 import torch
 from maskc.codegen import cache, tiles
@@ -138,8 +139,6 @@ def _node_for_group(prepared: Prepared, group: int, table: Table):
 
 
 def _strip(node):
-    from dataclasses import fields, replace
-
     names = {f.name for f in fields(node)}
     changes = {"head": 0} if "head" in names else {}
     if "slope" in names:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..dropout import Dropout, keep_mask
 from ..merge import merge_partials
@@ -36,8 +37,6 @@ def attention(q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None
     under non-reentrant checkpointing, so its scores are recomputed in the backward
     instead of kept: memory stays bounded by one chunk, not by every visited block.
     The partials of a row are merged exactly through their log-sum-exps."""
-    from torch.utils.checkpoint import checkpoint
-
     compute = compute_dtype(q.dtype)
     batch, heads, lq, _ = q.shape
     kv_heads = k.shape[1]
