@@ -302,17 +302,22 @@ def not_(a) -> Expr:
 
 
 def all_of(parts: Iterable) -> Expr:
-    out: Expr = TRUE
-    for p in parts:
-        out = and_(out, p)
-    return out
+    return _balanced(and_, parts, TRUE)
 
 
 def any_of(parts: Iterable) -> Expr:
-    out: Expr = FALSE
-    for p in parts:
-        out = or_(out, p)
-    return out
+    return _balanced(or_, parts, FALSE)
+
+
+def _balanced(build: Callable[..., Expr], parts: Iterable, empty: Expr) -> Expr:
+    """parts[0] op parts[1] op ... as a balanced tree, in order: thousands of parts
+    (`keys(0 .. 1, ...)`) stay a few levels deep."""
+    items = [const(p) for p in parts]
+    if not items:
+        return empty
+    while len(items) > 1:
+        items = [build(*items[i : i + 2]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
+    return items[0]
 
 
 def where(cond, a, b) -> Expr:
