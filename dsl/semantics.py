@@ -178,12 +178,10 @@ def _cluster(n: ir.Cluster) -> Expr:
     return any_of(bitand(Load(bits_q, (B, Const(w), row)), Load(bits_k, (B, Const(w), K))).ne(0) for w in range(words))
 
 
-# Each ir node type's definition: a pattern node's predicate, a modifier's term.
+# Each ir node type's definition: a pattern node's predicate, a modifier's term
+# (`&`, `|` and `~` of pattern nodes are the expressions' own: `mask_expr`).
 DEFINITIONS: dict[type, Callable] = {
     ir.Const: lambda n: Const(bool(n.value)),
-    ir.And: lambda n: all_of(mask_expr(p) for p in n.parts),
-    ir.Or: lambda n: any_of(mask_expr(p) for p in n.parts),
-    ir.Not: lambda n: ~mask_expr(n.part),
     ir.Offset: _offset,
     ir.OffsetMod: _offset_mod,
     ir.PosSet: _pos_set,
@@ -259,9 +257,28 @@ def define(node: object):
     return DEFINITIONS[type(node)](node)
 
 
+@lru_cache(maxsize=4096)
 def mask_expr(node: ir.Mask) -> Expr:
-    """Whether the pair is allowed by `node` (a boolean expression)."""
-    return define(node)
+    """Whether the pair is allowed by `node` (a boolean expression).  Walks `&`, `|`
+    and `~` without recursion: a spec may nest them some hundreds deep."""
+    done: dict[int, Expr] = {}
+    stack: list[tuple[ir.Mask, bool]] = [(node, False)]
+    while stack:
+        n, ready = stack.pop()
+        parts = n.parts if isinstance(n, (ir.And, ir.Or)) else (n.part,) if isinstance(n, ir.Not) else ()
+        if parts and not ready:
+            stack.append((n, True))
+            stack.extend((p, False) for p in parts)
+            continue
+        if isinstance(n, ir.And):
+            done[id(n)] = all_of(done[id(p)] for p in parts)
+        elif isinstance(n, ir.Or):
+            done[id(n)] = any_of(done[id(p)] for p in parts)
+        elif isinstance(n, ir.Not):
+            done[id(n)] = ~done[id(n.part)]
+        else:
+            done[id(n)] = define(n)
+    return done[id(node)]
 
 
 def modifier_term(m: ir.Modifier) -> Term:
