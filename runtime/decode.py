@@ -50,7 +50,9 @@ from maskc.dsl.spec import Instance
 
 from . import dispatch, triton_backend
 from .call import bindings_of, joined
+from .cpu.layout import compute_dtype
 from .inputs import check_inputs, check_scale, resolve_backend
+from .merge import merge_pair
 from .prepare import Prepared, source_text
 from .registry import program_for
 from .tuning import POLICY
@@ -119,16 +121,22 @@ def length_invariant(program, heads: int, sizes: dict) -> bool:
     return _INVARIANT[key]
 
 
-def relax(mask: ir.Mask, allow: bool = True) -> ir.Mask:
+def map_segments(mask: ir.Mask, replace, allow: bool = True) -> ir.Mask:
+    """`mask` with every `segments` atom s replaced by `replace(s, allow)`, where `allow`
+    is False under an odd number of negations."""
+    if isinstance(mask, ir.Segments):
+        return replace(mask, allow)
+    if isinstance(mask, ir.Not):
+        return ir.Not(map_segments(mask.part, replace, not allow))
+    if isinstance(mask, (ir.And, ir.Or)):
+        return type(mask)(tuple(map_segments(p, replace, allow) for p in mask.parts))
+    return mask
+
+
+def relax(mask: ir.Mask) -> ir.Mask:
     """`mask` with every `segments` atom replaced by what keeps the most pairs
     (true where it allows, false under a negation): a superset of `mask` for any ids."""
-    if isinstance(mask, ir.Segments):
-        return ir.Const(allow)
-    if isinstance(mask, ir.Not):
-        return ir.Not(relax(mask.part, not allow))
-    if isinstance(mask, (ir.And, ir.Or)):
-        return type(mask)(tuple(relax(p, allow) for p in mask.parts))
-    return mask
+    return map_segments(mask, lambda _, allow: ir.Const(allow))
 
 
 # ---------------------------------------------------------------- skeletons
@@ -158,7 +166,7 @@ class Plan:
         if key not in self._at_capacity:
             if len(self._at_capacity) > 64:
                 self._at_capacity.clear()
-            self._at_capacity[key] = _at_capacity(mask, capacity)
+            self._at_capacity[key] = map_segments(mask, lambda node, _: _resized(node, capacity))
         return self._at_capacity[key]
 
 
@@ -425,7 +433,7 @@ def _interval_step(mg: MaskGroup, q, k, v, spans: list[tuple[int, int]], scale: 
     kv_heads = k.shape[1]
     if not spans:
         return q.new_zeros(q.shape), torch.full((1, heads, 1), -math.inf)
-    compute = _compute_dtype(q.dtype)
+    compute = compute_dtype(q.dtype)
     qs = q.reshape(1, kv_heads, heads // kv_heads, dim)
     if qs.dtype != compute:
         qs = qs.to(compute)
@@ -435,7 +443,7 @@ def _interval_step(mg: MaskGroup, q, k, v, spans: list[tuple[int, int]], scale: 
         if ks.dtype != compute:
             ks, vs = ks.to(compute), vs.to(compute)
         o, s = _FLASH(qs, ks, vs, 0.0, False, scale=scale)
-        out, lse = (o, s) if out is None else _merge_two(out, lse, o, s)
+        out, lse = (o, s) if out is None else merge_pair(out, lse, o, s)
     return out.reshape(1, heads, 1, dim).to(q.dtype), lse.reshape(1, heads, 1).float()
 
 
@@ -461,16 +469,6 @@ def _row(tensors: dict, b: int, p: Plan, capacity: int, pad: bool = False) -> ev
 def _resized(node: ir.Segments, capacity: int) -> ir.Segments:
     """The `segments` atom of a sequence of `capacity` keys."""
     return dataclasses.replace(node, coord=ir.Coord(node.coord.div, None, -(-capacity // node.coord.div)))
-
-
-def _at_capacity(mask: ir.Mask, capacity: int) -> ir.Mask:
-    if isinstance(mask, ir.Segments):
-        return _resized(mask, capacity)
-    if isinstance(mask, ir.Not):
-        return ir.Not(_at_capacity(mask.part, capacity))
-    if isinstance(mask, (ir.And, ir.Or)):
-        return type(mask)(tuple(_at_capacity(part, capacity) for part in mask.parts))
-    return mask
 
 
 def _call_prefix(program, q, k, v, b, position, key_length, backend, scale, sizes, tensors):
@@ -596,7 +594,7 @@ def _bias_for(p: Plan, mg: MaskGroup, qp, kp, allowed, compute, tensors) -> torc
 def _fused(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, tensors):
     """PyTorch's fused CPU attention on each contiguous span of the cache (strided views),
     spans merged through their log-sum-exps: (out [len(heads), n, Dv], lse [len(heads), n])."""
-    compute = _compute_dtype(q.dtype)
+    compute = compute_dtype(q.dtype)
     rows = q.shape[1]
     qh, kv_index = _heads_view(mg, q, k, compute)
     stacked = qh.shape[1] // rows  # query heads stacked as rows of one kv head
@@ -629,7 +627,7 @@ def _fused(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, tenso
                 some = some.repeat(stacked)
                 s = s.masked_fill(~some, -math.inf)
                 o = o.masked_fill(~some[:, None], 0)
-        out, lse = (o, s) if out is None else _merge_two(out, lse, o, s)
+        out, lse = (o, s) if out is None else merge_pair(out, lse, o, s)
     return out.reshape(len(mg.heads), rows, -1), lse.reshape(len(mg.heads), rows)
 
 
@@ -656,18 +654,10 @@ def _trimmed(pieces, allowed: torch.Tensor):
     return out, (None if contiguous else allowed)
 
 
-def _merge_two(o1, s1, o2, s2):
-    """Exact softmax over two key sets from their outputs and log-sum-exps (a row
-    without keys in either has output 0 and log-sum-exp -inf)."""
-    lse = torch.logaddexp(s1, s2)
-    w1 = torch.exp(s1 - lse).nan_to_num_(0.0)  # nan only where both are -inf, whose outputs are 0
-    return torch.lerp(o2, o1, w1[..., None]), lse
-
-
 def _softcapped(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, tensors):
     """Logits through a softcap are not additive: scores of the visited keys in float,
     modified per head, softmax, then PV; (out [len(heads), n, Dv], lse [len(heads), n])."""
-    compute = _compute_dtype(q.dtype)
+    compute = compute_dtype(q.dtype)
     rows = q.shape[1]
     qh, kv_index = _heads_view(mg, q, k, compute)
     parts = []
@@ -689,10 +679,6 @@ def _softcapped(p: Plan, mg: MaskGroup, q, k, v, spans, qp, kp, allowed, scale, 
         out = out + torch.matmul(probs[..., offset : offset + b - a], vs.to(compute))
         offset += b - a
     return out.view(len(mg.heads), rows, -1), lse
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _spans(runs: list[tuple[int, int, bool]], block_k: int, key_length: int) -> list[tuple[int, int]]:

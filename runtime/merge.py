@@ -30,3 +30,12 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, len
     safe = torch.where(some, total, torch.ones_like(total))
     merged_lse = torch.where(some, torch.log(safe) + top, torch.full_like(total, -math.inf))
     return num / safe[..., None], merged_lse
+
+
+def merge_pair(o1, s1, o2, s2):
+    """`merge_partials` for two pieces of the same rows, in five tensor calls (a decode
+    step's hot path): exact softmax over two key sets from their outputs and log-sum-exps (a row
+    without keys in either has output 0 and log-sum-exp -inf)."""
+    lse = torch.logaddexp(s1, s2)
+    w1 = torch.exp(s1 - lse).nan_to_num_(0.0)  # nan only where both are -inf, whose outputs are 0
+    return torch.lerp(o2, o1, w1[..., None]), lse
