@@ -44,6 +44,8 @@ _LABEL = re.compile(r"^(\.L[\w$.]+):\s*$")
 _TARGET = re.compile(r"`\((\.L[\w$.]+)\)")
 _PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 
+_BRANCHES = ("BRA", "JMP", "BRX", "JMX")
+_ENDS = ("EXIT", "RET", "KILL")
 MMA = ("HGMMA", "HMMA", "IMMA", "QGMMA", "IGMMA")
 TMA = ("UTMALDG", "UTMASTG", "UTMAPF", "UTMACCTL", "UBLKCP", "UTMAREDG", "UBLKRED", "UBLKPF")
 _INT = ("IMAD", "IADD3", "IADD", "VIADD", "VIADDMNMX", "LEA", "LOP3", "LOP", "SHF", "SHL", "SHR", "IMNMX", "VIMNMX",
@@ -58,6 +60,7 @@ class Instruction:
     text: str  # the instruction without its address and predicate
     target: str | None = None  # the label a branch jumps to
     labels: tuple[str, ...] = ()  # the labels naming this instruction's address
+    predicated: bool = False  # guarded by a predicate other than PT (a branch may fall through)
 
     @property
     def base(self) -> str:
@@ -102,6 +105,7 @@ class Loop:
     last: int  # address of the branch back
     counts: Counts
     depth: int  # how many other loops enclose it
+    addresses: frozenset[int] = frozenset()  # of its instructions
 
     def as_dict(self) -> dict:
         return {"label": self.label, "first": self.first, "last": self.last, "depth": self.depth,
@@ -172,10 +176,14 @@ def parse(text: str) -> list[Instruction]:
         m = _LINE.match(line)
         if not m:
             continue
-        address, body = int(m.group(1), 16), _PREDICATE.sub("", m.group(2).strip())
+        address, raw = int(m.group(1), 16), m.group(2).strip()
+        guard = _PREDICATE.match(raw)
+        predicated = bool(guard) and guard.group(0).strip() not in ("@PT", "@UPT")
+        body = _PREDICATE.sub("", raw)
         target = _TARGET.search(body)
         opcode = body.split()[0] if body else ""
-        out.append(Instruction(address, opcode, body, target.group(1) if target else None, tuple(pending)))
+        target_label = target.group(1) if target else None
+        out.append(Instruction(address, opcode, body, target_label, tuple(pending), predicated))
         pending = []
     return out
 
@@ -227,29 +235,92 @@ def count(instructions: list[Instruction]) -> Counts:
     return c
 
 
+def _blocks(instructions: list[Instruction]) -> tuple[list[list[int]], list[set[int]]]:
+    """Basic blocks (indices of instructions) and each block's successors."""
+    n = len(instructions)
+    at_label = {name: i for i, ins in enumerate(instructions) for name in ins.labels}
+    leaders = {0} | set(at_label.values())
+    for i, ins in enumerate(instructions):
+        if (ins.base in _BRANCHES or ins.base in _ENDS) and i + 1 < n:
+            leaders.add(i + 1)
+    starts = sorted(leaders)
+    blocks = [list(range(a, b)) for a, b in zip(starts, [*starts[1:], n], strict=True)]
+    block_of = {i: k for k, block in enumerate(blocks) for i in block}
+    succ: list[set[int]] = []
+    for k, block in enumerate(blocks):
+        last = instructions[block[-1]]
+        out: set[int] = set()
+        jumps = last.base in _BRANCHES and last.target in at_label
+        if jumps:
+            out.add(block_of[at_label[last.target]])
+        ends = (last.base in _BRANCHES and (jumps or last.target is None)) or last.base in _ENDS
+        if (not ends or last.predicated) and k + 1 < len(blocks):
+            out.add(k + 1)  # falls through
+        succ.append(out)
+    return blocks, succ
+
+
+def _dominators(succ: list[set[int]]) -> list[set[int]]:
+    n = len(succ)
+    pred: list[set[int]] = [set() for _ in range(n)]
+    for k, out in enumerate(succ):
+        for t in out:
+            pred[t].add(k)
+    every = set(range(n))
+    dom = [{0}] + [set(every) for _ in range(n - 1)]
+    changed = True
+    while changed:
+        changed = False
+        for k in range(1, n):
+            new = ({k} | set.intersection(*(dom[p] for p in pred[k]))) if pred[k] else {k}
+            if new != dom[k]:
+                dom[k], changed = new, True
+    return dom
+
+
 def loops(instructions: list[Instruction]) -> list[Loop]:
-    """Every loop: a branch back to an earlier (or its own) label closes one.  Several
-    branches back to one label make one loop, up to the last of them."""
-    labels = {name: ins.address for ins in instructions for name in ins.labels}
-    ends: dict[str, int] = {}
-    for ins in instructions:
-        back = ins.base in ("BRA", "JMP") and ins.target in labels and labels[ins.target] <= ins.address
-        if back:
-            ends[ins.target] = max(ends.get(ins.target, 0), ins.address)
-    spans = sorted((labels[name], end, name) for name, end in ends.items())
-    out = []
-    for first, last, name in spans:
-        body = [ins for ins in instructions if first <= ins.address <= last]
-        depth = sum(1 for f, l, n in spans if n != name and f <= first and last <= l)
-        out.append(Loop(name, first, last, count(body), depth))
-    return out
+    """Every natural loop of the control flow: a branch to a block that dominates it closes
+    one (branches back from out-of-line code, such as the retry paths Triton places after
+    the kernel's end, do not).  Loops sharing a header are one loop.  The counts of a loop
+    in the kernel's main code leave out what lies past its last EXIT (those out-of-line
+    retry paths: cold, though part of the loop's control flow)."""
+    if not instructions:
+        return []
+    blocks, succ = _blocks(instructions)
+    dom = _dominators(succ)
+    pred: list[set[int]] = [set() for _ in blocks]
+    for k, out in enumerate(succ):
+        for t in out:
+            pred[t].add(k)
+    bodies: dict[int, set[int]] = {}
+    for k, out in enumerate(succ):
+        for head in out:
+            if head in dom[k]:  # a back edge k -> head
+                body, stack = bodies.setdefault(head, {head}), [k]
+                while stack:
+                    b = stack.pop()
+                    if b not in body:
+                        body.add(b)
+                        stack.extend(pred[b])
+    exits = [ins.address for ins in instructions if ins.base == "EXIT" and not ins.predicated]
+    end = exits[-1] if exits else instructions[-1].address
+    out_loops = []
+    for head, body in sorted(bodies.items()):
+        members = [instructions[i] for b in sorted(body) for i in blocks[b]]
+        if instructions[blocks[head][0]].address <= end:  # out-of-line paths (a wait's retry) run rarely
+            members = [m for m in members if m.address <= end]
+        depth = sum(1 for h, other in bodies.items() if h != head and body < other)
+        first = instructions[blocks[head][0]]
+        label = first.labels[0] if first.labels else f"{first.address:#x}"
+        addresses = frozenset(m.address for m in members)
+        out_loops.append(Loop(label, first.address, max(addresses), count(members), depth, addresses))
+    return out_loops
 
 
 def _innermost_mma(all_loops: list[Loop]) -> list[Loop]:
+    """The loops holding an MMA that hold no deeper loop holding one."""
     with_mma = [lp for lp in all_loops if lp.counts.mma]
-    return [
-        lp for lp in with_mma if not any(o is not lp and lp.first <= o.first and o.last <= lp.last for o in with_mma)
-    ]
+    return [lp for lp in with_mma if not any(o.addresses < lp.addresses for o in with_mma)]
 
 
 def mma_loops(instructions: list[Instruction]) -> list[Loop]:

@@ -2,7 +2,8 @@
 
 The text below is shaped like `nvdisasm -c` output of a kernel with an outer loop over runs
 holding an inner loop over blocks (with a small non-MMA loop inside it), then a second
-loop pair, and a forward branch that closes no loop.
+loop, a forward branch that closes no loop, and after the kernel's EXIT an out-of-line retry
+path (as Triton emits for waits) that jumps back into the first loop: not a loop of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ attn_fwd:
         /*0090*/              @!P1 BRA `(.L_x_2) ;
         /*00a0*/                   FSEL R10, R6, -INF , P2 ;
         /*00b0*/                   ISETP.GE.AND P0, PT, R9, R11, PT ;
+        /*00b8*/              @!P4 BRA `(.L_x_8) ;
+.L_x_7:
         /*00c0*/                   NOP ;
         /*00d0*/               @P0 BRA `(.L_x_0) ;
         /*00e0*/               @P3 BRA `(.L_x_1) ;
@@ -39,6 +42,12 @@ attn_fwd:
         /*0130*/               @P0 BRA `(.L_x_3) ;
 .L_x_9:
         /*0140*/                   EXIT ;
+.L_x_8:
+        /*0150*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P4, [R3+URZ], R4 ;
+        /*0160*/              @!P4 BRA `(.L_x_8) ;
+        /*0170*/                   BRA `(.L_x_7) ;
+.L_x_10:
+        /*0180*/                   BRA `(.L_x_10);
 """
 
 
@@ -47,14 +56,16 @@ def test_loops_and_counts_from_disassembly():
     assert [i.opcode for i in instructions[:3]] == ["LDC", "BRA", "IMAD"]
     assert instructions[2].labels == (".L_x_1",)
     found = {lp.label: lp for lp in sass.loops(instructions)}
-    assert set(found) == {".L_x_0", ".L_x_1", ".L_x_2", ".L_x_3"}  # the forward branch to .L_x_9 closes none
+    # no loop from the forward branch to .L_x_9, nor from the retry path back to .L_x_7;
+    # the retry path's own spin and the trap after the end are loops (without an MMA)
+    assert set(found) == {".L_x_0", ".L_x_1", ".L_x_2", ".L_x_3", ".L_x_8", ".L_x_10"}
     assert (found[".L_x_0"].first, found[".L_x_0"].last, found[".L_x_0"].depth) == (0x30, 0xD0, 1)
     assert found[".L_x_2"].depth == 2 and found[".L_x_1"].depth == 0
     inner = sass.mma_loops(instructions)
     assert [lp.label for lp in inner] == [".L_x_0", ".L_x_3"]  # innermost loops holding an MMA
     c = inner[0].counts
-    # LDG STS HGMMA FFMA MUFU IADD3 BRA FSEL ISETP BRA: ten, the NOP not counted
-    assert (c.total, c.mma, c.ex2, c.ldg, c.sts, c.ffma, c.fsel, c.isetp, c.integer) == (10, 1, 1, 1, 1, 1, 1, 1, 1)
-    assert c.mma_share == 0.1 and c.opcodes["BRA"] == 2
+    # LDG STS HGMMA FFMA MUFU IADD3 BRA FSEL ISETP BRA BRA: eleven, the NOP not counted
+    assert (c.total, c.mma, c.ex2, c.ldg, c.sts, c.ffma, c.fsel, c.isetp, c.integer) == (11, 1, 1, 1, 1, 1, 1, 1, 1)
+    assert c.opcodes["BRA"] == 3 and abs(c.mma_share - 1 / 11) < 1e-12
     c = inner[1].counts
     assert (c.total, c.mma, c.ldgsts, c.ldsm, c.ldg) == (5, 2, 1, 1, 0)
