@@ -32,6 +32,11 @@ the loop instead costs Triton's pipeliner a register copy of each per step):
   every pair of a full block) and the guard; positions past the end are
   clamped for the pattern's table lookups.
 
+dK/dV keeps two copies, MASK 0 and MASK 2: its partial runs, then the ragged
+last query block of its full runs as one more run, all with bounds.  A third
+copy of its body (two accumulators, and the dropout hash with DROPOUT) made
+ptxas spill on sm_90 at 64 x 64 with 8 warps.
+
 The softmax runs in base 2, as the tutorial's: the logits are scaled once by
 |scale| * log2(e) inside the `exp2` argument (one fused multiply-add per pair),
 the row maxima are kept in base-2 units and the forward converts the
@@ -305,8 +310,8 @@ def attn_fwd(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, kpos, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, qb, b, h, q_offset, lq, PermQ, sm_scale, qk_scale,
-    drop_seed, drop_threshold, drop_scale,{tables}
+    dk, dv, k, v, kpos, Q_base, DO_base, LSE_rows, Delta_rows, stride_qm, stride_dom, qb, b, h, q_offset, lq, PermQ,
+    sm_scale, qk_scale, drop_seed, drop_threshold, drop_scale,{tables}
     offs_d, offs_dv, MASK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_PERM_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, QK_DIM: tl.constexpr, V_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
@@ -314,6 +319,10 @@ def _dkdv_block(
     """One query block's share of dK and dV (MASK: see the module docstring); returns (dk, dv).
     Rows past lq read LSE +inf, so their P is 0 with no mask."""
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ptrs = Q_base + offs_m[:, None] * stride_qm + offs_d[None, :]
+    do_ptrs = DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :]
+    lse_ptrs = LSE_rows + offs_m
+    delta_ptrs = Delta_rows + offs_m
     q = _load_tile(q_ptrs, offs_m, lq, offs_d, QK_DIM, HEAD_DIM, MASK == 2, UPCAST)
     do = _load_tile(do_ptrs, offs_m, lq, offs_dv, V_DIM, HEAD_DIM_V, MASK == 2, UPCAST)
     if MASK == 2:
@@ -370,7 +379,6 @@ def attn_bwd_dkdv(
     h = tl.load(Heads + pid % group_heads)
     kvh = h // kv_group
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     k = _load_rows(K + b * stride_kb + kvh * stride_kh, offs_n, stride_kn, offs_d, lk, QK_DIM, UPCAST)
@@ -379,33 +387,38 @@ def attn_bwd_dkdv(
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, HEAD_DIM_V], 0.0, dtype=tl.float32)
-    Q_tile = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    DO_tile = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :]
-    LSE_rows = LSE + (b * num_heads + h) * lq + offs_m
-    Delta_rows = Delta + (b * num_heads + h) * lq + offs_m
-    step_q = BLOCK_M * stride_qm
-    step_do = BLOCK_M * stride_dom
+    Q_base = Q + b * stride_qb + h * stride_qh
+    DO_base = DO + b * stride_dob + h * stride_doh
+    row_base = (b * num_heads + h) * lq
     inner = lq // BLOCK_M  # query blocks with no row past lq
-    ragged_end = inner  # inner + 1 when a run reaches the ragged last block
-    for part in tl.static_range(2):  # 0: the full runs, no mask; 1: the partial runs, `allowed` per pair
-        first_run, last_run = _runs(kb, part, FullPtr, PartPtr)
-        for r in range(first_run, last_run):
-            start, end = _run_blocks(r, part, FullStart, FullEnd, PartStart, PartEnd)
-            ragged_end = tl.maximum(ragged_end, end)
-            for qb in range(start, tl.minimum(end, inner)):  # the query blocks of run r
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, kpos, Q_tile + qb * step_q, DO_tile + qb * step_do, LSE_rows + qb * BLOCK_M,
-                    Delta_rows + qb * BLOCK_M, qb, b, h, q_offset, lq, PermQ, sm_scale, qk_scale, drop_seed,
-                    drop_threshold, drop_scale,{tables_call} offs_d, offs_dv, part, BLOCK_M, HAS_PERM_Q, HEAD_DIM,
-                    HEAD_DIM_V, QK_DIM, V_DIM, INPUT_PRECISION, SOFTCAP, UPCAST, DROPOUT,
-                )
-    for qb in range(inner, ragged_end):  # the ragged last query block: bounds and `allowed`
-        dk, dv = _dkdv_block(
-            dk, dv, k, v, kpos, Q_tile + qb * step_q, DO_tile + qb * step_do, LSE_rows + qb * BLOCK_M, Delta_rows + qb *
-            BLOCK_M, qb, b, h, q_offset, lq, PermQ, sm_scale, qk_scale, drop_seed, drop_threshold,
-            drop_scale,{tables_call} offs_d, offs_dv, 2, BLOCK_M, HAS_PERM_Q, HEAD_DIM, HEAD_DIM_V, QK_DIM, V_DIM,
-            INPUT_PRECISION, SOFTCAP, UPCAST, DROPOUT,
-        )
+    # The full runs up to `inner` without masks; then the partial runs and, as one more run, the
+    # ragged last query block when a full run reaches it, with bounds and `allowed` (one copy of
+    # the masked body: a third spills registers on sm_90 with dropout).
+    ragged_end = inner
+    first_run, last_run = _runs(kb, 0, FullPtr, PartPtr)
+    for r in range(first_run, last_run):  # the full runs
+        start, end = _run_blocks(r, 0, FullStart, FullEnd, PartStart, PartEnd)
+        ragged_end = tl.maximum(ragged_end, end)
+        for qb in range(start, tl.minimum(end, inner)):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, kpos, Q_base, DO_base, LSE + row_base, Delta + row_base, stride_qm, stride_dom, qb, b, h,
+                q_offset, lq, PermQ, sm_scale, qk_scale, drop_seed, drop_threshold, drop_scale,{tables_call} offs_d,
+                offs_dv, 0, BLOCK_M, HAS_PERM_Q, HEAD_DIM, HEAD_DIM_V, QK_DIM, V_DIM, INPUT_PRECISION, SOFTCAP, UPCAST,
+                DROPOUT,
+            )
+    first_run, last_run = _runs(kb, 1, FullPtr, PartPtr)
+    for r in range(first_run, last_run + 1):  # the partial runs, then [inner, ragged_end)
+        if r < last_run:
+            start, end = _run_blocks(r, 1, FullStart, FullEnd, PartStart, PartEnd)
+        else:
+            start, end = inner, ragged_end
+        for qb in range(start, end):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, kpos, Q_base, DO_base, LSE + row_base, Delta + row_base, stride_qm, stride_dom, qb, b, h,
+                q_offset, lq, PermQ, sm_scale, qk_scale, drop_seed, drop_threshold, drop_scale,{tables_call} offs_d,
+                offs_dv, 2, BLOCK_M, HAS_PERM_Q, HEAD_DIM, HEAD_DIM_V, QK_DIM, V_DIM, INPUT_PRECISION, SOFTCAP, UPCAST,
+                DROPOUT,
+            )
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :], dk,
              mask=(offs_n[:, None] < lk) & (offs_d[None, :] < QK_DIM))
