@@ -244,19 +244,36 @@ def resources_of(load, sources, dtype, head_dim: int, tile, kernel: str, warps: 
     out = []
     for source in sources:
         module = load(source)
-        compiled = compile_kernel(module, kernel, source, dtype, tiles.padded_dim(head_dim), tile.block_q,
-                                  tile.block_k, warps, arch)  # fmt: skip
+        compiled = compile_kernel(module, kernel, source, dtype, head_dim, tile.block_q, tile.block_k, warps, arch)
         regs, spill_st, spill_ld = ptxas_resources(compiled.asm["ptx"], arch)
         out.append(Resources(kernel, arch, regs, spill_st, spill_ld, compiled.metadata.shared, warps))
     return out
 
 
+# The most shared memory one block may use (bytes, with the opt-in attribute Triton sets): a
+# kernel above it compiles but cannot launch.  Hinted builds pipeline their loads through
+# shared memory (num_stages = 3), so wide tiles reach it on the GPUs with the least.
+SHARED_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                103: 232448, 120: 101376}  # fmt: skip
+
+
+def shared_limit(arch: int) -> int:
+    """Shared memory per block on `sm_{arch}` (an unknown architecture: the smallest of its generation's)."""
+    return SHARED_LIMIT.get(arch, min((v for a, v in SHARED_LIMIT.items() if a // 10 == arch // 10), default=65536))
+
+
+def fits(resources: list[Resources]) -> bool:
+    """No spill stores and shared memory within the architecture's limit."""
+    return all(r.spill_stores == 0 and r.shared_bytes <= shared_limit(r.arch) for r in resources)
+
+
 def choose_config(load, forms, title: str, dtype, head_dim: int, lq: int, arch: int):
     """The first rung of the tile ladder on which every kernel compiles without
-    spills for `arch` (trying each kernel's preferred warps, then the other count).
+    spills for `arch`, within its shared memory (trying each kernel's preferred
+    warps, then the other count).
 
     `load(source)` imports a kernel source as a module.  Returns (config,
-    resources); if no rung is spill-free, the last rung and its resources."""
+    resources); if no rung fits, the last rung and its resources."""
     ladder = tiles.candidates(head_dim, lq, tiles.heavy_forms(forms))
     resources: list[Resources] = []
     for tile in ladder:
@@ -266,11 +283,11 @@ def choose_config(load, forms, title: str, dtype, head_dim: int, lq: int, arch: 
             preferred = tile.warps(kernel)
             for warps in (preferred, 12 - preferred):  # 4 <-> 8
                 found = resources_of(load, sources, dtype, head_dim, tile, kernel, warps, arch)
-                if all(r.spill_stores == 0 for r in found):
+                if fits(found):
                     break
             chosen = chosen.with_warps(kernel, warps)
             resources += found
-        if all(r.spill_stores == 0 for r in resources):
+        if fits(resources):
             return chosen, resources
     return chosen, resources
 
