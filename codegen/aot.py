@@ -3,7 +3,17 @@
 `triton.compile` with a `GPUTarget` lowers a kernel to PTX and cubin for
 sm_80 / sm_90; `ptxas -v` on the PTX (the `ptxas-blackwell` that ships with
 Triton accepts the PTX version Triton emits) reports registers and spill
-bytes.  A configuration that spills is a bug in our defaults.
+bytes.  A configuration that spills, or needs more shared memory than the
+GPU gives a block, is a bug in our defaults.
+
+The build is the kernel that runs: Triton's launcher specialises a kernel on
+its arguments (divisibility-16 hints on aligned pointers and on integers that
+are multiples of 16, integers equal to 1 made constants), and those hints
+decide whether K/V tiles load as vectors through cp.async pipelining or
+element by element.  `compile_kernel` therefore runs Triton's own binder on
+the arguments runtime/triton_backend.py passes for an aligned call (`Launch`)
+and compiles what it specialises (tests/test_aot_launch.py checks the two
+agree on captured launches).
 """
 
 from __future__ import annotations

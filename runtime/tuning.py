@@ -10,7 +10,8 @@ rows and a device:
 * "flex": 128 x 128, FlexAttention's block size;
 * "triton": a rung of the tile ladder of codegen/tiles.py, by kind of pattern
   (modifiers that read tables per pair, heads wider than 64, decoding).  On a
-  GPU, the first rung whose kernels compile without spills for the device's
+  GPU, the first rung whose kernels compile without spills (and within its
+  shared memory per block, built as Triton's launcher specialises them) for the device's
   architecture (`codegen.aot.choose_config` compiles them ahead), kept in memory
   and in `tiles.json` in the kernel cache directory so later processes skip the
   compiles; under the interpreter (CPU tensors) the ladder's first rung:
@@ -104,7 +105,8 @@ def _saved() -> dict:
 
 
 def spill_free_config(forms, title: str, dtype: torch.dtype, head_dim: int, lq: int, arch: int) -> tiles.Config:
-    """The first rung of the ladder whose kernels compile without spills for `sm_{arch}`."""
+    """The first rung of the ladder whose kernels compile without spills and within the shared
+    memory of `sm_{arch}` (codegen.aot.choose_config)."""
     key = _key(forms, title, dtype, head_dim, lq, arch)
     with _LOCK:
         if key in _CHOICES:
