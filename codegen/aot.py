@@ -267,6 +267,10 @@ SHARED_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 10
                 103: 232448, 120: 101376}  # fmt: skip
 
 
+# What `choose_config` checks on a rung (part of the key under which runtime/tuning.py keeps choices).
+RUNG_CHECK = "launcher-specialised builds; no spill stores; shared memory within SHARED_LIMIT"
+
+
 def shared_limit(arch: int) -> int:
     """Shared memory per block on `sm_{arch}` (an unknown architecture: the smallest of its generation's)."""
     return SHARED_LIMIT.get(arch, min((v for a, v in SHARED_LIMIT.items() if a // 10 == arch // 10), default=65536))

@@ -93,7 +93,10 @@ def _key(forms, title: str, dtype: torch.dtype, head_dim: int, lq: int, arch: in
     first = tiles.config(head_dim, lq, tiles.heavy_forms(forms))
     texts = sorted(s.text for s in aot.sources_for(forms, title, first))
     decode = lq <= tiles.DECODE_ROWS
-    return cache.key_of(*texts, str(dtype), str(tiles.padded_dim(head_dim)), str(decode), str(arch), __version__)
+    ladder = tiles.candidates(head_dim, lq, tiles.heavy_forms(forms))
+    # the ladder and how rungs are checked are part of the key: choices made before a change are not reused
+    return cache.key_of(*texts, str(dtype), str(tiles.padded_dim(head_dim)), str(decode), str(arch), __version__,
+                        repr(ladder), aot.RUNG_CHECK)  # fmt: skip
 
 
 def _saved() -> dict:
