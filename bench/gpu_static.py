@@ -115,6 +115,26 @@ def maskc_kernels(name: str, dtype, head_dim: int, arch: int, blocks: dict[str, 
 # ---------------------------------------------------------------- the tutorial
 
 
+def _split_masked(loops: list[sass.Loop], parts: int) -> list[tuple[sass.Loop | None, sass.Loop | None]]:
+    """(unmasked loop, masked loop) of each of `parts` consecutive parts of a tutorial kernel.
+
+    A masked loop selects with `tl.where` (FSEL), an unmasked one does not; each part's
+    masked loop, when there is one, comes before its unmasked loop (the diagonal first), but
+    the compiler may unroll a masked loop of a constant trip count, so loops are assigned
+    by kind in order rather than by position."""
+    out: list[list] = [[None, None] for _ in range(parts)]
+    part = 0
+    for loop in loops:
+        if part >= parts:
+            break
+        if loop.counts.fsel:
+            out[part][1] = loop
+        else:
+            out[part][0] = loop
+            part += 1
+    return [tuple(x) for x in out]
+
+
 def tutorial_forward(variant: str, causal: bool, dtype, head_dim: int, arch: int, bm: int, bn: int, warps: int,
                      stages: int) -> dict:  # fmt: skip
     z, h, n = 2, 2, LENGTH
@@ -128,8 +148,9 @@ def tutorial_forward(variant: str, causal: bool, dtype, head_dim: int, arch: int
         fn, args = tut.attn_fwd_ptr, [x, x, x, 1.0, f32, x, h * n * head_dim, n * head_dim, head_dim, z, h, n]
     progress(f"tutorial {variant} fwd causal={causal} {bm}x{bn} sm_{arch}")
     report = sass.analyse(aot.compile_launch(fn, args, consts, arch))
-    loops = _loops(report)
-    full, partial = loops[:2] if causal else (loops[0], None)
+    loops = report.mma_loops()  # left of the diagonal (no mask), then the diagonal (a loop unless one block)
+    full = next((lp for lp in loops if not lp.counts.fsel), None)
+    partial = next((lp for lp in loops if lp.counts.fsel), None)
     pattern = "causal" if causal else "all"
     return _record(f"tutorial ({variant})", pattern, "attn_fwd", (bm, bn), warps, stages, report, full, partial)
 
@@ -143,11 +164,8 @@ def tutorial_backward(causal: bool, dtype, head_dim: int, arch: int, blocks: dic
     consts = {**blocks, "HEAD_DIM": head_dim, "CAUSAL": causal, "num_warps": warps, "num_stages": stages}
     progress(f"tutorial bwd causal={causal} sm_{arch}")
     report = sass.analyse(aot.compile_launch(tut.attn_bwd, args, consts, arch))
-    loops = _loops(report)
-    if causal:  # dK/dV masked, unmasked; dQ masked, unmasked
-        parts = {"attn_bwd_dkdv": (loops[1], loops[0]), "attn_bwd_dq": (loops[3], loops[2])}
-    else:
-        parts = {"attn_bwd_dkdv": (loops[0], None), "attn_bwd_dq": (loops[1], None)}
+    dkdv, dq = _split_masked(report.mma_loops(), 2)
+    parts = {"attn_bwd_dkdv": dkdv, "attn_bwd_dq": dq}
     pattern = "causal" if causal else "all"
     out = []
     for kernel, (full, partial) in parts.items():
