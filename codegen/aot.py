@@ -132,13 +132,25 @@ def launch_values(fn, source: KernelSource, dtype: torch.dtype, head_dim: int, l
     return values
 
 
+class SpecialisationUnavailableError(RuntimeError):
+    """The installed Triton lacks the launcher internals `specialization` reuses."""
+
+
 def specialization(fn, args: list, kwargs: dict, arch: int):
     """(options, signature, constexprs, attrs) that Triton's launcher derives for a launch of
-    JIT function `fn` with these arguments on an `sm_{arch}` GPU (its own binder, no GPU)."""
+    JIT function `fn` with these arguments on an `sm_{arch}` GPU (its own binder, no GPU).
+
+    These are Triton internals (`create_function_from_signature`, `JITFunction._pack_args`,
+    as in Triton 3.9); without them `SpecialisationUnavailableError` is raised."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
 
+    try:
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError as e:
+        raise SpecialisationUnavailableError(f"this Triton has no launcher binder to specialise with: {e}") from e
+    if not hasattr(fn, "_pack_args"):
+        raise SpecialisationUnavailableError("this Triton's JIT functions have no _pack_args")
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(*args, **kwargs)

@@ -122,7 +122,10 @@ def spill_free_config(forms, title: str, dtype: torch.dtype, head_dim: int, lq: 
     def load(source):
         return cache.kernel_module(source.text, dtype, interpret=False)
 
-    chosen, _ = aot.choose_config(load, forms, title, dtype, head_dim, lq, arch)
+    try:
+        chosen, _ = aot.choose_config(load, forms, title, dtype, head_dim, lq, arch)
+    except aot.SpecialisationUnavailableError:  # an older Triton: nothing is compiled ahead, the first rung runs
+        return tiles.config(head_dim, lq, tiles.heavy_forms(forms))
     with _LOCK:
         _CHOICES[key] = chosen
         table = _saved()
