@@ -3,7 +3,17 @@
 `triton.compile` with a `GPUTarget` lowers a kernel to PTX and cubin for
 sm_80 / sm_90; `ptxas -v` on the PTX (the `ptxas-blackwell` that ships with
 Triton accepts the PTX version Triton emits) reports registers and spill
-bytes.  A configuration that spills is a bug in our defaults.
+bytes.  A configuration that spills, or needs more shared memory than the
+GPU gives a block, is a bug in our defaults.
+
+The build is the kernel that runs: Triton's launcher specialises a kernel on
+its arguments (divisibility-16 hints on aligned pointers and on integers that
+are multiples of 16, integers equal to 1 made constants), and those hints
+decide whether K/V tiles load as vectors through cp.async pipelining or
+element by element.  `compile_kernel` therefore runs Triton's own binder on
+the arguments runtime/triton_backend.py passes for an aligned call (`Launch`)
+and compiles what it specialises (tests/test_aot_launch.py checks the two
+agree on captured launches).
 """
 
 from __future__ import annotations
@@ -122,13 +132,25 @@ def launch_values(fn, source: KernelSource, dtype: torch.dtype, head_dim: int, l
     return values
 
 
+class SpecialisationUnavailableError(RuntimeError):
+    """The installed Triton lacks the launcher internals `specialization` reuses."""
+
+
 def specialization(fn, args: list, kwargs: dict, arch: int):
     """(options, signature, constexprs, attrs) that Triton's launcher derives for a launch of
-    JIT function `fn` with these arguments on an `sm_{arch}` GPU (its own binder, no GPU)."""
+    JIT function `fn` with these arguments on an `sm_{arch}` GPU (its own binder, no GPU).
+
+    These are Triton internals (`create_function_from_signature`, `JITFunction._pack_args`,
+    as in Triton 3.9); without them `SpecialisationUnavailableError` is raised."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
 
+    try:
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError as e:
+        raise SpecialisationUnavailableError(f"this Triton has no launcher binder to specialise with: {e}") from e
+    if not hasattr(fn, "_pack_args"):
+        raise SpecialisationUnavailableError("this Triton's JIT functions have no _pack_args")
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(*args, **kwargs)
@@ -244,19 +266,40 @@ def resources_of(load, sources, dtype, head_dim: int, tile, kernel: str, warps: 
     out = []
     for source in sources:
         module = load(source)
-        compiled = compile_kernel(module, kernel, source, dtype, tiles.padded_dim(head_dim), tile.block_q,
-                                  tile.block_k, warps, arch)  # fmt: skip
+        compiled = compile_kernel(module, kernel, source, dtype, head_dim, tile.block_q, tile.block_k, warps, arch)
         regs, spill_st, spill_ld = ptxas_resources(compiled.asm["ptx"], arch)
         out.append(Resources(kernel, arch, regs, spill_st, spill_ld, compiled.metadata.shared, warps))
     return out
 
 
+# The most shared memory one block may use (bytes, with the opt-in attribute Triton sets): a
+# kernel above it compiles but cannot launch.  Hinted builds pipeline their loads through
+# shared memory (num_stages = 3), so wide tiles reach it on the GPUs with the least.
+SHARED_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                103: 232448, 120: 101376}  # fmt: skip
+
+
+# What `choose_config` checks on a rung (part of the key under which runtime/tuning.py keeps choices).
+RUNG_CHECK = "launcher-specialised builds; no spill stores; shared memory within SHARED_LIMIT"
+
+
+def shared_limit(arch: int) -> int:
+    """Shared memory per block on `sm_{arch}` (an unknown architecture: the smallest of its generation's)."""
+    return SHARED_LIMIT.get(arch, min((v for a, v in SHARED_LIMIT.items() if a // 10 == arch // 10), default=65536))
+
+
+def fits(resources: list[Resources]) -> bool:
+    """No spill stores and shared memory within the architecture's limit."""
+    return all(r.spill_stores == 0 and r.shared_bytes <= shared_limit(r.arch) for r in resources)
+
+
 def choose_config(load, forms, title: str, dtype, head_dim: int, lq: int, arch: int):
     """The first rung of the tile ladder on which every kernel compiles without
-    spills for `arch` (trying each kernel's preferred warps, then the other count).
+    spills for `arch`, within its shared memory (trying each kernel's preferred
+    warps, then the other count).
 
     `load(source)` imports a kernel source as a module.  Returns (config,
-    resources); if no rung is spill-free, the last rung and its resources."""
+    resources); if no rung fits, the last rung and its resources."""
     ladder = tiles.candidates(head_dim, lq, tiles.heavy_forms(forms))
     resources: list[Resources] = []
     for tile in ladder:
@@ -266,11 +309,11 @@ def choose_config(load, forms, title: str, dtype, head_dim: int, lq: int, arch: 
             preferred = tile.warps(kernel)
             for warps in (preferred, 12 - preferred):  # 4 <-> 8
                 found = resources_of(load, sources, dtype, head_dim, tile, kernel, warps, arch)
-                if all(r.spill_stores == 0 for r in found):
+                if fits(found):
                     break
             chosen = chosen.with_warps(kernel, warps)
             resources += found
-        if all(r.spill_stores == 0 for r in resources):
+        if fits(resources):
             return chosen, resources
     return chosen, resources
 

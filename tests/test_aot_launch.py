@@ -88,3 +88,23 @@ def test_aot_build_has_the_launchers_specialisation(monkeypatch, lq, kv_heads, f
 def _sources(lq: int):
     program = maskc.compile(SPEC)
     return aot.kernel_sources(program, lq, heads=4, head_dim=64)
+
+
+def test_a_triton_without_the_binder_runs_the_first_rung(tmp_path, monkeypatch):
+    """Older Triton releases lack the launcher internals the AOT build reuses: the tile policy
+    then runs the ladder's first rung instead of failing, and remembers nothing."""
+    from maskc.codegen import plan, tiles
+    from maskc.runtime import tuning
+
+    monkeypatch.setenv("MASKC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_CHOICES", {})
+
+    def unavailable(*args, **kwargs):
+        raise aot.SpecialisationUnavailableError("no binder")
+
+    monkeypatch.setattr(aot, "choose_config", unavailable)
+    program = maskc.compile("causal & window(64)")
+    forms = plan.normal_forms(program.instantiate(512))
+    chosen = tuning.spill_free_config(forms, program.source(), torch.float16, 128, 512, 90)
+    assert chosen == tiles.config(128, 512)
+    assert not (tmp_path / "tiles.json").exists()
