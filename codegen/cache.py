@@ -102,10 +102,16 @@ def dtype_class(dtype: torch.dtype) -> str:
     return "half" if dtype in (torch.float16, torch.bfloat16) else "single"
 
 
+def module_key(text: str, dtype: torch.dtype) -> str:
+    """The cache key of a generated kernel source for `dtype`: its whole text (the
+    pattern's functions and the shared kernels of kernel_template.py, so a changed
+    template never reuses a stale file), the dtype's class and maskc's version."""
+    return key_of(text, dtype_class(dtype), __version__)
+
+
 def kernel_module(text: str, dtype: torch.dtype, interpret: bool) -> ModuleType:
-    """The module of a generated kernel source for `dtype`, keyed by its text, the
-    dtype's class and maskc's version."""
-    return load(key_of(text, dtype_class(dtype), __version__), text, interpret)
+    """The module of a generated kernel source for `dtype` (see `module_key`)."""
+    return load(module_key(text, dtype), text, interpret)
 
 
 def load(key: str, source: str, interpret: bool) -> ModuleType:

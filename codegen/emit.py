@@ -108,6 +108,8 @@ def _assemble(form: ir.HeadPattern, allowed_body: list[str], e: Emitter, title: 
         "import triton",
         "import triton.language as tl",
         "",
+        f"MODIFIED = tl.constexpr({bool(steps)})  # whether logit modifiers run (else the kernels skip them)",
+        "",
         "",
         _function(
             "allowed",

@@ -27,6 +27,7 @@ from .prepare import Prepared
 from .tuning import POLICY
 
 SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
 
 
 padded_dim = tiles.padded_dim
@@ -286,7 +287,8 @@ def backward(q, k, v, out, lse, dout, dlse, prepared: Prepared, scale: float, te
     delta = (dout.float() * out.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
-    lse_b = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse).contiguous()
+    # the kernels' softmax runs in base 2: the log-sum-exp in log2 units, +inf for empty rows
+    lse_b = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse * LOG2E).contiguous()
     delta = delta.contiguous()
     dq = torch.zeros(batch, heads, lq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(batch, heads, lk, d, dtype=torch.float32, device=q.device)

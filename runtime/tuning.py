@@ -10,7 +10,8 @@ rows and a device:
 * "flex": 128 x 128, FlexAttention's block size;
 * "triton": a rung of the tile ladder of codegen/tiles.py, by kind of pattern
   (modifiers that read tables per pair, heads wider than 64, decoding).  On a
-  GPU, the first rung whose kernels compile without spills for the device's
+  GPU, the first rung whose kernels compile without spills (and within its
+  shared memory per block, built as Triton's launcher specialises them) for the device's
   architecture (`codegen.aot.choose_config` compiles them ahead), kept in memory
   and in `tiles.json` in the kernel cache directory so later processes skip the
   compiles; under the interpreter (CPU tensors) the ladder's first rung:
@@ -92,7 +93,10 @@ def _key(forms, title: str, dtype: torch.dtype, head_dim: int, lq: int, arch: in
     first = tiles.config(head_dim, lq, tiles.heavy_forms(forms))
     texts = sorted(s.text for s in aot.sources_for(forms, title, first))
     decode = lq <= tiles.DECODE_ROWS
-    return cache.key_of(*texts, str(dtype), str(tiles.padded_dim(head_dim)), str(decode), str(arch), __version__)
+    ladder = tiles.candidates(head_dim, lq, tiles.heavy_forms(forms))
+    # the ladder and how rungs are checked are part of the key: choices made before a change are not reused
+    return cache.key_of(*texts, str(dtype), str(tiles.padded_dim(head_dim)), str(decode), str(arch), __version__,
+                        repr(ladder), aot.RUNG_CHECK)  # fmt: skip
 
 
 def _saved() -> dict:
@@ -104,7 +108,8 @@ def _saved() -> dict:
 
 
 def spill_free_config(forms, title: str, dtype: torch.dtype, head_dim: int, lq: int, arch: int) -> tiles.Config:
-    """The first rung of the ladder whose kernels compile without spills for `sm_{arch}`."""
+    """The first rung of the ladder whose kernels compile without spills and within the shared
+    memory of `sm_{arch}` (codegen.aot.choose_config)."""
     key = _key(forms, title, dtype, head_dim, lq, arch)
     with _LOCK:
         if key in _CHOICES:
@@ -117,7 +122,10 @@ def spill_free_config(forms, title: str, dtype: torch.dtype, head_dim: int, lq: 
     def load(source):
         return cache.kernel_module(source.text, dtype, interpret=False)
 
-    chosen, _ = aot.choose_config(load, forms, title, dtype, head_dim, lq, arch)
+    try:
+        chosen, _ = aot.choose_config(load, forms, title, dtype, head_dim, lq, arch)
+    except aot.SpecialisationUnavailableError:  # an older Triton: nothing is compiled ahead, the first rung runs
+        return tiles.config(head_dim, lq, tiles.heavy_forms(forms))
     with _LOCK:
         _CHOICES[key] = chosen
         table = _saved()

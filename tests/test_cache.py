@@ -98,3 +98,25 @@ def test_spec_text_reaches_kernels_only_as_numbers_and_maskc_names(cache_root):
     for f in cache_root.glob("k*.py"):
         code = [line for line in f.read_text().splitlines() if not line.lstrip().startswith("#")]
         assert not any("evil_name" in line or "os_system" in line for line in code)
+
+
+def test_a_changed_kernel_template_changes_the_keys(monkeypatch):
+    """Kernel files and the remembered tile choices are keyed by the whole generated text,
+    which holds the shared kernels: a template change never reuses a stale kernel."""
+    from maskc.codegen import aot, emit, kernel_template, plan, tiles
+    from maskc.runtime import tuning
+
+    program = maskc.compile("causal")
+    forms = plan.normal_forms(program.instantiate(256))
+
+    def keys() -> tuple[str, str]:
+        (source,) = aot.sources_for(forms, program.source(), tiles.config(64, 256))
+        tile_key = tuning._key(forms, program.source(), torch.float16, 64, 256, 90)
+        return cache.module_key(source.text, torch.float16), tile_key
+
+    before = keys()
+    changed = kernel_template.KERNELS.replace("tl.exp2(s * scale", "tl.exp2(scale * s")
+    assert changed != kernel_template.KERNELS
+    monkeypatch.setattr(emit, "KERNELS", changed)
+    after = keys()
+    assert before[0] != after[0] and before[1] != after[1]

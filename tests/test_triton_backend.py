@@ -112,3 +112,48 @@ def test_data_dependent_patterns_match_reference():
         want = torch.autograd.grad(ref, (q, k, v), grad)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, spec=spec: f"{spec}: {m}")
+
+
+# The kernels run each block one of three ways (codegen/kernel_template.py): full blocks that end
+# within the sequence without masks or predicate, partial blocks with `allowed`, and the ragged
+# last block (length not a multiple of 64) with bounds too.  Each case's schedule on the
+# interpreter's 64 x 64 blocks holds the paths named, checked below so a schedule change cannot
+# silently drop one.
+FULL_BLOCK_CASES = [
+    # (spec, lq, lk, scale, (full interior, full ragged, partial))
+    ("all", 70, 150, None, (True, True, False)),  # full runs ending on the ragged key (and query) block
+    # rows 64 .. 69 allow no key: empty rows inside partial blocks, next to full ones; the ragged
+    # diagonal block partial; a negative scale
+    ("causal & queries(70 .. 140)", 140, 140, -0.7, (True, False, True)),
+]
+
+
+@pytest.mark.parametrize("spec,lq,lk,scale,paths", FULL_BLOCK_CASES, ids=[c[0] for c in FULL_BLOCK_CASES])
+def test_block_paths_with_views_of_a_fused_projection(spec, lq, lk, scale, paths):
+    """q, k, v as users hold them: strided views of one fused projection, two query heads per
+    key/value head (GQA); forward, log-sum-exp and the gradient of the projection."""
+    program = maskc.compile(spec)
+    dense = program.schedule(lq, lk, block_q=64, block_k=64).groups[0].to_dense(3)
+    ragged = lk // 64  # the last key block, shorter than 64
+    assert (
+        bool((dense[:, :ragged] == 2).any()),
+        bool((dense[:, ragged] == 2).any()),
+        bool((dense == 1).any()),
+    ) == paths
+    g = torch.Generator().manual_seed(5)
+    proj = torch.randn(1, max(lq, lk), 4, 16, generator=g, requires_grad=True)  # heads: q, q, k, v
+    q = proj[:, :lq, :2].transpose(1, 2)
+    k, v = (proj[:, :lk, i : i + 1].transpose(1, 2) for i in (2, 3))
+    assert not q.is_contiguous()
+    out, lse = program(q, k, v, backend="triton", return_lse=True, scale=scale)
+    ref, ref_lse = program.reference(q, k, v, return_lse=True, scale=scale)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-5, rtol=2e-5)
+    w, w_lse = torch.randn_like(out), torch.randn_like(lse)
+
+    def loss(o, m):  # through both outputs; empty rows' log-sum-exp (-inf) left out
+        return (o * w).sum() + (m.masked_fill(torch.isinf(m), 0.0) * w_lse).sum()
+
+    (got,) = torch.autograd.grad(loss(out, lse), proj)
+    (want,) = torch.autograd.grad(loss(ref, ref_lse.float()), proj)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
