@@ -25,7 +25,8 @@ the loop instead costs Triton's pipeliner a register copy of each per step):
 
 * MASK 0, full runs: unmasked loads, no bounds test, no predicate, no guard for
   rows that have seen no key yet (every row of a full block has a key, and the
-  full runs come first).
+  full runs come first), unless modifiers may make a logit -inf (a `bias`
+  table holding -inf): then the guard stays, so such a row gives 0, not NaN.
 * MASK 1, partial runs: `allowed` per pair and the guard for empty rows.
 * MASK 2, the ragged last block (when the length is not a multiple of the
   block and a run reaches it, full or partial): bounds, `allowed` (true on
@@ -225,7 +226,7 @@ def _fwd_block(
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum) * scale)
     m_use = m_new
-    if MASK > 0:  # rows with no key yet keep their zeros
+    if MASK > 0 or MODIFIED:  # rows with no key yet keep their zeros (a bias may be -inf)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s * scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)

@@ -458,3 +458,22 @@ def test_grid_modifiers_with_fewer_queries():
         return x + float(table[h, max(-1, min(1, y2 - y1)) + 1, max(-1, min(1, x2 - x1)) + 1])
 
     close(out, my_attention(q, k, v, allowed, add))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_bias_of_minus_infinity_empties_rows_without_nan(backend):
+    # A bias table may forbid pairs with -inf.  A head whose every pair is -inf
+    # has empty rows (output 0, as the reference); on Triton such rows lie in
+    # full blocks, which skip the empty-row guard unless modifiers are present.
+    torch.manual_seed(0)
+    table = torch.randn(2, 2 * 40 + 1, dtype=torch.float64)
+    table[0] = -math.inf  # head 0: every pair forbidden
+    table[1, 40 + 3 :] = -math.inf  # head 1: keys more than 2 after the query
+    q, k, v = (torch.randn(1, 2, 37, 16, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    prog = maskc.compile("pattern p(t: tensor) = all with bias(t)")
+    out = prog(q, k, v, t=table.float(), backend=backend)
+    expected = prog.reference(q.double(), k.double(), v.double(), t=table)
+    assert not out.isnan().any() and torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
