@@ -132,6 +132,11 @@ def _bindings(workload: Workload, length: int, batch: int, device) -> dict:
     return {}
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:100] if text else ""
+
+
 def _timed(fn, backward: bool, inputs) -> float:
     import torch
     from triton.testing import do_bench
@@ -169,9 +174,12 @@ def contenders(workload: Workload, length: int, args, device) -> dict:
     found["flex (maskc's BlockMask)"] = lambda: program(q, k, v, backend="flex", **bindings)
     rowmajor = prepare(program, q, k, 128, 128, None, bindings, layout="rowmajor")
     lowering = lower(rowmajor, device)
-    own = create_block_mask(lowering.mask_mod, 1, args.heads, length, length, device=device, _compile=True)
-    flex = compiled_flex_attention()
-    found["flex (create_block_mask)"] = lambda: flex(q, k, v, score_mod=lowering.score_mod, block_mask=own)
+    try:
+        own = create_block_mask(lowering.mask_mod, 1, args.heads, length, length, device=device, _compile=True)
+        flex = compiled_flex_attention()
+        found["flex (create_block_mask)"] = lambda: flex(q, k, v, score_mod=lowering.score_mod, block_mask=own)
+    except Exception as e:  # e.g. a mask_mod reading tables that create_block_mask's vmap cannot trace
+        found["flex (create_block_mask)"] = f"create_block_mask: {type(e).__name__}: {_first_line(e)}"
 
     def flash():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -208,11 +216,15 @@ def measure(workload: Workload, length: int, args, device) -> list[dict]:
             record = {"workload": workload.name, "length": length, "mode": mode, "contender": name,
                       "visited_pairs": pairs}  # fmt: skip
             count = dense_pairs(length, workload.causal) * args.heads * args.batch if name == "dense flash" else pairs
+            if isinstance(fn, str):  # the contender could not be set up
+                record["error"] = fn
+                out.append(record)
+                continue
             try:
                 record["ms"] = _timed(fn, mode == "fwd+bwd", inputs)
                 record["tflops"] = tflops(flops(count, args.head_dim, mode), record["ms"])
             except Exception as e:  # one contender failing (memory, an unsupported case) is reported
-                record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+                record["error"] = f"{type(e).__name__}: {_first_line(e)}"
                 torch.cuda.empty_cache()
             out.append(record)
             print("  ", *rows([record])[0], file=sys.stderr, flush=True)
