@@ -27,6 +27,8 @@ _TABLE_TYPES = {
     "random": "*i32",
     "ids": "*i32",
     "route": "*i8",
+    "vs_columns": "*i8",
+    "vs_diagonals": "*i8",
     "cluster": "*i64",
     "clusters": "*i64",
     "alibi": "*fp32",

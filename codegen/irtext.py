@@ -63,6 +63,11 @@ def mask_text(node: ir.Mask, top: bool = True) -> str:
         regions = ", ".join(coord_text("·", c) for c in node.regions)
         who = "shared" if node.head is None else f"head={node.head}"
         return f"route(topk={node.topk}, regions=[{regions}], own={node.own}, causal={node.causal}, {who})"
+    if isinstance(node, ir.VerticalSlash):
+        return (
+            f"vertical_slash(v={node.vertical}, s={node.slash}, last={node.last}, sink={node.sink}, "
+            f"local={node.local}, causal={node.causal}, head={node.head})"
+        )
     if isinstance(node, ir.Cluster):
         return f"cluster(n={node.clusters}, size={node.size}, head={node.head})"
     raise TypeError(f"unknown node {node!r}")

@@ -67,9 +67,10 @@ class Signature:
 class Lowering:
     """What an atom's `build` may read besides its arguments."""
 
-    def __init__(self, head: int, heads: int) -> None:
+    def __init__(self, head: int, heads: int, lq: int = 0) -> None:
         self.head = head
         self.heads = heads
+        self.lq = lq
 
 
 # ---------------------------------------------------------------- binding
@@ -257,6 +258,26 @@ def _cluster(a, f, low):
     return ir.Cluster(a["n"], a["size"], low.head, a["_spans"]["n"])
 
 
+def _vertical_slash(a, f, low):
+    if f.flat.div != 1 or f.flat.mod is not None:
+        raise MaskTypeError(
+            "vertical_slash selects token columns and diagonals: it cannot be used inside 'on blocks'",
+            a["_spans"]["v"],
+        )
+    return ir.VerticalSlash(
+        f.flat,
+        a["v"],
+        a["s"],
+        a["last"],
+        a["sink"],
+        a["local"],
+        bool(a["causal"]),
+        low.head,
+        low.lq,
+        a["_spans"]["v"],
+    )
+
+
 def _sig(name, params, doc, build, variadic=None, flat=False):
     return Signature(name, tuple(ParamSpec(*p) for p in params), doc, variadic, flat, build)
 
@@ -377,6 +398,20 @@ ATOMS: dict[str, Signature] = {
             ],
             "top-k key blocks per query block by pooled q.k (BiFormer, MoBA)",
             _route,
+        ),
+        _sig(
+            "vertical_slash",
+            [
+                ("v", "nonneg"),
+                ("s", "nonneg"),
+                ("last", "pos", 64),
+                ("sink", "nonneg", 30),
+                ("local", "nonneg", 100),
+                ("causal", "bool", True),
+            ],
+            "top-v key columns and top-s diagonals per head from the last queries' softmax (MInference)",
+            _vertical_slash,
+            flat=True,
         ),
         _sig(
             "cluster",

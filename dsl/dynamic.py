@@ -133,3 +133,79 @@ def membership_bits(members: torch.Tensor) -> torch.Tensor:
     shifted = members.to(torch.int64) << (clusters % BITS_PER_WORD)[None, :, None]  # distinct bits: sum = or
     out = torch.zeros(b, words, length, dtype=torch.int64, device=members.device)
     return out.index_add_(1, clusters // BITS_PER_WORD, shifted)
+
+
+# ---------------------------------------------------------------- vertical-slash (MInference)
+
+
+def vertical_slash_selection(
+    node: ir.VerticalSlash, q: torch.Tensor, k: torch.Tensor, q_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's index selection for one head: (columns bool [B, lk], diagonals bool
+    [B, lq + lk - 1]); diagonal i is the offset k - row = i - (lq - 1), row = q - q_offset.
+
+    q [B, H, lq, D], k [B, Hk, lk, D].  The last `node.last` queries attend every key
+    (keys up to their own position when causal) with softmax(q.k / sqrt(D)); a column
+    scores its probability summed over those queries, a diagonal the probabilities on
+    it.  Candidates are the keys and diagonals those pairs reach, plus the first `sink`
+    keys; the first `sink` keys and the diagonals with |k - q| < local rank first (as
+    MInference's infinities do), then the highest scores.  Ties: the lower key; the
+    nearer diagonal (smaller |k - q|, then k - q < 0 first).
+    """
+    batch, heads, lq, dim = q.shape
+    lk = k.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n = min(node.last, lq)
+    qs = q[:, node.head, lq - n :].detach().to(compute)
+    ks = k[:, node.head // (heads // k.shape[1])].detach().to(compute)
+    device = qs.device
+    q_pos = torch.arange(lq - n, lq, device=device) + q_offset
+    k_pos = torch.arange(lk, device=device)
+    seen = k_pos[None, :] <= q_pos[:, None] if node.causal else torch.ones(n, lk, dtype=torch.bool, device=device)
+    logits = torch.matmul(qs, ks.transpose(1, 2)) / math.sqrt(dim)  # [B, n, lk]
+    probs = torch.softmax(logits.masked_fill(~seen, -math.inf), dim=-1)
+    probs = torch.where(seen.any(-1, keepdim=True), probs, torch.zeros((), dtype=compute, device=device))
+
+    forced_cols = k_pos < node.sink
+    columns = _select(probs.sum(1), seen.any(0) | forced_cols, forced_cols, node.vertical)
+
+    # Diagonal i of the table is k - row + lq - 1; the scored rows reach i < lk + n - 1.
+    width = lq + lk - 1
+    reach = lk + n - 1
+    slash = torch.zeros(batch, width, dtype=compute, device=device)
+    slash[:, :reach] = _diagonal_sums(probs)
+    reached = torch.zeros(width, dtype=torch.bool, device=device)
+    reached[:reach] = _diagonal_sums(seen[None].to(compute))[0] > 0
+    offset = torch.arange(width, device=device) - (lq - 1) - q_offset  # k - q
+    forced_diags = reached & (offset.abs() < node.local)
+    # Nearer diagonals first among equals: rank the table in that order, then map back.
+    order = torch.argsort(offset.abs() * 2 + (offset > 0), stable=True)
+    picked = _select(slash[:, order], reached[order], forced_diags[order], node.slash)
+    diagonals = torch.zeros_like(picked).index_copy_(1, order, picked)
+    return columns, diagonals
+
+
+def _diagonal_sums(x: torch.Tensor) -> torch.Tensor:
+    """[B, n, lk] -> [B, lk + n - 1]: entry j sums x[:, i, j - (n - 1 - i)] over rows i
+    (a skewed view of a zero-padded copy: row i shifted right by n - 1 - i)."""
+    b, n, lk = x.shape
+    w = lk + 2 * n
+    padded = torch.zeros(b, n, w, dtype=x.dtype, device=x.device)
+    padded[:, :, n : n + lk] = x
+    skewed = padded.as_strided((b, n, lk + n - 1), (n * w, w + 1, 1), padded.storage_offset() + 1)
+    return skewed.sum(1)
+
+
+def _select(scores: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` best candidates per row of scores [B, N]: forced ones first, then the
+    highest scores; among equals the lower index.  Linear time, unlike a full sort."""
+    take = min(count, int(candidate.sum()))
+    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if take == 0 or scores.shape[0] == 0:
+        return chosen
+    key = scores.masked_fill(forced, math.inf).masked_fill(~candidate, -math.inf)
+    threshold = torch.topk(key, take, dim=-1).values[..., -1:]
+    above = key > threshold
+    tied = key == threshold
+    room = take - above.sum(-1, keepdim=True)
+    return above | (tied & (torch.cumsum(tied, -1) <= room))

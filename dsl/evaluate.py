@@ -25,6 +25,7 @@ from .dynamic import (
     expand_kv_heads,
     membership_bits,
     route_selection,
+    vertical_slash_selection,
 )
 from .errors import MaskTypeError
 from .random_blocks import draw
@@ -94,6 +95,8 @@ def _batch(node: ir.Mask, t: Tensors) -> tuple[int, ...]:
             sizes.append(ids.shape[0] if ids.dim() == 2 else 1)
         elif isinstance(n, ir.Route):
             sizes.append(route_table(t, n).shape[0])
+        elif isinstance(n, ir.VerticalSlash):
+            sizes.append(vertical_slash_table(t, n)[0].shape[0])
         else:
             sizes.append(cluster_table(t, n)[0].shape[0])
     return (max(sizes),) if sizes else ()
@@ -146,7 +149,7 @@ class _DenseEnv(expr.Env):
 
 
 def table_data(table: expr.TableRef, t: Tensors) -> torch.Tensor:
-    """The tensor behind a table of `dsl.semantics` (kinds ids, route, cluster, bias,
+    """The tensor behind a table of `dsl.semantics` (kinds ids, route, vs_*, cluster, bias,
     prefix_alpha, prefix_beta), laid out by its logical indices, on the CPU for the
     tables computed from q and k."""
     node = table.node
@@ -154,6 +157,8 @@ def table_data(table: expr.TableRef, t: Tensors) -> torch.Tensor:
         return segment_ids(node, t).cpu()
     if table.kind == "route":
         return route_table(t, node)
+    if table.kind in ("vs_columns", "vs_diagonals"):
+        return vertical_slash_table(t, node)[table.kind == "vs_diagonals"]
     if table.kind == "cluster":
         bits_q, bits_k = cluster_table(t, node)
         return bits_q if table.part == "q" else bits_k
@@ -208,6 +213,17 @@ def route_table(t: Tensors, node: ir.Route) -> torch.Tensor:
         s = t.instance.sizes
         all_q = torch.arange(s.lq) + s.q_offset
         t.cache[key] = route_selection(node, q, k, all_q, torch.arange(s.lk))[:, 0].cpu()
+    return t.cache[key]
+
+
+def vertical_slash_table(t: Tensors, node: ir.VerticalSlash) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's selected columns [B, lk] and diagonals [B, lq + lk - 1] (bool, on
+    the CPU; `dynamic.vertical_slash_selection`), computed once per call."""
+    key = ("vertical_slash", node)
+    if key not in t.cache:
+        q, k = _qk(t, "vertical_slash")
+        columns, diagonals = vertical_slash_selection(node, q, k, t.instance.sizes.q_offset)
+        t.cache[key] = (columns.cpu(), diagonals.cpu())
     return t.cache[key]
 
 
@@ -325,6 +341,8 @@ def check_tensors(instance: Instance, t: Tensors) -> None:
                 segment_ids(node, t)
             elif isinstance(node, ir.Route):
                 route_table(t, node)
+            elif isinstance(node, ir.VerticalSlash):
+                vertical_slash_table(t, node)
             elif isinstance(node, ir.Cluster):
                 cluster_selection(t, node)
         for m in pattern.modifiers:

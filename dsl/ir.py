@@ -142,9 +142,42 @@ class Cluster:
     span: Span = _span()
 
 
-Mask = Const | And | Or | Not | Offset | OffsetMod | PosSet | Neighborhood | RandomBlocks | Segments | Route | Cluster
+@dataclass(frozen=True)
+class VerticalSlash:
+    """MInference's vertical-slash pattern for one head: the key is a selected column,
+    or k - q is a selected diagonal, both picked from the softmax of the last `last`
+    queries (`dsl.dynamic.vertical_slash_selection`).  `rows` is the number of
+    queries: the diagonals' table is indexed by k - row + rows - 1."""
 
-DYNAMIC = (Segments, Route, Cluster)
+    coord: Coord  # token positions (size: the keys)
+    vertical: int
+    slash: int
+    last: int
+    sink: int
+    local: int
+    causal: bool
+    head: int
+    rows: int
+    span: Span = _span()
+
+
+Mask = (
+    Const
+    | And
+    | Or
+    | Not
+    | Offset
+    | OffsetMod
+    | PosSet
+    | Neighborhood
+    | RandomBlocks
+    | Segments
+    | Route
+    | Cluster
+    | VerticalSlash
+)
+
+DYNAMIC = (Segments, Route, Cluster, VerticalSlash)
 
 
 # ------------------------------------------------------------------ modifiers
@@ -230,4 +263,4 @@ def is_dynamic(mask: Mask) -> bool:
 def reads_qk(mask: Mask) -> bool:
     """Whether the pattern depends on the contents of q and k (routing, clusters):
     such a schedule holds for one call only."""
-    return any(isinstance(n, (Route, Cluster)) for n in walk(mask))
+    return any(isinstance(n, (Route, Cluster, VerticalSlash)) for n in walk(mask))

@@ -73,7 +73,7 @@ def demo_tensors(program: maskc.Program, instance, seed: int) -> dict[str, torch
                 n = node.coord.size
                 cuts = torch.sort(torch.randint(1, max(2, n), (3,), generator=g)).values
                 out[node.tensor] = torch.bucketize(torch.arange(n), cuts, right=True)[None]
-            if isinstance(node, (ir.Route, ir.Cluster)):
+            if isinstance(node, (ir.Route, ir.Cluster, ir.VerticalSlash)):
                 out.setdefault("q", torch.randn(1, s.heads, s.lq, 16, generator=g))
                 out.setdefault("k", torch.randn(1, s.heads, s.lk, 16, generator=g))
             if isinstance(node, ir.Cluster):

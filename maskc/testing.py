@@ -240,6 +240,8 @@ def _ir_values(node: object, sequence: bool) -> set[int]:
         raw = {node.clusters}
     elif isinstance(node, ir.Route):
         raw = {node.topk}
+    elif isinstance(node, ir.VerticalSlash):
+        raw = {node.vertical, node.slash, node.last, node.sink, node.local}
     else:
         raw = set()
     coords = [node.coord] if hasattr(node, "coord") else list(getattr(node, "regions", ()))

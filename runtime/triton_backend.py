@@ -90,6 +90,9 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
         data = evaluate.route_table(t, node).to(device=device, dtype=torch.int8).contiguous()
         n = data.shape[-1]
         return [data, n * n if data.shape[0] > 1 else 0, n]
+    if table.kind in ("vs_columns", "vs_diagonals"):
+        data = evaluate.vertical_slash_table(t, node)[table.kind == "vs_diagonals"].to(device, torch.int8)
+        return [data.contiguous(), data.shape[1] if data.shape[0] > 1 else 0]
     if table.kind == "cluster":
         if node.clusters > MAX_TRITON_CLUSTERS:
             raise MaskTypeError(
