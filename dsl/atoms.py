@@ -127,7 +127,7 @@ def bind(sig: Signature, call: ast.Call, values: list[tuple[ast.Arg, object]], f
             f"{sig.name} reads token positions, which do not exist inside 'on blocks' over a grid",
             call.span,
         )
-    bound["_spans"] = spans
+    bound["_spans"] = {**spans, "_call": call.span}
     return bound
 
 
@@ -262,7 +262,7 @@ def _vertical_slash(a, f, low):
     if f.flat.div != 1 or f.flat.mod is not None:
         raise MaskTypeError(
             "vertical_slash selects token columns and diagonals: it cannot be used inside 'on blocks'",
-            a["_spans"]["v"],
+            a["_spans"]["_call"],
         )
     return ir.VerticalSlash(
         f.flat,

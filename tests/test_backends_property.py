@@ -105,13 +105,18 @@ def backend_cases(draw, max_len: int) -> BackendCase:
     body = name
     if draw(st.integers(0, 2)) == 0:
         body = _head_groups(draw, heads, body)
-    extra = draw(st.sampled_from(["", "", "segments", "route", "cluster"]))
+    extra = draw(st.sampled_from(["", "", "segments", "route", "cluster", "vertical_slash"]))
     if extra == "segments":
         body = f"{body} {draw(st.sampled_from(['&', '|']))} segments(ids)"
     elif extra == "route":
         topk, block = draw(st.integers(1, 3)), draw(st.integers(1, 8))
         flags = "".join(f", {f} = {str(draw(st.booleans())).lower()}" for f in ("own", "causal", "shared"))
         body = f"{body} {draw(st.sampled_from(['&', '|']))} route(topk = {topk}, block = {block}{flags})"
+    elif extra == "vertical_slash":
+        v, s, last = draw(st.integers(0, 6)), draw(st.integers(0, 6)), draw(st.integers(1, 9))
+        flags = f", sink = {draw(st.integers(0, 3))}, local = {draw(st.integers(0, 3))}"
+        flags += f", causal = {str(draw(st.booleans())).lower()}"
+        body = f"{body} {draw(st.sampled_from(['&', '|']))} vertical_slash({v}, {s}, last = {last}{flags})"
     elif extra == "cluster":
         n = draw(st.integers(1, 3))
         body = f"{body} {draw(st.sampled_from(['&', '|']))} cluster({n}, size = {draw(st.integers(1, 12))})"
