@@ -141,8 +141,9 @@ def membership_bits(members: torch.Tensor) -> torch.Tensor:
 def vertical_slash_selection(
     node: ir.VerticalSlash, q: torch.Tensor, k: torch.Tensor, q_offset: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MInference's index selection for one head: (columns bool [B, lk], diagonals bool
-    [B, lq + lk - 1]); diagonal i is the offset k - row = i - (lq - 1), row = q - q_offset.
+    """MInference's index selection, for every query head at once (the node's head is
+    ignored): (columns bool [B, H, lk], diagonals bool [B, H, lq + lk - 1]); diagonal i
+    is the offset k - row = i - (lq - 1), row = q - q_offset.
 
     q [B, H, lq, D], k [B, Hk, lk, D].  The last `node.last` queries attend every key
     (keys up to their own position when causal) with softmax(q.k / sqrt(D)); a column
@@ -153,27 +154,29 @@ def vertical_slash_selection(
     nearer diagonal (smaller |k - q|, then k - q < 0 first).
     """
     batch, heads, lq, dim = q.shape
-    lk = k.shape[2]
+    lk, groups = k.shape[2], heads // k.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     n = min(node.last, lq)
-    qs = q[:, node.head, lq - n :].detach().to(compute)
-    ks = k[:, node.head // (heads // k.shape[1])].detach().to(compute)
-    device = qs.device
+    device = q.device
+    # Grouped heads share their key head: [B, Hk, groups * n, D] against [B, Hk, lk, D].
+    qs = q[:, :, lq - n :].detach().to(compute).reshape(batch, k.shape[1], groups * n, dim)
+    logits = torch.matmul(qs, k.detach().to(compute).transpose(2, 3)).view(batch, heads, n, lk) / math.sqrt(dim)
     q_pos = torch.arange(lq - n, lq, device=device) + q_offset
     k_pos = torch.arange(lk, device=device)
     seen = k_pos[None, :] <= q_pos[:, None] if node.causal else torch.ones(n, lk, dtype=torch.bool, device=device)
-    logits = torch.matmul(qs, ks.transpose(1, 2)) / math.sqrt(dim)  # [B, n, lk]
-    probs = torch.softmax(logits.masked_fill(~seen, -math.inf), dim=-1)
-    probs = torch.where(seen.any(-1, keepdim=True), probs, torch.zeros((), dtype=compute, device=device))
+    if node.causal:  # only keys after the first scored query need the mask
+        cut = int(min(max(int(q_pos[0]) + 1, 0), lk)) if n else lk
+        logits[..., cut:] = logits[..., cut:].masked_fill(~seen[:, cut:], -math.inf)
+    probs = torch.softmax(logits, dim=-1).masked_fill(~seen.any(-1)[:, None], 0.0)
+    flat = batch * heads
 
     forced_cols = k_pos < node.sink
-    columns = _select(probs.sum(1), seen.any(0) | forced_cols, forced_cols, node.vertical)
+    columns = _select(probs.sum(2).view(flat, lk), seen.any(0) | forced_cols, forced_cols, node.vertical)
 
     # Diagonal i of the table is k - row + lq - 1; the scored rows reach i < lk + n - 1.
-    width = lq + lk - 1
-    reach = lk + n - 1
-    slash = torch.zeros(batch, width, dtype=compute, device=device)
-    slash[:, :reach] = _diagonal_sums(probs)
+    width, reach = lq + lk - 1, lk + n - 1
+    slash = torch.zeros(flat, width, dtype=compute, device=device)
+    slash[:, :reach] = _diagonal_sums(probs.view(flat, n, lk))
     reached = torch.zeros(width, dtype=torch.bool, device=device)
     reached[:reach] = _diagonal_sums(seen[None].to(compute))[0] > 0
     offset = torch.arange(width, device=device) - (lq - 1) - q_offset  # k - q
@@ -182,7 +185,7 @@ def vertical_slash_selection(
     order = torch.argsort(offset.abs() * 2 + (offset > 0), stable=True)
     picked = _select(slash[:, order], reached[order], forced_diags[order], node.slash)
     diagonals = torch.zeros_like(picked).index_copy_(1, order, picked)
-    return columns, diagonals
+    return columns.view(batch, heads, lk), diagonals.view(batch, heads, width)
 
 
 def _diagonal_sums(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from the call's tensors, which other torch backends reuse (`table_data`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -217,14 +218,17 @@ def route_table(t: Tensors, node: ir.Route) -> torch.Tensor:
 
 
 def vertical_slash_table(t: Tensors, node: ir.VerticalSlash) -> tuple[torch.Tensor, torch.Tensor]:
-    """MInference's selected columns [B, lk] and diagonals [B, lq + lk - 1] (bool, on
-    the CPU; `dynamic.vertical_slash_selection`), computed once per call."""
-    key = ("vertical_slash", node)
+    """MInference's selected columns [B, lk] and diagonals [B, lq + lk - 1] of the
+    node's head (bool, on the CPU; `dynamic.vertical_slash_selection`), computed once
+    per call for all heads."""
+    every_head = dataclasses.replace(node, head=0)
+    key = ("vertical_slash", every_head)
     if key not in t.cache:
         q, k = _qk(t, "vertical_slash")
-        columns, diagonals = vertical_slash_selection(node, q, k, t.instance.sizes.q_offset)
+        columns, diagonals = vertical_slash_selection(every_head, q, k, t.instance.sizes.q_offset)
         t.cache[key] = (columns.cpu(), diagonals.cpu())
-    return t.cache[key]
+    columns, diagonals = t.cache[key]
+    return columns[:, node.head], diagonals[:, node.head]
 
 
 def cluster_selection(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Tensor]:

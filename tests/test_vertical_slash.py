@@ -58,8 +58,9 @@ def selection(spec: str, q, k, heads_of=None):
         node = next(n for n in ir.walk(mask) if isinstance(n, ir.VerticalSlash))
         columns, diagonals = dynamic.vertical_slash_selection(node, q, k, instance.sizes.q_offset)
         for batch in range(b):
-            offsets = torch.nonzero(diagonals[batch]).squeeze(1) - (lq - 1) - instance.sizes.q_offset
-            out[batch, head] = (set(torch.nonzero(columns[batch]).squeeze(1).tolist()), set((-offsets).tolist()))
+            offsets = torch.nonzero(diagonals[batch, head]).squeeze(1) - (lq - 1) - instance.sizes.q_offset
+            keys = torch.nonzero(columns[batch, head]).squeeze(1)
+            out[batch, head] = (set(keys.tolist()), set((-offsets).tolist()))
     return out
 
 
@@ -155,6 +156,7 @@ def test_general_positions_and_bidirectional_scoring():
     for head in range(2):
         node = next(n for n in ir.walk(instance.patterns[head].mask) if isinstance(n, ir.VerticalSlash))
         columns, diagonals = dynamic.vertical_slash_selection(node, q, k, 10)
+        columns, diagonals = columns[:, head], diagonals[:, head]
         assert int(columns.sum()) == 5 and int(diagonals.sum()) == 6
         offsets = torch.nonzero(diagonals[0]).squeeze(1) - 39 - 10
         assert (offsets > 0).any() or (offsets < 0).any()
