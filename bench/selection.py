@@ -38,9 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import progress, table, write_json
+from maskc.dsl import evaluate
 
 import maskc
-from maskc.dsl import evaluate
 
 HEADS, DIM, COST_BLOCK, DENSITY = 8, 64, 64, 0.10
 QUALITY_BLOCK, QUALITY_DENSITIES = 16, (0.10, 0.25, 0.50)
@@ -50,7 +50,9 @@ ROUTE_SCORERS = {
     "mean (BiFormer/MoBA)": "route(topk = {k}, block = {b}, shared = false)",
     "max (SeerAttention K pooling)": 'route(topk = {k}, block = {b}, score = "max", shared = false)',
     "minmax (Quest)": 'route(topk = {k}, block = {b}, score = "minmax", shared = false)',
-    "antidiagonal (XAttention, S = 8)": 'route(topk = {k}, block = {b}, score = "antidiagonal", stride = 8, shared = false)',
+    "antidiagonal (XAttention, S = 8)": (
+        'route(topk = {k}, block = {b}, score = "antidiagonal", stride = 8, shared = false)'
+    ),
 }
 VERTICAL_SLASH = "vertical_slash (MInference)"
 ORACLE = "oracle (true block mass)"
@@ -203,7 +205,7 @@ def quality() -> list[dict]:
     layers = capture_minilm()
     n = layers[0][0].shape[2]
     nb = -(-n // QUALITY_BLOCK)
-    oracle = f"route(topk = {{k}}, block = {{b}}, scores = mass, shared = false)"
+    oracle = "route(topk = {k}, block = {b}, scores = mass, shared = false)"
     scorers = dict(ROUTE_SCORERS)
     if compiles(oracle.format(k=1, b=1)):
         scorers[ORACLE] = oracle
