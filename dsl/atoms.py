@@ -284,7 +284,8 @@ def _route(a, f, low):
         tokens = [r[0].div for r in (regions, q_regions) if r is not None]
         if any(t % stride for t in tokens):
             raise MaskTypeError(
-                f'route(score = "antidiagonal") needs blocks of a multiple of its stride {stride} tokens, got {tokens}',
+                f'route(score = "antidiagonal") needs blocks of a multiple of its stride {stride} tokens, '
+                f"got {tokens[-1]}",
                 spans["stride" if a["stride"] is not None else "block"],
             )
     head = None if a["shared"] else low.head
