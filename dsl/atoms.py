@@ -472,7 +472,7 @@ def check_relations(sig: Signature, args: dict) -> None:
 
 def _check_route(args: dict) -> None:
     """One selector; `stride` only with the antidiagonal scorer; a score tensor
-    replaces the scorer (docs/language.md §8.3)."""
+    replaces the scorer (docs/language.md §8.4)."""
     spans = args["_spans"]
     given = [s for s in SELECTORS if args[s] is not None]
     if not given:

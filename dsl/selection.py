@@ -1,4 +1,4 @@
-"""How `route` scores key regions and selects them (docs/language.md §8.3).
+"""How `route` scores key regions and selects them (docs/language.md §8.4).
 
 Scorers give block logits [batch, heads, query regions, key regions]:
 
