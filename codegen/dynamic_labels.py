@@ -145,9 +145,9 @@ def _incidence(geometry, regions: tuple[ir.Coord, ...], n: int) -> torch.Tensor:
 
 def _route(node: ir.Route, r) -> torch.Tensor:
     def build():
-        sel = evaluate.route_table(r.tensors, node).double()  # [B, n, n]
-        n = sel.shape[-1]
-        counts = _incidence(r.q, node.regions, n) @ sel @ _incidence(r.k, node.regions, n).T
+        sel = evaluate.route_table(r.tensors, node).double()  # [B, query regions, key regions]
+        nq, nk = sel.shape[-2:]
+        counts = _incidence(r.q, node.query_regions, nq) @ sel @ _incidence(r.k, node.regions, nk).T
         return _prefix2d(counts.round()), _prefix2d(_block_pairs(r))
 
     counts, pairs = _cached(r, ("route", node), build)

@@ -42,53 +42,83 @@ def expand_kv_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
 
 def route_selection(
     node: ir.Route,
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
     q_positions: torch.Tensor,
     k_positions: torch.Tensor,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Selected key regions per query region: bool [batch, 1 or heads, regions, regions].
+    """Selected key regions per query region: bool [batch, 1, query regions, key regions].
 
-    q [B, H, lq, D], k [B, Hk, lk, D].  Region queries/keys are means over the
-    tokens present; scores are q_r . k_r summed over heads when shared (the
-    full-dimension affinity of BiFormer).  Ties go to the lower region index.
+    q [B, H, lq, D], k [B, Hk, lk, D]; `scores` [B or 1, H, nq, nk] replaces the
+    scorer (and q, k, then None) when the pattern names one.  Block logits (`dsl.selection`) are summed
+    over heads when shared (the full-dimension affinity of BiFormer), then one
+    selector picks regions among the eligible ones (present, and not later than
+    the query's own region when causal), forced regions first.  Ties go to the
+    lower region index.
     """
-    n = math.prod(c.size for c in node.regions)
-    k = expand_kv_heads(k, q.shape[1])
-    if node.head is not None:
-        q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k = q.detach().to(compute), k.detach().to(compute)
-    device = q.device
+    from . import selection
+
+    nq = math.prod(c.size for c in node.query_regions)
+    nk = math.prod(c.size for c in node.regions)
+    device = (q if scores is None else scores).device
+    if node.head is not None and scores is not None:
+        scores = scores[:, node.head : node.head + 1]
+    if scores is None:
+        k = expand_kv_heads(k, q.shape[1])
+        if node.head is not None:
+            q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k = q.detach().to(compute), k.detach().to(compute)
     q_positions, k_positions = q_positions.to(device), k_positions.to(device)
-    q_inside, k_inside = in_regions(q_positions, node.regions), in_regions(k_positions, node.regions)
-    rq = region_ids(q_positions[q_inside], node.regions)
+    q_inside = in_regions(q_positions, node.query_regions)
+    k_inside = in_regions(k_positions, node.regions)
+    rq = region_ids(q_positions[q_inside], node.query_regions)
     rk = region_ids(k_positions[k_inside], node.regions)
-    pooled_q = _region_means(q[:, :, q_inside], rq, n)
-    pooled_k = _region_means(k[:, :, k_inside], rk, n)
-    scores = torch.einsum("bhrd,bhsd->brs", pooled_q, pooled_k)  # sum over heads
-    present = torch.zeros(n, dtype=torch.bool, device=device)
-    present[rk] = True
-    scores = scores.masked_fill(~present[None, None, :], -math.inf)
-    ids = torch.arange(n, device=device)
+    if scores is not None:
+        logits = scores.detach().to(device=device, dtype=torch.float64)
+    else:
+        logits = selection.block_logits(
+            node, q[:, :, q_inside], k[:, :, k_inside], q_positions[q_inside], k_positions[k_inside], rq, rk, (nq, nk)
+        )
+        if node.score != "antidiagonal":
+            logits = logits * q.shape[-1] ** -0.5  # softmax temperature of q . k, as SDPA's default scale
+    logits = logits.double().sum(1)  # [B, nq, nk]: one head, or all heads shared
+    q_present = torch.zeros(nq, dtype=torch.bool, device=device)
+    q_present[rq] = True
+    k_present = torch.zeros(nk, dtype=torch.bool, device=device)
+    k_present[rk] = True
+    own = own_regions(node, device)  # [nq]: the key region holding each query region's last position
+    ids = torch.arange(nk, device=device)
+    eligible = q_present[:, None] & k_present[None, :]
     if node.causal:
-        scores = scores.masked_fill(ids[None, None, :] > ids[None, :, None], -math.inf)
+        eligible &= ids[None, :] <= own[:, None]
+    forced = torch.zeros_like(eligible)
     if node.own:
-        scores = scores.masked_fill((ids[None, :] == ids[:, None])[None] & present[None, None, :], math.inf)
-    # Stable descending order: equal scores keep the lower region first.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : node.topk]
-    picked = torch.gather(scores, -1, order) > -math.inf
-    selected = torch.zeros(scores.shape, dtype=torch.bool, device=device)
-    selected.scatter_(-1, order, picked)
-    return selected[:, None]
+        forced |= ids[None, :] == own[:, None]
+    if node.first:
+        forced[:, 0] = True
+    forced &= eligible
+    normalised = scores is None and node.score == "antidiagonal"
+    return selection.select(node, logits, eligible, forced, normalised)[:, None]
 
 
-def _region_means(x: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
-    b, h, _, d = x.shape
-    sums = torch.zeros(b, h, n, d, dtype=x.dtype, device=x.device)
-    sums.index_add_(2, ids, x)
-    counts = torch.bincount(ids, minlength=n).clamp(min=1).to(x.dtype)
-    return sums / counts[None, None, :, None]
+def own_regions(node: ir.Route, device: torch.device | str = "cpu") -> torch.Tensor:
+    """For each query region, the key region holding its last position (per axis):
+    the diagonal block, the query's own block for `own` and `causal`.  With equal
+    query and key regions it is the query region itself."""
+    nq = math.prod(c.size for c in node.query_regions)
+    if node.q_regions is None:
+        return torch.arange(nq, device=device)
+    index = torch.zeros(nq, dtype=torch.long, device=device)
+    rest = torch.arange(nq, device=device)
+    strides = [math.prod(c.size for c in node.query_regions[a + 1 :]) for a in range(len(node.regions))]
+    for qc, kc, step in zip(node.query_regions, node.regions, strides, strict=True):
+        coordinate = rest // step
+        rest = rest % step
+        last = ((coordinate + 1) * qc.div - 1) // kc.div
+        index = index * kc.size + last.clamp(max=kc.size - 1)
+    return index
 
 
 def cluster_indices(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from the call's tensors, which other torch backends reuse (`table_data`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -210,10 +211,17 @@ def route_table(t: Tensors, node: ir.Route) -> torch.Tensor:
     computed once per call on the tensors' own device (only the table moves)."""
     key = ("route", node)
     if key not in t.cache:
-        q, k = _qk(t, "route")
         s = t.instance.sizes
         all_q = torch.arange(s.lq) + s.q_offset
-        t.cache[key] = route_selection(node, q, k, all_q, torch.arange(s.lk))[:, 0].cpu()
+        if node.scores is not None:
+            selected = route_selection(node, None, None, all_q, torch.arange(s.lk), route_scores(t, node))
+        else:
+            q, k = _qk(t, "route")
+            selected = route_selection(node, q, k, all_q, torch.arange(s.lk))
+        selected = selected[:, 0].cpu()
+        if selected.shape[0] == 1 and t.batch is not None and t.batch > 1:  # one score table for the batch
+            selected = selected.expand(t.batch, *selected.shape[1:])
+        t.cache[key] = selected
     return t.cache[key]
 
 
@@ -229,6 +237,21 @@ def vertical_slash_table(t: Tensors, node: ir.VerticalSlash) -> tuple[torch.Tens
         t.cache[key] = (columns.cpu(), diagonals.cpu())
     columns, diagonals = t.cache[key]
     return columns[:, node.head], diagonals[:, node.head]
+
+
+def route_scores(t: Tensors, node: ir.Route) -> torch.Tensor:
+    """The checked block scores of `route(scores = ...)`: float [batch or 1, heads,
+    query regions, key regions].  Detached: no gradient flows to them."""
+    s = t.instance.sizes
+    x = floating(t.get(node.scores), node.scores, "route block scores")
+    nq = math.prod(c.size for c in node.query_regions)
+    nk = math.prod(c.size for c in node.regions)
+    if x.dim() != 4 or x.shape[1] != s.heads or tuple(x.shape[2:]) != (nq, nk):
+        raise MaskTypeError(
+            f"tensor '{node.scores}' (route block scores) must have shape [batch, {s.heads}, {nq}, {nk}] "
+            f"([batch, heads, query blocks, key blocks]), got {list(x.shape)}"
+        )
+    return x.detach()
 
 
 def cluster_selection(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Tensor]:

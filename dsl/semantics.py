@@ -167,7 +167,7 @@ def _segments(n: ir.Segments) -> Expr:
 
 def _route(n: ir.Route) -> Expr:
     kept = TableRef("route", n, dtype="bool")
-    rq, q_in = region(Q, n.regions)
+    rq, q_in = region(Q, n.query_regions)
     rk, k_in = region(K, n.regions)
     both = named("in_regions", q_in & k_in)
     return both & Load(kept, (B, named("rq", rq), named("rk", rk)), both)
