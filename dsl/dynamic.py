@@ -83,7 +83,7 @@ def route_selection(
         )
         if node.score != "antidiagonal":
             logits = logits * q.shape[-1] ** -0.5  # softmax temperature of q . k, as SDPA's default scale
-    logits = logits.double().sum(1)  # [B, nq, nk]: one head, or all heads shared
+    logits = logits.sum(1)  # [B, nq, nk]: one head, or all heads shared
     q_present = torch.zeros(nq, dtype=torch.bool, device=device)
     q_present[rq] = True
     k_present = torch.zeros(nk, dtype=torch.bool, device=device)

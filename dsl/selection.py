@@ -25,7 +25,8 @@ import torch
 
 from . import ir
 
-_CHUNK = 2048  # query rows (or strided groups) scored at a time: bounds memory at long lengths
+_CHUNK = 2048  # query rows scored at a time by "minmax": bounds memory at long lengths
+_SCORES_PER_CHUNK = 1 << 24  # antidiagonal logits held at once (64 MB in float32)
 
 
 def region_reduce(x: torch.Tensor, ids: torch.Tensor, n: int, how: str) -> torch.Tensor:
@@ -58,13 +59,17 @@ def block_logits(
         return antidiagonal_mass(q, k, q_positions, k_positions, rq, rk, sizes, node.stride, node.causal)
     if node.score == "minmax":
         kmax, kmin = region_reduce(k, rk, nk, "amax"), region_reduce(k, rk, nk, "amin")
+        per_query = rq.numel() == nq and bool((rq == torch.arange(nq, device=rq.device)).all())
         out = torch.full((*q.shape[:2], nq, nk), -math.inf, dtype=q.dtype, device=q.device)
         for s in range(0, q.shape[2], _CHUNK):
             part = q[:, :, s : s + _CHUNK]
             # sum_d max(q_d max_d, q_d min_d) = relu(q) . max - relu(-q) . min
             bound = part.clamp(min=0) @ kmax.transpose(-1, -2) - (-part).clamp(min=0) @ kmin.transpose(-1, -2)
-            index = rq[s : s + _CHUNK][None, None, :, None].expand_as(bound)
-            out.scatter_reduce_(2, index, bound, "amax")
+            if per_query:  # query_block = 1: each query is its own region
+                out[:, :, s : s + _CHUNK] = bound
+            else:
+                index = rq[s : s + _CHUNK][None, None, :, None].expand_as(bound)
+                out.scatter_reduce_(2, index, bound, "amax")
         return out.nan_to_num(neginf=0.0)  # regions without queries
     pooled_k = region_reduce(k, rk, nk, "amax" if node.score == "max" else "mean")
     return region_reduce(q, rq, nq, "mean") @ pooled_k.transpose(-1, -2)
@@ -110,8 +115,9 @@ def antidiagonal_mass(
     region_of_k[groups_k] = rk
     key_groups = torch.arange(ngk, device=q.device)
     scale = 1.0 / (math.sqrt(d) * stride)
-    for s in range(0, ngq, _CHUNK):
-        rows = torch.arange(s, min(s + _CHUNK, ngq), device=q.device)
+    chunk = max(1, _SCORES_PER_CHUNK // (b * h * ngk))  # rows of [B, H, rows, ngk] logits at a time
+    for s in range(0, ngq, chunk):
+        rows = torch.arange(s, min(s + chunk, ngq), device=q.device)
         logits = (qr[:, :, rows] @ kr.transpose(-1, -2)) * scale
         masked = ~k_present[None, :]
         if causal:
@@ -128,12 +134,18 @@ def antidiagonal_mass(
 def select(
     node: ir.Route, logits: torch.Tensor, eligible: torch.Tensor, forced: torch.Tensor, normalised: bool
 ) -> torch.Tensor:
-    """The selected key regions, bool [B, nq, nk], from float64 logits [B, nq, nk].
+    """The selected key regions, bool [B, nq, nk], from logits [B, nq, nk].
 
     `eligible` [nq, nk]: regions that may be selected; `forced` ⊆ eligible: always
     kept.  `normalised`: the logits are masses (antidiagonal), so P is them over
     their row's sum rather than a softmax."""
     logits = logits.masked_fill(~eligible, -math.inf)
+    # Forced regions first (by index), then decreasing logits, ties to the lower region.
+    key = logits.masked_fill(forced, math.inf)
+    n_forced = forced.sum(-1)
+    if node.topk is not None:
+        return _first(key, torch.clamp(n_forced, min=node.topk)) & eligible
+    logits = logits.double()
     if normalised:
         mass = logits.clamp(min=0).nan_to_num(0.0)
         probs = mass / mass.sum(-1, keepdim=True).clamp(min=torch.finfo(mass.dtype).tiny)
@@ -141,22 +153,31 @@ def select(
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     if node.threshold is not None:
         return forced | (eligible & (probs >= node.threshold))
-    # Forced regions first (by index), then decreasing logits; a stable sort keeps
-    # equal keys in index order, so ties go to the lower key region.
-    key = logits.masked_fill(forced, math.inf)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    n_forced = forced.sum(-1)
-    if node.topk is not None:
-        count = torch.clamp(n_forced, min=node.topk)
-    else:
-        ranked = torch.gather(probs, -1, order)
-        cumulative = torch.cumsum(ranked, dim=-1)
-        if node.mass is not None:  # XAttention: take regions until the mass before them reaches mass
-            before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
-            count = (before < node.mass).sum(-1)
-        else:  # SpargeAttn: the regions whose cumulative mass stays within cdf, at least one
-            count = (cumulative <= node.cdf).sum(-1).clamp(min=1)
-        count = torch.maximum(count, n_forced)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # stable: ties in index order
+    cumulative = torch.cumsum(torch.gather(probs, -1, order), dim=-1)
+    if node.mass is not None:  # XAttention: take regions until the mass before them reaches mass
+        before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+        count = (before < node.mass).sum(-1)
+    else:  # SpargeAttn: the regions whose cumulative mass stays within cdf, at least one
+        count = (cumulative <= node.cdf).sum(-1).clamp(min=1)
+    count = torch.maximum(count, n_forced)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return (rank < count[..., None]) & eligible
+
+
+def _first(key: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The `count` largest keys of each row, ties to the lower index, without a full
+    sort: the count-th largest value is the cut; of the keys equal to it, the
+    lowest indices fill the remaining room."""
+    n = key.shape[-1]
+    count = count.expand(key.shape[:-1])
+    most = int(count.max()) if count.numel() else 0
+    if most >= n:
+        return torch.ones_like(key, dtype=torch.bool)
+    cut = torch.topk(key, max(most, 1), dim=-1).values.gather(-1, (count.clamp(min=1) - 1)[..., None])
+    above = key > cut
+    tied = key == cut
+    room = count[..., None] - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (torch.cumsum(tied, dim=-1) <= room))
+    return chosen & (count[..., None] > 0)

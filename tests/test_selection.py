@@ -139,47 +139,69 @@ def test_antidiagonal_finds_a_planted_slash():
 # ---------------------------------------------------------------- Quest
 
 
-def quest_selection(q: torch.Tensor, k: torch.Tensor, page: int, budget: int) -> torch.Tensor:
-    """One head: per query token, the pages kept [L, pages] (causal, own page kept)."""
-    length = q.shape[0]
-    n = -(-length // page)
+def quest_bounds(q: torch.Tensor, k: torch.Tensor, page: int) -> torch.Tensor:
+    """One head: Quest's upper bound of each query [L, D] on each page: [L, pages]."""
+    n = -(-k.shape[0] // page)
     kmax = torch.stack([k[p * page : (p + 1) * page].amax(0) for p in range(n)])
     kmin = torch.stack([k[p * page : (p + 1) * page].amin(0) for p in range(n)])
-    sel = torch.zeros(length, n, dtype=torch.bool)
-    for i in range(length):
-        own = i // page
-        bound = [float(torch.maximum(q[i] * kmax[p], q[i] * kmin[p]).sum()) for p in range(own)]
-        sel[i, own] = True
-        for p in _ranked(bound)[: budget - 1]:
-            sel[i, p] = True
-    return sel
+    return torch.stack([torch.maximum(q * kmax[p], q * kmin[p]).sum(-1) for p in range(n)], dim=-1)
+
+
+def quest_pages(bounds: list[float], own: int, budget: int) -> set[int]:
+    """The own page, then the best earlier pages by bound, `budget` in all."""
+    return {own, *_ranked(bounds[:own])[: budget - 1]}
 
 
 @pytest.mark.parametrize("plant", ["random", "column"])
 @pytest.mark.parametrize(("length", "page", "budget", "kv_heads"), [(50, 4, 3, 2), (33, 8, 2, 1)])
 def test_quest_equals_the_page_upper_bound(plant, length, page, budget, kv_heads):
+    """In a prefill the queries of a page share their choice, by their largest bound."""
     heads = 2
     q, k = _qk(1, heads, length, 8, seed=page + budget, kv_heads=kv_heads)
     if plant == "column":
         q, k = _plant_column(q, k, column=5)
     got = maskc.compile("quest", page=page, pages=budget).mask(length, heads=heads, q=q, k=k)[0]
+    n = -(-length // page)
     for h in range(heads):
-        kh = k[0, h // (heads // kv_heads)]
-        sel = quest_selection(q[0, h], kh, page, budget)
-        assert torch.equal(got[h], _dense(sel, length, 1, page, causal=True)), f"head {h}"
+        bounds = quest_bounds(q[0, h], k[0, h // (heads // kv_heads)], page)
+        sel = torch.zeros(n, n, dtype=torch.bool)
+        for r in range(n):
+            block_bound = bounds[r * page : (r + 1) * page].amax(0)
+            sel[r, list(quest_pages([float(x) for x in block_bound], r, budget))] = True
+        assert torch.equal(got[h], _dense(sel, length, page, page, causal=True)), f"head {h}"
         if plant == "column":
-            assert sel[page:, 5 // page].all()
+            assert sel[1:, 5 // page].all()
 
 
-def test_quest_decode_step_equals_prefill_row():
-    """Decoding one token at a time selects what the prefill selects for that row."""
-    program = maskc.compile("quest", page=4, pages=2)
+def test_quest_decoding_is_per_query():
+    """A decoding step attends to exactly the pages Quest picks for that query."""
+    page, budget, pos = 4, 3, 29
+    program = maskc.compile("quest", page=page, pages=budget)
     q, k = _qk(1, 2, 30, 8, seed=9)
     v = torch.randn(1, 2, 30, 8, dtype=torch.float64)
-    full = program(q, k, v, backend="cpu")
-    pos = 29
     step = program.decode(q[:, :, pos : pos + 1], k, v, torch.tensor([pos]), backend="cpu")
-    torch.testing.assert_close(step, full[:, :, pos : pos + 1], atol=1e-10, rtol=1e-10)
+    for h in range(2):
+        bounds = quest_bounds(q[0, h, pos : pos + 1], k[0, h], page)[0]
+        pages = quest_pages([float(x) for x in bounds], pos // page, budget)
+        keys = [j for j in range(pos + 1) if j // page in pages]
+        p = torch.softmax(q[0, h, pos] @ k[0, h, keys].T / math.sqrt(8), dim=-1)
+        torch.testing.assert_close(step[0, h, 0], p @ v[0, h, keys], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("length", [37, 64])
+def test_per_query_selection(length):
+    """query_block = 1: every query token chooses for itself (Quest's rule per query)."""
+    page, budget = 4, 3
+    q, k = _qk(1, 1, length, 8, seed=length)
+    spec = (
+        f'causal & route(topk = {budget}, block = {page}, query_block = 1, score = "minmax", causal = true, own = true)'
+    )
+    got = maskc.compile(spec).mask(length, q=q, k=k)[0, 0]
+    bounds = quest_bounds(q[0, 0], k[0, 0], page)
+    sel = torch.zeros(length, -(-length // page), dtype=torch.bool)
+    for i in range(length):
+        sel[i, list(quest_pages([float(x) for x in bounds[i]], i // page, budget))] = True
+    assert torch.equal(got, _dense(sel, length, 1, page, causal=True))
 
 
 # ---------------------------------------------------------------- SpargeAttn
@@ -318,20 +340,15 @@ def test_cpu_against_the_reference(spec, tensors):
     assert all(g is None or not g.any() for g in got[1:])
 
 
-def _all_forms() -> maskc.Program:
-    """Every form, one head each: FlexAttention and the fuzzer compile it once."""
-    forms = [s for s, _ in BACKEND_SPECS]
-    return maskc.compile("heads { " + "; ".join(f"{i} .. {i + 1}: {s}" for i, s in enumerate(forms)) + " }")
-
-
 def test_flex_against_the_reference():
-    program = _all_forms()
-    heads = len(BACKEND_SPECS)
-    _, q, k, v = _fused(1, heads, heads, 37, 8, seed=5)
-    gate = torch.randn(1, heads, 5, 5)
+    """FlexAttention reads the same [query regions, key regions] table (SpargeAttn's
+    query blocks differ from its key blocks); every form differs only in that table's
+    contents, which the CPU tests above check."""
+    program = maskc.compile("sparge(bq = 8, bk = 4, tau = 0.7)")
+    _, q, k, v = _fused(1, 2, 2, 37, 8, seed=5)
     with torch.no_grad():
-        out = program(q, k, v, backend="flex", gate=gate)
-        ref = program.reference(q, k, v, gate=gate)
+        out = program(q, k, v, backend="flex")
+        ref = program.reference(q, k, v)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
