@@ -135,6 +135,11 @@ def cost(lengths: list[int]) -> list[dict]:
             progress(f"L={lq}: {name}")
             try:
                 rows.append(_cost_row(lq, name, spec, causal, q, k, v))
+                r = rows[-1]
+                progress(
+                    f"scoring {r['scoring_ms']:.0f} ms, with schedule {r['selection_ms']:.0f} ms, "
+                    f"attention {r['attention_ms']:.0f} ms at {r['density']:.1%}"
+                )
             except (RuntimeError, MemoryError) as e:  # out of memory, say
                 rows.append({"L": lq, "scorer": name, "spec": spec, "error": str(e).splitlines()[0][:120]})
     return rows
