@@ -49,6 +49,8 @@ _TABLE_DTYPES = {
     "random": torch.int32,
     "ids": torch.int32,
     "route": torch.int8,
+    "vs_columns": torch.int8,
+    "vs_diagonals": torch.int8,
     "cluster": torch.int64,
     "clusters": torch.int64,
     "alibi": torch.float32,

@@ -9,6 +9,11 @@ any rectangle of blocks is labelled from prefix sums or range extrema:
 - `route`: C[b, qb, kb], the number of allowed pairs in each block pair,
   is Nq @ sel @ Nk^T with N the tokens each block has in each region: exact
   E, F and M for any rectangle, in any layout.
+- `vertical_slash`: prefix sums of the selected columns per key block and of the
+  selected diagonals: a rectangle without a selected column or diagonal in its
+  ranges is E, one whose keys are all selected columns or whose offsets are all
+  selected diagonals is F; a single block is settled exactly from its keys (every
+  unselected key needs all its offsets selected), so no pair is evaluated.
 - `cluster`: which clusters each block touches; blocks sharing none are E,
   the rest are settled on their pairs (U).
 
@@ -32,6 +37,8 @@ def classify(node, r) -> torch.Tensor:
         return _segments(node, r)
     if isinstance(node, ir.Route):
         return _route(node, r)
+    if isinstance(node, ir.VerticalSlash):
+        return _vertical_slash(node, r)
     return _cluster(node, r)
 
 
@@ -138,15 +145,62 @@ def _incidence(geometry, regions: tuple[ir.Coord, ...], n: int) -> torch.Tensor:
 
 def _route(node: ir.Route, r) -> torch.Tensor:
     def build():
-        sel = evaluate.route_table(r.tensors, node).double()  # [B, n, n]
-        n = sel.shape[-1]
-        counts = _incidence(r.q, node.regions, n) @ sel @ _incidence(r.k, node.regions, n).T
+        sel = evaluate.route_table(r.tensors, node).double()  # [B, query regions, key regions]
+        nq, nk = sel.shape[-2:]
+        counts = _incidence(r.q, node.query_regions, nq) @ sel @ _incidence(r.k, node.regions, nk).T
         return _prefix2d(counts.round()), _prefix2d(_block_pairs(r))
 
     counts, pairs = _cached(r, ("route", node), build)
     allowed = _rect_sum(counts, r)  # [B, rects]
     total = _rect_sum(pairs, r)
     return _label((allowed == 0).all(0), (allowed == total).all(0), torch.ones(len(r), dtype=torch.bool))
+
+
+# ----------------------------------------------------------------- vertical-slash
+
+
+def _vertical_slash(node: ir.VerticalSlash, r) -> torch.Tensor:
+    def build():
+        columns, diagonals = evaluate.vertical_slash_table(r.tensors, node)  # [B, lk], [B, lq + lk - 1]
+        pos, valid = r.k.positions(torch.arange(r.k.num_blocks))
+        picked = (columns[:, pos.clamp(0, columns.shape[1] - 1)] & valid).sum(-1)  # [B, key blocks]
+        keys = torch.zeros(r.k.num_blocks + 1, dtype=torch.long)
+        keys[1:] = valid.sum(-1).cumsum(0)
+        col_prefix = torch.zeros(columns.shape[0], r.k.num_blocks + 1, dtype=torch.long)
+        col_prefix[:, 1:] = picked.cumsum(-1)
+        diag_prefix = torch.zeros(diagonals.shape[0], diagonals.shape[1] + 1, dtype=torch.long)
+        diag_prefix[:, 1:] = diagonals.long().cumsum(-1)
+        return columns, col_prefix, keys, diag_prefix
+
+    columns, col_prefix, keys, diag_prefix = _cached(r, ("vertical_slash", node), build)
+    a, b, ex_q = r.q_range(node.coord)
+    c, d, ex_k = r.k_range(node.coord)
+    base = node.rows - 1 + r.q.offset  # table index of offset k - q is k - q + base
+    top = diag_prefix.shape[1] - 1
+
+    def diagonal_count(lo, hi):  # selected diagonals with index in [lo, hi]
+        lo, hi = lo.clamp(0, top), (hi + 1).clamp(0, top)
+        return diag_prefix[:, hi] - diag_prefix[:, lo.clamp(max=hi)]
+
+    col_count = col_prefix[:, r.kb1] - col_prefix[:, r.kb0]
+    diag_count = diagonal_count(c - b + base, d - a + base)
+    empty = ((col_count == 0) & (diag_count == 0)).all(0)
+    full = (col_count == (keys[r.kb1] - keys[r.kb0])) | (diag_count == d - a - (c - b) + 1)
+    out = _label(empty, full.all(0), torch.zeros_like(empty))
+    # Single blocks with contiguous positions: exact.  A pair is allowed when its key is a
+    # selected column or its offset a selected diagonal; a block is full when every key
+    # that is no selected column has all its offsets k - b .. k - a selected.
+    single = (r.qb1 - r.qb0 == 1) & (r.kb1 - r.kb0 == 1) & ex_q & ex_k & ~empty & ~full.all(0)
+    if single.any():
+        pick = torch.nonzero(single).squeeze(1)
+        kp, kv = r.k.positions(r.kb0[pick])  # [n, block]
+        qa, qb = a[pick, None], b[pick, None]
+        covered = columns[:, kp.clamp(0, columns.shape[1] - 1)] | (
+            diagonal_count(kp - qb + base, kp - qa + base) == qb - qa + 1
+        )
+        every = (covered | ~kv).all(-1).all(0)
+        out[pick] = torch.where(every, F, M).to(torch.int8)
+    return out
 
 
 # ----------------------------------------------------------------- cluster

@@ -172,7 +172,13 @@ class Tables:
             ref = replace(table, node=next(iter(members.values())))
             return self._data(ref).to(self.device), None, False
         per_group = {g: self._data(replace(table, node=n)) for g, n in members.items()}
-        return self._stack(per_group, {"route": False, "cluster": 0}[table.kind]), None, True
+        return (
+            self._stack(
+                per_group, {"route": False, "vs_columns": False, "vs_diagonals": False, "cluster": 0}[table.kind]
+            ),
+            None,
+            True,
+        )
 
     def _data(self, table: TableRef) -> torch.Tensor:
         if table.kind == "ids":  # on the tensors' device, as [batch or 1, n]

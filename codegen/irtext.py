@@ -62,7 +62,24 @@ def mask_text(node: ir.Mask, top: bool = True) -> str:
     if isinstance(node, ir.Route):
         regions = ", ".join(coord_text("·", c) for c in node.regions)
         who = "shared" if node.head is None else f"head={node.head}"
-        return f"route(topk={node.topk}, regions=[{regions}], own={node.own}, causal={node.causal}, {who})"
+        selector = next(
+            f"{s}={getattr(node, s)}" for s in ("topk", "mass", "cdf", "threshold") if getattr(node, s) is not None
+        )
+        scorer = f"scores={node.scores}" if node.scores else f"score={node.score}"
+        if node.score == "antidiagonal" and not node.scores:
+            scorer += f", stride={node.stride}"
+        extra = "".join(
+            [
+                ", first=True" if node.first else "",
+                f", query_regions=[{', '.join(coord_text('·', c) for c in node.q_regions)}]" if node.q_regions else "",
+            ]
+        )
+        return f"route({selector}, {scorer}, regions=[{regions}], own={node.own}, causal={node.causal}, {who}{extra})"
+    if isinstance(node, ir.VerticalSlash):
+        return (
+            f"vertical_slash(v={node.vertical}, s={node.slash}, last={node.last}, sink={node.sink}, "
+            f"local={node.local}, causal={node.causal}, head={node.head})"
+        )
     if isinstance(node, ir.Cluster):
         return f"cluster(n={node.clusters}, size={node.size}, head={node.head})"
     raise TypeError(f"unknown node {node!r}")

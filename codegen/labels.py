@@ -115,7 +115,7 @@ def classify(node: ir.Mask, r: Rects) -> torch.Tensor:
         return _neighborhood(node, r)
     if isinstance(node, ir.RandomBlocks):
         return _random(node, r)
-    if r.tensors is not None and isinstance(node, (ir.Segments, ir.Route, ir.Cluster)):
+    if r.tensors is not None and isinstance(node, (ir.Segments, ir.Route, ir.Cluster, ir.VerticalSlash)):
         return dynamic.classify(node, r)
     return torch.full((len(r),), U, dtype=torch.int8)
 

@@ -39,7 +39,7 @@ class Table:
     `name_r0 ..` (the table's reach per axis)."""
 
     name: str
-    kind: str  # "random", "ids", "route", "cluster", "clusters", "alibi", "bias", "prefix_alpha", "prefix_beta"
+    kind: str  # "random", "ids", "route", "vs_columns", "vs_diagonals", "cluster", "clusters", "alibi", "bias", ...
     node: object  # the ir node it serves (head-specific data comes from the group)
     strides: int
     reaches: int = 0
@@ -258,7 +258,17 @@ class Printer:
 
     def _table(self, t: expr.TableRef) -> str:
         n = t.node
-        strides = {"random": 2, "ids": 1, "route": 2, "cluster": 2, "alibi": 0, "prefix_alpha": 2, "prefix_beta": 2}
+        strides = {
+            "random": 2,
+            "ids": 1,
+            "route": 2,
+            "vs_columns": 1,
+            "vs_diagonals": 1,
+            "cluster": 2,
+            "alibi": 0,
+            "prefix_alpha": 2,
+            "prefix_beta": 2,
+        }
         if t.kind == "bias":
             return self.e.table("bias", n, len(n.coords) + 1, len(n.coords))
         if t.kind == "cluster" and n.clusters > MAX_TRITON_CLUSTERS:
@@ -307,6 +317,9 @@ def _address(load: Load, name: str) -> Expr:
     if t.kind == "route":  # [batch, regions, regions]
         batch, rq, rk = index
         return batch * scalar(0) + rq * scalar(1) + rk
+    if t.kind in ("vs_columns", "vs_diagonals"):  # [batch (stride 0: one row for all), n]
+        batch, i = index
+        return batch * scalar(0) + i
     if t.kind == "cluster":  # [batch, queries then keys, one word of bits]
         batch, word, i = index
         if word != Const(0):

@@ -67,9 +67,10 @@ class Signature:
 class Lowering:
     """What an atom's `build` may read besides its arguments."""
 
-    def __init__(self, head: int, heads: int) -> None:
+    def __init__(self, head: int, heads: int, lq: int = 0) -> None:
         self.head = head
         self.heads = heads
+        self.lq = lq
 
 
 # ---------------------------------------------------------------- binding
@@ -126,12 +127,16 @@ def bind(sig: Signature, call: ast.Call, values: list[tuple[ast.Arg, object]], f
             f"{sig.name} reads token positions, which do not exist inside 'on blocks' over a grid",
             call.span,
         )
-    bound["_spans"] = spans
+    bound["_spans"] = {**spans, "_call": call.span}
     return bound
 
 
 def _check_kind(sig: Signature, name: str, kind: str, value: object, span: Span, frame: Frame) -> object:
     where = f"{sig.name}() argument '{name}'"
+    if kind.endswith("?") and kind not in ("tensor?", "range?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
     if kind.startswith("axis_"):
         base = kind[len("axis_") :]
         items = value if isinstance(value, tuple) else (value,) * frame.ndim
@@ -164,6 +169,19 @@ def _check_kind(sig: Signature, name: str, kind: str, value: object, span: Span,
                 raise MaskTypeError(f"{where} must be > 0, got {value}", span)
             if kind == "decay" and not 0 < value <= 1:
                 raise MaskTypeError(f"{where} must be in (0, 1], got {value}", span)
+        return value
+    if kind == "fraction":
+        if not is_number(value):
+            raise MaskTypeError(f"{where} must be a number, got {type_name(value)}", span)
+        if known(value):
+            value = float(value)
+            if not 0 < value <= 1:
+                raise MaskTypeError(f"{where} must be in (0, 1], got {value}", span)
+        return value
+    if kind == "scorer":
+        if value not in SCORERS:
+            names = ", ".join(f'"{s}"' for s in SCORERS)
+            raise MaskTypeError(f"{where} must be one of {names}, got {_shown(value)}", span)
         return value
     if kind == "path":
         if value not in ("hv", "vh"):
@@ -247,14 +265,73 @@ def _random(a, f, low):
     return ir.RandomBlocks(coord, a["r"], a["seed"], low.head, lo, max(lo, hi), a["skip"])
 
 
+SCORERS = ("mean", "max", "minmax", "antidiagonal")
+SELECTORS = ("topk", "mass", "cdf", "threshold")
+
+
 def _route(a, f, low):
+    spans = a["_spans"]
     regions = tuple(ax.blocked(b) for ax, b in zip(f.axes, a["block"], strict=True))
+    q_regions = None
+    if a["query_block"] is not None and a["query_block"] != a["block"]:
+        q_regions = tuple(ax.blocked(b) for ax, b in zip(f.axes, a["query_block"], strict=True))
+    score = a["score"] or "mean"
+    stride = a["stride"] if a["stride"] is not None else (8 if score == "antidiagonal" else 1)
+    if score == "antidiagonal":
+        if len(regions) != 1 or regions[0].mod is not None:
+            raise MaskTypeError(
+                'route(score = "antidiagonal") reads token order: it needs a 1-D sequence', spans["score"]
+            )
+        tokens = [r[0].div for r in (regions, q_regions) if r is not None]
+        if any(t % stride for t in tokens):
+            raise MaskTypeError(
+                f'route(score = "antidiagonal") needs blocks of a multiple of its stride {stride} tokens, '
+                f"got {tokens[-1]}",
+                spans["stride" if a["stride"] is not None else "block"],
+            )
     head = None if a["shared"] else low.head
-    return ir.Route(a["topk"], regions, bool(a["own"]), bool(a["causal"]), head, a["_spans"]["topk"])
+    scores = a["scores"].name if a["scores"] is not None else None
+    selector_span = next((spans[s] for s in SELECTORS if a[s] is not None), spans["topk"])
+    return ir.Route(
+        a["topk"],
+        regions,
+        bool(a["own"]),
+        bool(a["causal"]),
+        head,
+        selector_span,
+        score,
+        stride,
+        a["mass"],
+        a["cdf"],
+        a["threshold"],
+        bool(a["first"]),
+        scores,
+        q_regions,
+    )
 
 
 def _cluster(a, f, low):
     return ir.Cluster(a["n"], a["size"], low.head, a["_spans"]["n"])
+
+
+def _vertical_slash(a, f, low):
+    if f.flat.div != 1 or f.flat.mod is not None:
+        raise MaskTypeError(
+            "vertical_slash selects token columns and diagonals: it cannot be used inside 'on blocks'",
+            a["_spans"]["_call"],
+        )
+    return ir.VerticalSlash(
+        f.flat,
+        a["v"],
+        a["s"],
+        a["last"],
+        a["sink"],
+        a["local"],
+        bool(a["causal"]),
+        low.head,
+        low.lq,
+        a["_spans"]["v"],
+    )
 
 
 def _sig(name, params, doc, build, variadic=None, flat=False):
@@ -369,14 +446,36 @@ ATOMS: dict[str, Signature] = {
         _sig(
             "route",
             [
-                ("topk", "pos"),
+                ("topk", "pos?", None),
                 ("block", "axis_pos"),
                 ("own", "bool", False),
                 ("causal", "bool", False),
                 ("shared", "bool", True),
+                ("score", "scorer?", None),
+                ("stride", "pos?", None),
+                ("mass", "fraction?", None),
+                ("cdf", "fraction?", None),
+                ("threshold", "fraction?", None),
+                ("first", "bool", False),
+                ("scores", "tensor?", None),
+                ("query_block", "axis_pos?", None),
             ],
-            "top-k key blocks per query block by pooled q.k (BiFormer, MoBA)",
+            "key blocks per query block, scored and selected (BiFormer, MoBA, XAttention, Quest, SpargeAttn)",
             _route,
+        ),
+        _sig(
+            "vertical_slash",
+            [
+                ("v", "nonneg"),
+                ("s", "nonneg"),
+                ("last", "pos", 64),
+                ("sink", "nonneg", 30),
+                ("local", "nonneg", 100),
+                ("causal", "bool", True),
+            ],
+            "top-v key columns and top-s diagonals per head from the last queries' softmax (MInference)",
+            _vertical_slash,
+            flat=True,
         ),
         _sig(
             "cluster",
@@ -390,7 +489,13 @@ ATOMS: dict[str, Signature] = {
 # Each atom's checks that need no sizes but relate two arguments.
 
 
+def _shown(value: object) -> str:
+    return repr(value) if isinstance(value, str) else type_name(value)
+
+
 def check_relations(sig: Signature, args: dict) -> None:
+    if sig.name == "route":
+        _check_route(args)
     if sig.name == "neighborhood":
         for w, s in zip(args["w"], args["stride"], strict=True):
             if known(w, s) and s > w:
@@ -398,6 +503,23 @@ def check_relations(sig: Signature, args: dict) -> None:
                     f"neighborhood stride {s} is larger than its window {w}",
                     args["_spans"]["stride"],
                 )
+
+
+def _check_route(args: dict) -> None:
+    """One selector; `stride` only with the antidiagonal scorer; a score tensor
+    replaces the scorer (docs/language.md §8.4)."""
+    spans = args["_spans"]
+    given = [s for s in SELECTORS if args[s] is not None]
+    if not given:
+        raise MaskTypeError("route() needs a selector: topk = k, mass = t, cdf = t or threshold = t", spans["topk"])
+    if len(given) > 1:
+        raise MaskTypeError(f"route() takes one selector, got {given[0]} and {given[1]}", spans[given[1]])
+    if args["stride"] is not None and args["score"] != "antidiagonal":
+        raise MaskTypeError("route() argument 'stride' needs score = \"antidiagonal\"", spans["stride"])
+    if args["scores"] is not None and args["score"] is not None:
+        raise MaskTypeError(
+            "route() takes a score tensor or a scorer, not both (scores = ... replaces score = ...)", spans["score"]
+        )
 
 
 # ---------------------------------------------------------------- modifiers

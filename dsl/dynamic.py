@@ -42,53 +42,83 @@ def expand_kv_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
 
 def route_selection(
     node: ir.Route,
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
     q_positions: torch.Tensor,
     k_positions: torch.Tensor,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Selected key regions per query region: bool [batch, 1 or heads, regions, regions].
+    """Selected key regions per query region: bool [batch, 1, query regions, key regions].
 
-    q [B, H, lq, D], k [B, Hk, lk, D].  Region queries/keys are means over the
-    tokens present; scores are q_r . k_r summed over heads when shared (the
-    full-dimension affinity of BiFormer).  Ties go to the lower region index.
+    q [B, H, lq, D], k [B, Hk, lk, D]; `scores` [B or 1, H, nq, nk] replaces the
+    scorer (and q, k, then None) when the pattern names one.  Block logits (`dsl.selection`) are summed
+    over heads when shared (the full-dimension affinity of BiFormer), then one
+    selector picks regions among the eligible ones (present, and not later than
+    the query's own region when causal), forced regions first.  Ties go to the
+    lower region index.
     """
-    n = math.prod(c.size for c in node.regions)
-    k = expand_kv_heads(k, q.shape[1])
-    if node.head is not None:
-        q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k = q.detach().to(compute), k.detach().to(compute)
-    device = q.device
+    from . import selection
+
+    nq = math.prod(c.size for c in node.query_regions)
+    nk = math.prod(c.size for c in node.regions)
+    device = (q if scores is None else scores).device
+    if node.head is not None and scores is not None:
+        scores = scores[:, node.head : node.head + 1]
+    if scores is None:
+        k = expand_kv_heads(k, q.shape[1])
+        if node.head is not None:
+            q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k = q.detach().to(compute), k.detach().to(compute)
     q_positions, k_positions = q_positions.to(device), k_positions.to(device)
-    q_inside, k_inside = in_regions(q_positions, node.regions), in_regions(k_positions, node.regions)
-    rq = region_ids(q_positions[q_inside], node.regions)
+    q_inside = in_regions(q_positions, node.query_regions)
+    k_inside = in_regions(k_positions, node.regions)
+    rq = region_ids(q_positions[q_inside], node.query_regions)
     rk = region_ids(k_positions[k_inside], node.regions)
-    pooled_q = _region_means(q[:, :, q_inside], rq, n)
-    pooled_k = _region_means(k[:, :, k_inside], rk, n)
-    scores = torch.einsum("bhrd,bhsd->brs", pooled_q, pooled_k)  # sum over heads
-    present = torch.zeros(n, dtype=torch.bool, device=device)
-    present[rk] = True
-    scores = scores.masked_fill(~present[None, None, :], -math.inf)
-    ids = torch.arange(n, device=device)
+    if scores is not None:
+        logits = scores.detach().to(device=device, dtype=torch.float64)
+    else:
+        logits = selection.block_logits(
+            node, q[:, :, q_inside], k[:, :, k_inside], q_positions[q_inside], k_positions[k_inside], rq, rk, (nq, nk)
+        )
+        if node.score != "antidiagonal":
+            logits = logits * q.shape[-1] ** -0.5  # softmax temperature of q . k, as SDPA's default scale
+    logits = logits.sum(1)  # [B, nq, nk]: one head, or all heads shared
+    q_present = torch.zeros(nq, dtype=torch.bool, device=device)
+    q_present[rq] = True
+    k_present = torch.zeros(nk, dtype=torch.bool, device=device)
+    k_present[rk] = True
+    own = own_regions(node, device)  # [nq]: the key region holding each query region's last position
+    ids = torch.arange(nk, device=device)
+    eligible = q_present[:, None] & k_present[None, :]
     if node.causal:
-        scores = scores.masked_fill(ids[None, None, :] > ids[None, :, None], -math.inf)
+        eligible &= ids[None, :] <= own[:, None]
+    forced = torch.zeros_like(eligible)
     if node.own:
-        scores = scores.masked_fill((ids[None, :] == ids[:, None])[None] & present[None, None, :], math.inf)
-    # Stable descending order: equal scores keep the lower region first.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : node.topk]
-    picked = torch.gather(scores, -1, order) > -math.inf
-    selected = torch.zeros(scores.shape, dtype=torch.bool, device=device)
-    selected.scatter_(-1, order, picked)
-    return selected[:, None]
+        forced |= ids[None, :] == own[:, None]
+    if node.first:
+        forced[:, 0] = True
+    forced &= eligible
+    normalised = scores is None and node.score == "antidiagonal"
+    return selection.select(node, logits, eligible, forced, normalised)[:, None]
 
 
-def _region_means(x: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
-    b, h, _, d = x.shape
-    sums = torch.zeros(b, h, n, d, dtype=x.dtype, device=x.device)
-    sums.index_add_(2, ids, x)
-    counts = torch.bincount(ids, minlength=n).clamp(min=1).to(x.dtype)
-    return sums / counts[None, None, :, None]
+def own_regions(node: ir.Route, device: torch.device | str = "cpu") -> torch.Tensor:
+    """For each query region, the key region holding its last position (per axis):
+    the diagonal block, the query's own block for `own` and `causal`.  With equal
+    query and key regions it is the query region itself."""
+    nq = math.prod(c.size for c in node.query_regions)
+    if node.q_regions is None:
+        return torch.arange(nq, device=device)
+    index = torch.zeros(nq, dtype=torch.long, device=device)
+    rest = torch.arange(nq, device=device)
+    strides = [math.prod(c.size for c in node.query_regions[a + 1 :]) for a in range(len(node.regions))]
+    for qc, kc, step in zip(node.query_regions, node.regions, strides, strict=True):
+        coordinate = rest // step
+        rest = rest % step
+        last = ((coordinate + 1) * qc.div - 1) // kc.div
+        index = index * kc.size + last.clamp(max=kc.size - 1)
+    return index
 
 
 def cluster_indices(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
@@ -133,3 +163,82 @@ def membership_bits(members: torch.Tensor) -> torch.Tensor:
     shifted = members.to(torch.int64) << (clusters % BITS_PER_WORD)[None, :, None]  # distinct bits: sum = or
     out = torch.zeros(b, words, length, dtype=torch.int64, device=members.device)
     return out.index_add_(1, clusters // BITS_PER_WORD, shifted)
+
+
+# ---------------------------------------------------------------- vertical-slash (MInference)
+
+
+def vertical_slash_selection(
+    node: ir.VerticalSlash, q: torch.Tensor, k: torch.Tensor, q_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's index selection, for every query head at once (the node's head is
+    ignored): (columns bool [B, H, lk], diagonals bool [B, H, lq + lk - 1]); diagonal i
+    is the offset k - row = i - (lq - 1), row = q - q_offset.
+
+    q [B, H, lq, D], k [B, Hk, lk, D].  The last `node.last` queries attend every key
+    (keys up to their own position when causal) with softmax(q.k / sqrt(D)); a column
+    scores its probability summed over those queries, a diagonal the probabilities on
+    it.  Candidates are the keys and diagonals those pairs reach, plus the first `sink`
+    keys; the first `sink` keys and the diagonals with |k - q| < local rank first (as
+    MInference's infinities do), then the highest scores.  Ties: the lower key; the
+    nearer diagonal (smaller |k - q|, then k - q < 0 first).
+    """
+    batch, heads, lq, dim = q.shape
+    lk, groups = k.shape[2], heads // k.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n = min(node.last, lq)
+    device = q.device
+    # Grouped heads share their key head: [B, Hk, groups * n, D] against [B, Hk, lk, D].
+    qs = q[:, :, lq - n :].detach().to(compute).reshape(batch, k.shape[1], groups * n, dim)
+    logits = torch.matmul(qs, k.detach().to(compute).transpose(2, 3)).view(batch, heads, n, lk) / math.sqrt(dim)
+    q_pos = torch.arange(lq - n, lq, device=device) + q_offset
+    k_pos = torch.arange(lk, device=device)
+    seen = k_pos[None, :] <= q_pos[:, None] if node.causal else torch.ones(n, lk, dtype=torch.bool, device=device)
+    if node.causal:  # only keys after the first scored query need the mask
+        cut = int(min(max(int(q_pos[0]) + 1, 0), lk)) if n else lk
+        logits[..., cut:] = logits[..., cut:].masked_fill(~seen[:, cut:], -math.inf)
+    probs = torch.softmax(logits, dim=-1).masked_fill(~seen.any(-1)[:, None], 0.0)
+    flat = batch * heads
+
+    forced_cols = k_pos < node.sink
+    columns = _select(probs.sum(2).view(flat, lk), seen.any(0) | forced_cols, forced_cols, node.vertical)
+
+    # Diagonal i of the table is k - row + lq - 1; the scored rows reach i < lk + n - 1.
+    width, reach = lq + lk - 1, lk + n - 1
+    slash = torch.zeros(flat, width, dtype=compute, device=device)
+    slash[:, :reach] = _diagonal_sums(probs.view(flat, n, lk))
+    reached = torch.zeros(width, dtype=torch.bool, device=device)
+    reached[:reach] = _diagonal_sums(seen[None].to(compute))[0] > 0
+    offset = torch.arange(width, device=device) - (lq - 1) - q_offset  # k - q
+    forced_diags = reached & (offset.abs() < node.local)
+    # Nearer diagonals first among equals: rank the table in that order, then map back.
+    order = torch.argsort(offset.abs() * 2 + (offset > 0), stable=True)
+    picked = _select(slash[:, order], reached[order], forced_diags[order], node.slash)
+    diagonals = torch.zeros_like(picked).index_copy_(1, order, picked)
+    return columns.view(batch, heads, lk), diagonals.view(batch, heads, width)
+
+
+def _diagonal_sums(x: torch.Tensor) -> torch.Tensor:
+    """[B, n, lk] -> [B, lk + n - 1]: entry j sums x[:, i, j - (n - 1 - i)] over rows i
+    (a skewed view of a zero-padded copy: row i shifted right by n - 1 - i)."""
+    b, n, lk = x.shape
+    w = lk + 2 * n
+    padded = torch.zeros(b, n, w, dtype=x.dtype, device=x.device)
+    padded[:, :, n : n + lk] = x
+    skewed = padded.as_strided((b, n, lk + n - 1), (n * w, w + 1, 1), padded.storage_offset() + 1)
+    return skewed.sum(1)
+
+
+def _select(scores: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` best candidates per row of scores [B, N]: forced ones first, then the
+    highest scores; among equals the lower index.  Linear time, unlike a full sort."""
+    take = min(count, int(candidate.sum()))
+    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if take == 0 or scores.shape[0] == 0:
+        return chosen
+    key = scores.masked_fill(forced, math.inf).masked_fill(~candidate, -math.inf)
+    threshold = torch.topk(key, take, dim=-1).values[..., -1:]
+    above = key > threshold
+    tied = key == threshold
+    room = take - above.sum(-1, keepdim=True)
+    return above | (tied & (torch.cumsum(tied, -1) <= room))

@@ -12,6 +12,8 @@ from the call's tensors, which other torch backends reuse (`table_data`).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,6 +27,7 @@ from .dynamic import (
     expand_kv_heads,
     membership_bits,
     route_selection,
+    vertical_slash_selection,
 )
 from .errors import MaskTypeError
 from .random_blocks import draw
@@ -94,6 +97,8 @@ def _batch(node: ir.Mask, t: Tensors) -> tuple[int, ...]:
             sizes.append(ids.shape[0] if ids.dim() == 2 else 1)
         elif isinstance(n, ir.Route):
             sizes.append(route_table(t, n).shape[0])
+        elif isinstance(n, ir.VerticalSlash):
+            sizes.append(vertical_slash_table(t, n)[0].shape[0])
         else:
             sizes.append(cluster_table(t, n)[0].shape[0])
     return (max(sizes),) if sizes else ()
@@ -146,7 +151,7 @@ class _DenseEnv(expr.Env):
 
 
 def table_data(table: expr.TableRef, t: Tensors) -> torch.Tensor:
-    """The tensor behind a table of `dsl.semantics` (kinds ids, route, cluster, bias,
+    """The tensor behind a table of `dsl.semantics` (kinds ids, route, vs_*, cluster, bias,
     prefix_alpha, prefix_beta), laid out by its logical indices, on the CPU for the
     tables computed from q and k."""
     node = table.node
@@ -154,6 +159,8 @@ def table_data(table: expr.TableRef, t: Tensors) -> torch.Tensor:
         return segment_ids(node, t).cpu()
     if table.kind == "route":
         return route_table(t, node)
+    if table.kind in ("vs_columns", "vs_diagonals"):
+        return vertical_slash_table(t, node)[table.kind == "vs_diagonals"]
     if table.kind == "cluster":
         bits_q, bits_k = cluster_table(t, node)
         return bits_q if table.part == "q" else bits_k
@@ -204,11 +211,47 @@ def route_table(t: Tensors, node: ir.Route) -> torch.Tensor:
     computed once per call on the tensors' own device (only the table moves)."""
     key = ("route", node)
     if key not in t.cache:
-        q, k = _qk(t, "route")
         s = t.instance.sizes
         all_q = torch.arange(s.lq) + s.q_offset
-        t.cache[key] = route_selection(node, q, k, all_q, torch.arange(s.lk))[:, 0].cpu()
+        if node.scores is not None:
+            selected = route_selection(node, None, None, all_q, torch.arange(s.lk), route_scores(t, node))
+        else:
+            q, k = _qk(t, "route")
+            selected = route_selection(node, q, k, all_q, torch.arange(s.lk))
+        selected = selected[:, 0].cpu()
+        if selected.shape[0] == 1 and t.batch is not None and t.batch > 1:  # one score table for the batch
+            selected = selected.expand(t.batch, *selected.shape[1:])
+        t.cache[key] = selected
     return t.cache[key]
+
+
+def vertical_slash_table(t: Tensors, node: ir.VerticalSlash) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's selected columns [B, lk] and diagonals [B, lq + lk - 1] of the
+    node's head (bool, on the CPU; `dynamic.vertical_slash_selection`), computed once
+    per call for all heads."""
+    every_head = dataclasses.replace(node, head=0)
+    key = ("vertical_slash", every_head)
+    if key not in t.cache:
+        q, k = _qk(t, "vertical_slash")
+        columns, diagonals = vertical_slash_selection(every_head, q, k, t.instance.sizes.q_offset)
+        t.cache[key] = (columns.cpu(), diagonals.cpu())
+    columns, diagonals = t.cache[key]
+    return columns[:, node.head], diagonals[:, node.head]
+
+
+def route_scores(t: Tensors, node: ir.Route) -> torch.Tensor:
+    """The checked block scores of `route(scores = ...)`: float [batch or 1, heads,
+    query regions, key regions].  Detached: no gradient flows to them."""
+    s = t.instance.sizes
+    x = floating(t.get(node.scores), node.scores, "route block scores")
+    nq = math.prod(c.size for c in node.query_regions)
+    nk = math.prod(c.size for c in node.regions)
+    if x.dim() != 4 or x.shape[1] != s.heads or tuple(x.shape[2:]) != (nq, nk):
+        raise MaskTypeError(
+            f"tensor '{node.scores}' (route block scores) must have shape [batch, {s.heads}, {nq}, {nk}] "
+            f"([batch, heads, query blocks, key blocks]), got {list(x.shape)}"
+        )
+    return x.detach()
 
 
 def cluster_selection(t: Tensors, node: ir.Cluster) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,6 +368,8 @@ def check_tensors(instance: Instance, t: Tensors) -> None:
                 segment_ids(node, t)
             elif isinstance(node, ir.Route):
                 route_table(t, node)
+            elif isinstance(node, ir.VerticalSlash):
+                vertical_slash_table(t, node)
             elif isinstance(node, ir.Cluster):
                 cluster_selection(t, node)
         for m in pattern.modifiers:

@@ -121,15 +121,31 @@ class Segments:
 
 @dataclass(frozen=True)
 class Route:
-    """Key region is among the top-k regions of the query's region, scored by
-    mean-pooled q . k (BiFormer / MoBA).  Regions are row-major over `regions`."""
+    """Key region is among the regions `dsl.selection` selects for the query's
+    region: scored by `score` (or read from the call-time tensor `scores`), chosen
+    by one selector (`topk`, `mass`, `cdf` or `threshold`), with the forced
+    regions (`own`: the query's own/diagonal region, `first`: region 0) always
+    kept.  Regions are row-major over `regions` (keys) and `q_regions` (queries;
+    None: the same as the keys')."""
 
-    topk: int
+    topk: int | None
     regions: tuple[Coord, ...]
     own: bool
     causal: bool
     head: int | None  # None: one routing shared by all heads
     span: Span = _span()
+    score: str = "mean"  # "mean", "max", "minmax", "antidiagonal"
+    stride: int = 1  # antidiagonal: tokens per strided group
+    mass: float | None = None
+    cdf: float | None = None
+    threshold: float | None = None
+    first: bool = False
+    scores: str | None = None  # an external score tensor [batch, heads, q regions, k regions]
+    q_regions: tuple[Coord, ...] | None = None
+
+    @property
+    def query_regions(self) -> tuple[Coord, ...]:
+        return self.regions if self.q_regions is None else self.q_regions
 
 
 @dataclass(frozen=True)
@@ -142,9 +158,42 @@ class Cluster:
     span: Span = _span()
 
 
-Mask = Const | And | Or | Not | Offset | OffsetMod | PosSet | Neighborhood | RandomBlocks | Segments | Route | Cluster
+@dataclass(frozen=True)
+class VerticalSlash:
+    """MInference's vertical-slash pattern for one head: the key is a selected column,
+    or k - q is a selected diagonal, both picked from the softmax of the last `last`
+    queries (`dsl.dynamic.vertical_slash_selection`).  `rows` is the number of
+    queries: the diagonals' table is indexed by k - row + rows - 1."""
 
-DYNAMIC = (Segments, Route, Cluster)
+    coord: Coord  # token positions (size: the keys)
+    vertical: int
+    slash: int
+    last: int
+    sink: int
+    local: int
+    causal: bool
+    head: int
+    rows: int
+    span: Span = _span()
+
+
+Mask = (
+    Const
+    | And
+    | Or
+    | Not
+    | Offset
+    | OffsetMod
+    | PosSet
+    | Neighborhood
+    | RandomBlocks
+    | Segments
+    | Route
+    | Cluster
+    | VerticalSlash
+)
+
+DYNAMIC = (Segments, Route, Cluster, VerticalSlash)
 
 
 # ------------------------------------------------------------------ modifiers
@@ -230,4 +279,4 @@ def is_dynamic(mask: Mask) -> bool:
 def reads_qk(mask: Mask) -> bool:
     """Whether the pattern depends on the contents of q and k (routing, clusters):
     such a schedule holds for one call only."""
-    return any(isinstance(n, (Route, Cluster)) for n in walk(mask))
+    return any(isinstance(n, (Route, Cluster, VerticalSlash)) for n in walk(mask))

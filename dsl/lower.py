@@ -324,7 +324,7 @@ class Walker:
             if self.static:
                 mask = ir.Const(False)
             else:
-                mask = _fits_int64(sig.build(args, frame, Lowering(self.head, self.sizes.heads)), node)
+                mask = _fits_int64(sig.build(args, frame, Lowering(self.head, self.sizes.heads, self.sizes.lq)), node)
             self.atoms[key] = mask
             return mask
         if node.name in MODIFIERS:

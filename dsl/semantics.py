@@ -15,6 +15,8 @@ The expressions read the variables of `dsl.expr` (`q`, `k`, `b`, `h`,
 | random | [query block, j]: the j-th key block drawn for the query block (-1: none) |
 | ids | [batch, n]: segment ids (`segments`) |
 | route | [batch, query region, key region]: whether `route` keeps the key region |
+| vs_columns | [batch, key]: whether `vertical_slash` keeps the key's column |
+| vs_diagonals | [batch, k - row + lq - 1]: whether `vertical_slash` keeps the diagonal |
 | cluster (parts q, k) | [batch, word, query row / key position]: cluster membership bits |
 | alibi | [head]: the head's ALiBi slope |
 | bias | [head, 2r_1 + 1, ...]: a relative position bias table |
@@ -165,10 +167,19 @@ def _segments(n: ir.Segments) -> Expr:
 
 def _route(n: ir.Route) -> Expr:
     kept = TableRef("route", n, dtype="bool")
-    rq, q_in = region(Q, n.regions)
+    rq, q_in = region(Q, n.query_regions)
     rk, k_in = region(K, n.regions)
     both = named("in_regions", q_in & k_in)
     return both & Load(kept, (B, named("rq", rq), named("rk", rk)), both)
+
+
+def _vertical_slash(n: ir.VerticalSlash) -> Expr:
+    columns = TableRef("vs_columns", n, dtype="bool")
+    diagonals = TableRef("vs_diagonals", n, dtype="bool")
+    k_in = named("k_in", inside(K, n.coord.size))
+    diagonal = named("diagonal", K - (Q - Q_OFFSET) + (n.rows - 1))
+    d_in = named("d_in", inside(diagonal, n.rows + n.coord.size - 1))
+    return k_in & Load(columns, (B, K), k_in) | d_in & Load(diagonals, (B, diagonal), d_in)
 
 
 def _cluster(n: ir.Cluster) -> Expr:
@@ -190,6 +201,7 @@ DEFINITIONS: dict[type, Callable] = {
     ir.Segments: _segments,
     ir.Route: _route,
     ir.Cluster: _cluster,
+    ir.VerticalSlash: _vertical_slash,
 }
 
 

@@ -9,6 +9,7 @@ source, `fuzz` checks a pattern's schedule and kernels on random cases, and
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -73,9 +74,13 @@ def demo_tensors(program: maskc.Program, instance, seed: int) -> dict[str, torch
                 n = node.coord.size
                 cuts = torch.sort(torch.randint(1, max(2, n), (3,), generator=g)).values
                 out[node.tensor] = torch.bucketize(torch.arange(n), cuts, right=True)[None]
-            if isinstance(node, (ir.Route, ir.Cluster)):
+            if isinstance(node, (ir.Route, ir.Cluster, ir.VerticalSlash)):
                 out.setdefault("q", torch.randn(1, s.heads, s.lq, 16, generator=g))
                 out.setdefault("k", torch.randn(1, s.heads, s.lk, 16, generator=g))
+            if isinstance(node, ir.Route) and node.scores:
+                nq = math.prod(c.size for c in node.query_regions)
+                nk = math.prod(c.size for c in node.regions)
+                out.setdefault(node.scores, torch.randn(1, s.heads, nq, nk, generator=g))
             if isinstance(node, ir.Cluster):
                 out.setdefault("centroids", torch.randn(s.heads, node.clusters, 16, generator=g))
     return out

@@ -16,6 +16,7 @@ and reported with a `maskc fuzz ... --case ...` command that replays it.
 
 from __future__ import annotations
 
+import math
 import shlex
 import time
 from collections.abc import Callable
@@ -111,6 +112,9 @@ def _tensor_needs(program, case: Case) -> dict[str, str]:
                 needs[node.tensor] = "ids"
             elif isinstance(node, ir.Cluster):
                 needs["centroids"] = f"centroids:{node.clusters}"
+            elif isinstance(node, ir.Route) and node.scores:
+                nq = math.prod(c.size for c in node.query_regions)
+                needs[node.scores] = f"scores:{nq}x{math.prod(c.size for c in node.regions)}"
         for m in pattern.modifiers:
             if isinstance(m, ir.Polyline):
                 needs[m.alpha] = needs[m.beta] = f"decay:{m.coords[0].size}x{m.coords[1].size}"
@@ -139,6 +143,9 @@ def make_tensors(program, case: Case, dtype=torch.float32) -> dict[str, torch.Te
         elif kind.startswith("decay"):
             rows, cols = map(int, kind.split(":")[1].split("x"))
             out[name] = -torch.rand(case.batch, case.heads, rows, cols, generator=g, dtype=dtype) * 0.5
+        elif kind.startswith("scores"):  # route's external block scores: no gradient flows to them
+            nq, nk = map(int, kind.split(":")[1].split("x"))
+            out[name] = torch.randn(case.batch, case.heads, nq, nk, generator=g, dtype=dtype)
         elif kind.startswith("bias"):
             axes = int(kind.split(":")[1])
             out[name] = torch.randn(case.heads, *([5] * axes), generator=g, dtype=dtype) * 0.5
@@ -239,7 +246,9 @@ def _ir_values(node: object, sequence: bool) -> set[int]:
     elif isinstance(node, ir.Cluster):
         raw = {node.clusters}
     elif isinstance(node, ir.Route):
-        raw = {node.topk}
+        raw = {v for v in (node.topk, node.stride) if v is not None}
+    elif isinstance(node, ir.VerticalSlash):
+        raw = {node.vertical, node.slash, node.last, node.sink, node.local}
     else:
         raw = set()
     coords = [node.coord] if hasattr(node, "coord") else list(getattr(node, "regions", ()))

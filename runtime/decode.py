@@ -67,7 +67,7 @@ SKELETON_CACHE_SIZE = 256
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 # Up to this many visited keys, a step evaluates its predicate over all of them in one go.
 WHOLE_MASK_KEYS = 1 << 14
-_LENGTH_BOUND = (ir.Neighborhood, ir.RandomBlocks, ir.Route, ir.Cluster)
+_LENGTH_BOUND = (ir.Neighborhood, ir.RandomBlocks, ir.Route, ir.Cluster, ir.VerticalSlash)
 _TABLE_MODIFIERS = (ir.Bias, ir.Polyline)
 
 _INVARIANT: dict = {}

@@ -212,11 +212,12 @@ def _split(spec: Spec, bindings: dict) -> tuple[dict[str, int], dict[str, torch.
 
 
 def _batched_names(instance: Instance) -> set[str]:
-    """Tensors with a leading batch dim: q, k, segment ids, polyline decays
-    (not bias tables, ALiBi slopes or centroids, which are per head)."""
+    """Tensors with a leading batch dim: q, k, segment ids, route block scores,
+    polyline decays (not bias tables, ALiBi slopes or centroids, which are per head)."""
     names = {"q", "k"}
     for pattern in instance.patterns:
         names.update(n.tensor for n in ir.walk(pattern.mask) if isinstance(n, ir.Segments))
+        names.update(n.scores for n in ir.walk(pattern.mask) if isinstance(n, ir.Route) and n.scores)
         for m in pattern.modifiers:
             if isinstance(m, ir.Polyline):
                 names.update((m.alpha, m.beta))

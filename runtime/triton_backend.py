@@ -89,8 +89,11 @@ def _table_args(table: Table, prepared: Prepared, group: int, device) -> list:
         return [data, data.shape[1] if data.shape[0] > 1 else 0]
     if table.kind == "route":
         data = evaluate.route_table(t, node).to(device=device, dtype=torch.int8).contiguous()
-        n = data.shape[-1]
-        return [data, n * n if data.shape[0] > 1 else 0, n]
+        nq, nk = data.shape[-2:]  # query and key regions may differ (query_block)
+        return [data, nq * nk if data.shape[0] > 1 else 0, nk]
+    if table.kind in ("vs_columns", "vs_diagonals"):
+        data = evaluate.vertical_slash_table(t, node)[table.kind == "vs_diagonals"].to(device, torch.int8)
+        return [data.contiguous(), data.shape[1] if data.shape[0] > 1 else 0]
     if table.kind == "cluster":
         if node.clusters > MAX_TRITON_CLUSTERS:
             raise MaskTypeError(

@@ -105,13 +105,16 @@ def backend_cases(draw, max_len: int) -> BackendCase:
     body = name
     if draw(st.integers(0, 2)) == 0:
         body = _head_groups(draw, heads, body)
-    extra = draw(st.sampled_from(["", "", "segments", "route", "cluster"]))
+    extra = draw(st.sampled_from(["", "", "segments", "route", "cluster", "vertical_slash"]))
     if extra == "segments":
         body = f"{body} {draw(st.sampled_from(['&', '|']))} segments(ids)"
     elif extra == "route":
-        topk, block = draw(st.integers(1, 3)), draw(st.integers(1, 8))
-        flags = "".join(f", {f} = {str(draw(st.booleans())).lower()}" for f in ("own", "causal", "shared"))
-        body = f"{body} {draw(st.sampled_from(['&', '|']))} route(topk = {topk}, block = {block}{flags})"
+        body = f"{body} {draw(st.sampled_from(['&', '|']))} {_route(draw)}"
+    elif extra == "vertical_slash":
+        v, s, last = draw(st.integers(0, 6)), draw(st.integers(0, 6)), draw(st.integers(1, 9))
+        flags = f", sink = {draw(st.integers(0, 3))}, local = {draw(st.integers(0, 3))}"
+        flags += f", causal = {str(draw(st.booleans())).lower()}"
+        body = f"{body} {draw(st.sampled_from(['&', '|']))} vertical_slash({v}, {s}, last = {last}{flags})"
     elif extra == "cluster":
         n = draw(st.integers(1, 3))
         body = f"{body} {draw(st.sampled_from(['&', '|']))} cluster({n}, size = {draw(st.integers(1, 12))})"
@@ -139,6 +142,26 @@ def backend_cases(draw, max_len: int) -> BackendCase:
         seed=draw(st.integers(0, 2**16)),
         sizes=dict(base.bindings),
     )
+
+
+def _route(draw) -> str:
+    """A `route` with any scorer (or external scores), selector and forced blocks."""
+    block = draw(st.integers(1, 8))
+    topk = f"topk = {draw(st.integers(1, 3))}"
+    selector = draw(st.sampled_from([topk, "mass = 0.7", "cdf = 0.5", "threshold = 0.2"]))
+    args = [selector, f"block = {block}"]
+    score = draw(st.sampled_from(["mean", "max", "minmax", "antidiagonal", "scores"]))
+    stride = draw(st.sampled_from([d for d in range(1, block + 1) if block % d == 0]))
+    if score == "scores":
+        args.append("scores = s")
+    elif score == "antidiagonal":
+        args.append(f'score = "antidiagonal", stride = {stride}')
+    elif score != "mean":
+        args.append(f'score = "{score}"')
+    if draw(st.integers(0, 2)) == 0:
+        args.append(f"query_block = {stride * draw(st.integers(1, 8 // stride))}")
+    args += [f"{f} = {str(draw(st.booleans())).lower()}" for f in ("own", "causal", "shared", "first")]
+    return f"route({', '.join(args)})"
 
 
 def _inputs(program: maskc.Program, case: BackendCase) -> dict[str, torch.Tensor]:

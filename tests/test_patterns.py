@@ -107,6 +107,10 @@ REQUIRED = {
     "ppma_transposed",
     "ppma_row",
     "ppma_column",
+    "xattention",
+    "quest",
+    "seer",
+    "sparge",
 }
 
 
@@ -653,10 +657,10 @@ def test_moba(n, b, topk, kv_heads):
     for h in range(heads):
         kh = k[0, h // (heads // kv_heads)].numpy()
         qh = q[0, h].numpy()
-        pq = np.stack([qh[r * b : (r + 1) * b].mean(0) for r in range(nb)])
+        # MoBA gates each query token: q_i . mean(K_block), its own block forced, no later block
         pk = np.stack([kh[r * b : (r + 1) * b].mean(0) for r in range(nb)])
-        sel = region_topk(pq, pk, topk, forced=lambda rq, rk: rq == rk, allowed=lambda rq, rk: rk <= rq)
-        want = expect(n, None, lambda hh, i, j, sel=sel: j <= i and sel[i // b, j // b])[0]
+        sel = region_topk(qh, pk, topk, forced=lambda i, rk: rk == i // b, allowed=lambda i, rk: rk <= i // b)
+        want = expect(n, None, lambda hh, i, j, sel=sel: j <= i and sel[i, j // b])[0]
         assert_same(got[h], want)
 
 
