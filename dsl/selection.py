@@ -59,20 +59,31 @@ def block_logits(
         return antidiagonal_mass(q, k, q_positions, k_positions, rq, rk, sizes, node.stride, node.causal)
     if node.score == "minmax":
         kmax, kmin = region_reduce(k, rk, nk, "amax"), region_reduce(k, rk, nk, "amin")
-        per_query = rq.numel() == nq and bool((rq == torch.arange(nq, device=rq.device)).all())
+        run = _equal_runs(rq, nq)
+        chunk = _CHUNK if run is None else max(1, _CHUNK // run) * run
+        # sum_d max(q_d max_d, q_d min_d) = relu(q) . max - relu(-q) . min: one product
+        extrema = torch.cat([kmax, -kmin], dim=-1).transpose(-1, -2)
         out = torch.full((*q.shape[:2], nq, nk), -math.inf, dtype=q.dtype, device=q.device)
-        for s in range(0, q.shape[2], _CHUNK):
-            part = q[:, :, s : s + _CHUNK]
-            # sum_d max(q_d max_d, q_d min_d) = relu(q) . max - relu(-q) . min
-            bound = part.clamp(min=0) @ kmax.transpose(-1, -2) - (-part).clamp(min=0) @ kmin.transpose(-1, -2)
-            if per_query:  # query_block = 1: each query is its own region
-                out[:, :, s : s + _CHUNK] = bound
+        for s in range(0, q.shape[2], chunk):
+            part = q[:, :, s : s + chunk]
+            bound = torch.cat([part.clamp(min=0), (-part).clamp(min=0)], dim=-1) @ extrema
+            if run is not None:  # region i holds queries [i run, (i + 1) run): a reshape
+                out[:, :, s // run : (s + part.shape[2]) // run] = bound.unflatten(2, (-1, run)).amax(3)
             else:
-                index = rq[s : s + _CHUNK][None, None, :, None].expand_as(bound)
+                index = rq[s : s + chunk][None, None, :, None].expand_as(bound)
                 out.scatter_reduce_(2, index, bound, "amax")
         return out.nan_to_num(neginf=0.0)  # regions without queries
     pooled_k = region_reduce(k, rk, nk, "amax" if node.score == "max" else "mean")
     return region_reduce(q, rq, nq, "mean") @ pooled_k.transpose(-1, -2)
+
+
+def _equal_runs(ids: torch.Tensor, n: int) -> int | None:
+    """r when token t lies in region t // r for every token (all n regions, in order,
+    of r tokens each), else None: the common 1-D layout, reduced by a reshape."""
+    if n == 0 or ids.numel() % n:
+        return None
+    r = ids.numel() // n
+    return r if torch.equal(ids, torch.arange(ids.numel(), device=ids.device) // r) else None
 
 
 def antidiagonal_mass(
