@@ -78,9 +78,11 @@ def route_selection(
     if scores is not None:
         logits = scores.detach().to(device=device, dtype=torch.float64)
     else:
-        logits = selection.block_logits(
-            node, q[:, :, q_inside], k[:, :, k_inside], q_positions[q_inside], k_positions[k_inside], rq, rk, (nq, nk)
-        )
+        if not bool(q_inside.all()):  # copies only when some tokens lie outside the regions
+            q, q_positions = q[:, :, q_inside], q_positions[q_inside]
+        if not bool(k_inside.all()):
+            k, k_positions = k[:, :, k_inside], k_positions[k_inside]
+        logits = selection.block_logits(node, q, k, q_positions, k_positions, rq, rk, (nq, nk))
         if node.score != "antidiagonal":
             logits = logits * q.shape[-1] ** -0.5  # softmax temperature of q . k, as SDPA's default scale
     logits = logits.sum(1)  # [B, nq, nk]: one head, or all heads shared

@@ -33,6 +33,10 @@ def region_reduce(x: torch.Tensor, ids: torch.Tensor, n: int, how: str) -> torch
     """x [B, H, tokens, D] reduced over each region's tokens ("mean", "amax", "amin"):
     [B, H, n, D] (regions without tokens hold 0)."""
     b, h, _, d = x.shape
+    run = _equal_runs(ids, n)
+    if run is not None:  # regions in order, of `run` tokens each: a reshape
+        x = x.unflatten(2, (n, run))
+        return x.mean(3) if how == "mean" else x.amax(3) if how == "amax" else x.amin(3)
     if how == "mean":
         sums = torch.zeros(b, h, n, d, dtype=x.dtype, device=x.device).index_add_(2, ids, x)
         counts = torch.bincount(ids, minlength=n).clamp(min=1).to(x.dtype)
