@@ -1,0 +1,130 @@
+"""`ContextParallel`: one pattern's attention split over the ranks of a process group.
+
+Each rank holds the tokens the plan gives it (queries, keys and values).  A call
+brings in exactly the remote key blocks the plan lists with one uneven
+all-to-all (`runtime.autograd.exchange`, whose backward returns dK/dV of received
+blocks to their owners, summed there), then attends its queries against its own
+and the received blocks (maskc/parallel/local.py).  dQ never leaves the rank.
+
+Data-dependent patterns: segment ids are bound at `plan` time, full length
+([batch, lk]: they are small), and folded into the plan's fingerprint, so ranks
+that disagree are caught.  Patterns that read q and k (`route`, `cluster`)
+all-gather q and k (detached) at each call, build the schedule every rank then
+agrees on, and move only the key blocks it visits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from maskc.dsl.errors import MaskError
+from maskc.runtime.autograd import exchange
+from maskc.runtime.prepare import instantiate
+
+from . import local
+from .local import token_ranges
+from .plan import Plan, make_plan
+
+
+class ContextParallel:
+    """Context parallelism for `program` over `group` (default: the world).
+
+    Example (under ``torchrun --nproc-per-node 2``)::
+
+        cp = maskc.ContextParallel(maskc.compile("causal & window(4096)"))
+        plan = cp.plan(65536, heads=8)
+        q, k, v = plan.shard(q_full), plan.shard(k_full), plan.shard(v_full)
+        out = cp(q, k, v, plan=plan)   # this rank's queries, differentiable
+    """
+
+    def __init__(self, program, group=None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise MaskError("ContextParallel needs torch.distributed initialised (init_process_group) first")
+        self.program = program
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def plan(self, lq: int, lk: int | None = None, *, heads: int = 1, balance: str = "blocks",
+             block: int | None = None, **bindings) -> Plan:  # fmt: skip
+        """The plan for this group, checked to be the same on every rank (a collective call)."""
+        plan = make_plan(self.program, lq, lk, heads=heads, balance=balance, block=block, world=self.world,
+                         rank=self.rank, bindings=bindings)  # fmt: skip
+        self.check_agreement(plan)
+        return plan
+
+    def check_agreement(self, plan: Plan) -> None:
+        """Raise MaskError on every rank unless all ranks hold the same plan (checksum all-reduce)."""
+        digest = torch.tensor([plan.fingerprint(), -plan.fingerprint()], dtype=torch.int64)
+        dist.all_reduce(digest, op=dist.ReduceOp.MAX, group=self.group)
+        if int(digest[0]) != -int(digest[1]):
+            raise MaskError(
+                "the ranks made different context-parallel plans (lengths, heads, block, balance, "
+                "bindings or program differ between processes): every rank must call plan() alike"
+            )
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan: Plan,
+                 scale: float | None = None, **bindings) -> torch.Tensor:  # fmt: skip
+        """Exact attention of this rank's queries q [B, H, n, D] against all keys, with
+        k, v [B, Hk, m, D] this rank's keys and values; differentiable in q, k and v."""
+        self._check(q, k, v, plan)
+        if set(bindings) & set(plan.bindings):
+            raise MaskError("bind sizes and segment ids when making the plan, not when calling")
+        values = {**plan.bindings, **bindings}
+        if plan.schedule is None:  # route / cluster: this call's q and k decide the schedule
+            qf = plan.unshard(q, group=self.group)
+            kf = plan.unshard(k, keys=True, group=self.group)
+            values.update(q=qf, k=kf)
+            schedule = self.program.schedule(plan.lq, plan.lk, block_q=plan.block, block_k=plan.block,
+                                             heads=q.shape[1], layout="rowmajor", **values)  # fmt: skip
+            plan = plan.with_schedule(schedule)
+        instance, tensors = instantiate(self.program.spec, plan.lq, plan.lk, q.shape[1], None, q.shape[0], values)
+        if len(instance.patterns) > 1 and plan.heads != q.shape[1]:
+            raise MaskError(
+                f"the pattern differs per head: the plan was made for heads={plan.heads}, q has {q.shape[1]} heads"
+            )
+        k_buf, v_buf = self.gather_kv(plan, k, v)
+        return local.attend(plan, instance, tensors, q, k_buf, v_buf, plan.buffer_blocks(self.rank), scale)
+
+    def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> None:
+        if plan.world != self.world or plan.rank != self.rank:
+            raise MaskError(
+                f"the plan is for rank {plan.rank} of {plan.world}; this is rank {self.rank} of {self.world}"
+            )
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dim() != 4:
+                raise MaskError(f"{name} must be [batch, heads, tokens, dim], got shape {tuple(x.shape)}")
+        nq, nk = plan.q_tokens(self.rank).numel(), plan.k_tokens(self.rank).numel()
+        if q.shape[2] != nq:
+            raise MaskError(f"q holds {q.shape[2]} tokens; rank {self.rank}'s share of the plan is {nq} (plan.shard)")
+        for name, x in (("k", k), ("v", v)):
+            if x.shape[2] != nk:
+                raise MaskError(
+                    f"{name} holds {x.shape[2]} tokens; rank {self.rank}'s share of the plan is {nk} (plan.shard)"
+                )
+        if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]:
+            raise MaskError(
+                f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v share batch and "
+                "heads, and k's heads divide q's"
+            )
+
+    def gather_kv(self, plan: Plan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's keys and values followed by the remote blocks the plan lists (one all-to-all)."""
+        rank = self.rank
+        own = plan.k_blocks(rank)
+        lengths = plan.block_lengths(own, plan.lk)
+        start_of = np.zeros(plan.num_k_blocks, dtype=np.int64)
+        start_of[own] = np.cumsum(lengths) - lengths
+        send_blocks = plan.sends(rank)
+        index = torch.as_tensor(token_ranges(np.concatenate(send_blocks), start_of, plan))
+        send = [int(plan.block_lengths(b, plan.lk).sum()) for b in send_blocks]
+        mine = plan.recv[rank]
+        recv = [int(plan.block_lengths(mine[plan.k_owner[mine] == s], plan.lk).sum()) for s in range(self.world)]
+        dk = k.shape[-1]
+        kv = torch.cat([k, v.to(k.dtype)], dim=-1)
+        outgoing = kv.index_select(2, index.to(kv.device)).permute(2, 0, 1, 3)
+        incoming = exchange(outgoing, send, recv, self.group).permute(1, 2, 0, 3)
+        buf = torch.cat([kv, incoming], dim=2)
+        return buf[..., :dk], buf[..., dk:].to(v.dtype)
