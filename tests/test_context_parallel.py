@@ -19,17 +19,15 @@ import torch.multiprocessing as mp
 import maskc
 from maskc.parallel import make_plan
 from maskc.parallel.balance import imbalance
+from maskc.parallel.plan import plan_schedule
 
 TIMEOUT = 150  # seconds for one world size's processes, spawn included
 
 # ---------------------------------------------------------------- plans, no processes
 
 
-def _visited(plan, program, heads: int, bindings: dict) -> set[tuple[int, int]]:
-    sched = program.schedule(plan.lq, plan.lk, block_q=plan.block, block_k=plan.block, heads=heads,
-                             layout="auto" if plan.lq == plan.lk else "rowmajor", **bindings)  # fmt: skip
-    dense = sched.to_dense().amax(0)
-    return {tuple(x) for x in torch.nonzero(dense).tolist()}
+def _visited(schedule) -> set[tuple[int, int]]:
+    return {tuple(x) for x in torch.nonzero(schedule.to_dense().amax(0)).tolist()}
 
 
 PLAN_CASES = [
@@ -46,10 +44,12 @@ def test_plan_covers_every_visited_pair_once_and_receives_only_what_is_needed(sp
     params = {n: v for n, v in extra.items() if n in ("k", "b", "r")}
     bindings = {n: v for n, v in extra.items() if n not in params}
     program = maskc.compile(spec, **params)
+    schedule = plan_schedule(program, lq, lk or lq, 1, 8, bindings)
+    visited = _visited(schedule)
     for world in (2, 3, 5):
         for balance in ("blocks", "contiguous", "zigzag"):
-            plan = make_plan(program, lq, lk, world=world, balance=balance, block=8, bindings=bindings)
-            visited = _visited(plan, program, 1, bindings)
+            kw = dict(world=world, balance=balance, block=8, bindings=bindings, schedule=schedule)
+            plan = make_plan(program, lq, lk, **kw)
             # every visited (query block, key block) pair: computed by the one rank owning the query
             # block, which holds the key block itself or receives it
             for qb, kb in visited:
