@@ -226,3 +226,26 @@ def test_context_parallel_matches_one_process(world, tmp_path):
         if text:
             found.append(f"rank {r}:\n{text}")
     assert not found, "\n".join(found)
+
+
+def test_simulator_and_cli(capsys, tmp_path):
+    """A window of one block: with contiguous shards every rank but 0 receives exactly the
+    block before its first; bytes are tokens x kv_heads x (K + V) x head_dim x dtype bytes."""
+    from maskc.cli import main
+    from maskc.parallel.simulate import summarize
+
+    plan = make_plan(maskc.compile("causal & window(10)"), 200, None, world=4, block=10,
+                     balance="contiguous", bindings={})  # fmt: skip
+    s = summarize(plan, kv_heads=2, head_dim=8, dtype_bytes=4)
+    assert s.recv_blocks.tolist() == [0, 1, 1, 1]
+    assert s.recv_bytes.tolist() == [0] + [10 * 2 * 2 * 8 * 4] * 3
+    assert s.ring_bytes == 200 * 2 * 2 * 8 * 4 * 3 / 4
+    assert s.visited.sum() == plan.schedule.visited_blocks()
+    png = tmp_path / "plan.png"
+    assert main(["plan", "causal & window(10)", "--lq", "200", "--world", "4", "--block", "10",
+                 "--balance", "contiguous", "--png", str(png)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "(1 blocks max)" in out and "imbalance" in out
+    assert png.stat().st_size > 0
+    assert main(["plan", "causal", "--lq", "16", "--world", "4", "--block", "8"]) == 1
+    assert "larger than the number of blocks" in capsys.readouterr().err
