@@ -184,37 +184,47 @@ class Plan:
 # ---------------------------------------------------------------- making a plan
 
 
+def _run_rows(runs) -> np.ndarray:
+    """The query block of each run of a CSR `Runs`."""
+    counts = np.diff(runs.row_ptr.numpy())
+    return np.repeat(np.arange(counts.size), counts)
+
+
 def block_cost(schedule: BlockSchedule) -> tuple[np.ndarray, np.ndarray]:
-    """Per query block, (weighted cost, visited blocks), summed over heads."""
+    """Per query block, (weighted cost, visited blocks), summed over heads (run by run, never
+    expanding runs into blocks)."""
     heads_per_group = np.bincount(np.asarray(schedule.head_group), minlength=len(schedule.groups))
     cost = np.zeros(schedule.num_q_blocks)
     visited = np.zeros(schedule.num_q_blocks)
     for runs, n in zip(schedule.groups, heads_per_group, strict=True):
         if n == 0:
             continue
-        rows, _, full = runs.blocks()
-        rows, full = rows.numpy(), full.numpy()
-        weight = np.where(full, FULL_BLOCK_COST, PARTIAL_BLOCK_COST) * n
-        cost += np.bincount(rows, weights=weight, minlength=cost.size)
-        visited += np.bincount(rows, minlength=cost.size) * n
+        rows = _run_rows(runs)
+        length = (runs.end - runs.start).numpy().astype(np.float64) * n
+        weight = np.where(runs.full.numpy(), FULL_BLOCK_COST, PARTIAL_BLOCK_COST)
+        cost += np.bincount(rows, weights=length * weight, minlength=cost.size)
+        visited += np.bincount(rows, weights=length, minlength=cost.size)
     return cost, visited
 
 
 def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.ndarray, world: int):
-    """(remote key blocks per rank in (owner, block) order, weighted cost per rank, visited per rank)."""
+    """(remote key blocks per rank in (owner, block) order, weighted cost per rank, visited per rank).
+
+    Each rank's needed key blocks are the union of its runs' intervals, found with one
+    difference array per rank ([world, key blocks + 1]) rather than block by block."""
     nkb = k_owner.size
-    codes = []
+    width = nkb + 1
+    diff = np.zeros(world * width, dtype=np.int64)
     for runs in schedule.groups:
-        rows, cols, _ = runs.blocks()
-        rows, cols = rows.numpy(), cols.numpy()
-        needer = q_owner[rows]
-        remote = k_owner[cols] != needer
-        codes.append((needer[remote] * world + k_owner[cols[remote]]) * nkb + cols[remote])
-    codes = np.unique(np.concatenate(codes)) if codes else np.zeros(0, dtype=np.int64)
-    needer = codes // (world * nkb)
-    blocks = codes % nkb
-    bounds = np.searchsorted(needer, np.arange(world + 1))
-    recv = [blocks[bounds[r] : bounds[r + 1]].astype(np.int64) for r in range(world)]
+        needer = q_owner[_run_rows(runs)]
+        diff += np.bincount(needer * width + runs.start.numpy(), minlength=diff.size)
+        diff -= np.bincount(needer * width + runs.end.numpy(), minlength=diff.size)
+    needed = np.cumsum(diff.reshape(world, width), axis=1)[:, :nkb] > 0
+    needed &= k_owner[None, :] != np.arange(world)[:, None]
+    recv = []
+    for r in range(world):
+        blocks = np.flatnonzero(needed[r])
+        recv.append(blocks[np.argsort(k_owner[blocks], kind="stable")].astype(np.int64))
     cost, visited = block_cost(schedule)
     per_rank = np.bincount(q_owner, weights=cost, minlength=world)
     visited_per_rank = np.bincount(q_owner, weights=visited, minlength=world)
