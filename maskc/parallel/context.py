@@ -46,6 +46,8 @@ class ContextParallel:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.last_exchange_bytes = 0  # bytes this rank sent in the last call's forward exchange
+        self.last_exchange_received = 0  # and received
 
     def plan(self, lq: int, lk: int | None = None, *, heads: int = 1, balance: str = "blocks",
              block: int | None = None, **bindings) -> Plan:  # fmt: skip
@@ -126,5 +128,7 @@ class ContextParallel:
         kv = torch.cat([k, v.to(k.dtype)], dim=-1)
         outgoing = kv.index_select(2, index.to(kv.device)).permute(2, 0, 1, 3)
         incoming = exchange(outgoing, send, recv, self.group).permute(1, 2, 0, 3)
+        self.last_exchange_bytes = outgoing.numel() * outgoing.element_size()
+        self.last_exchange_received = incoming.numel() * incoming.element_size()
         buf = torch.cat([kv, incoming], dim=2)
         return buf[..., :dk], buf[..., dk:].to(v.dtype)

@@ -28,9 +28,9 @@ from maskc.dsl.errors import MaskError
 from . import balance as balancing
 
 # Cost of a partial block relative to a full one in the CPU executor: a partial
-# block also evaluates its mask.  Measured once with bench/context_parallel.py
-# --weights (float32, 64 x 64 blocks, head dim 64, one thread, forward + backward):
-# a schedule of only full blocks against one of only partial blocks, per block.
+# block also evaluates its mask.  Measured with `bench/context_parallel.py weights`
+# (forward + backward, float32, 64 x 64 blocks, head dim 64, one thread, L = 4096):
+# 555 us per partial block (`keys(% 2 == 0)`) against 421 us per full one (`all`), 1.32.
 PARTIAL_BLOCK_COST = 1.3
 FULL_BLOCK_COST = 1.0
 DEFAULT_BLOCK = 128
