@@ -34,8 +34,9 @@ and `glob.k_tokens(blocks)`, the global token indices of the listed blocks
 concatenated in list order (what a rank holds: `x[:, :, glob.q_tokens(mine)]`;
 also the positions for positional encodings); `glob.visited(q_blocks)`, the
 sorted key blocks those query blocks visit in any head; and
-`glob.block_costs()`, per head group the (query block, key block, full)
-triples of the schedule.  `schedule_block(...)` (same arguments as
+`glob.row_counts()`, the full and partial key blocks each query block visits
+(summed over heads), for balancing; `glob.block_costs()`, per head group the
+(query block, key block, full) triples of the schedule.  `schedule_block(...)` (same arguments as
 `prepare_blockset`) gives the block size alone.
 
 `attend_block_subset` takes `q_local` [batch, heads, n_q, dim] holding the
@@ -133,6 +134,19 @@ class GlobalSchedule:
         as (query block, key block, full)."""
         return [g.blocks() for g in self.schedule.groups]
 
+    def row_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full, partial): visited key blocks per query block, summed over heads, long [num_q_blocks]
+        each (a partial block also evaluates the predicate: the plan weighs the two)."""
+        full = torch.zeros(self.num_q_blocks, dtype=torch.long)
+        partial = torch.zeros(self.num_q_blocks, dtype=torch.long)
+        heads = torch.bincount(torch.tensor(self.schedule.head_group), minlength=len(self.schedule.groups))
+        for runs, n in zip(self.schedule.groups, heads.tolist(), strict=True):
+            rows = torch.repeat_interleave(torch.arange(runs.rows), (runs.row_ptr[1:] - runs.row_ptr[:-1]).long())
+            lengths = (runs.end - runs.start).long() * n
+            full.index_add_(0, rows[runs.full], lengths[runs.full])
+            partial.index_add_(0, rows[~runs.full], lengths[~runs.full])
+        return full, partial
+
     def subset(self, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> Prepared:
         """The local preparation for these block lists (kept for static patterns)."""
         key = (tuple(q_blocks.tolist()), tuple(k_blocks.tolist()))
@@ -218,6 +232,7 @@ def attend_block_subset(glob: GlobalSchedule, q_local: torch.Tensor, k_buf: torc
     local = glob.subset(q_blocks, k_blocks)
     if 0 in (q_run.shape[0], q_run.shape[2], k_run.shape[2]):
         out, lse = empty_attention(q_run, k_run, v_run, scale)
+        lse = lse.float()
     else:
         out, lse = backend_function(glob.backend)(q_run, k_run, v_run, local, scale)
     if q_order is not None:

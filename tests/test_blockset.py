@@ -107,7 +107,10 @@ CASES = [
 )
 def test_ranks_match_one_process(spec, params, lq, lk, heads, kv_heads, bindings, ranks):
     program = maskc.compile(spec, **params)
-    run_ranks(program, ranks, lq, lk, heads=heads, kv_heads=kv_heads, bindings=bindings)
+    glob, _ = run_ranks(program, ranks, lq, lk, heads=heads, kv_heads=kv_heads, bindings=bindings)
+    full, partial = glob.row_counts()  # summed over heads, what balancing weighs
+    dense = glob.schedule.to_dense()
+    assert torch.equal(full, (dense == 2).sum((0, 2))) and torch.equal(partial, (dense == 1).sum((0, 2)))
 
 
 def test_documents_per_batch_ids_and_fused_views():
@@ -161,6 +164,8 @@ def test_remote_only_keys_and_empty_rows():
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isinf(lse).all())
     (dq,) = torch.autograd.grad(out.sum(), q)
     assert torch.equal(dq, torch.zeros_like(dq))
+    # a rank without query blocks
+    assert attend_block_subset(glob, q[:, :, :0], empty, empty, [], []).shape == (1, 2, 0, 8)
     # batch 0
     none = torch.zeros(0, 2, 128, 8)
     assert attend_block_subset(glob, none, none[:, :, :64], none[:, :, :64], [0, 1], [0]).shape == (0, 2, 128, 8)
