@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from maskc.dsl.errors import MaskTypeError
-from maskc.runtime.blockset import attend_block_subset, prepare_blockset, schedule_block
+from maskc.runtime.blockset import attend_block_subset, prepare_blockset, route_partials, schedule_block
 
 import maskc
 
@@ -125,7 +125,7 @@ def test_documents_per_batch_ids_and_fused_views():
 
 def test_tiled_grid_layout_and_route():
     """A grid pattern in NATTEN's tile order (blocks are grid tiles: shard with q_tokens),
-    and BiFormer's routing from the global q and k."""
+    and BiFormer's routing from region sums added up over the ranks."""
     natten = maskc.compile("natten2d", k=5)
     glob, _ = run_ranks(natten, lambda n: zigzag(n, 2), 512, batch=1, bindings={"h": 16, "w": 32}, layout="auto")
     assert glob.schedule.layout == "tiled 16x4"
@@ -133,19 +133,27 @@ def test_tiled_grid_layout_and_route():
         glob.q_tokens(torch.tensor([1]))[:8], torch.arange(4, 8).repeat(2) + torch.tensor([0] * 4 + [32] * 4)
     )
     g = torch.Generator().manual_seed(3)
-    q, k = torch.randn(2, 2, 196, 8, generator=g, dtype=torch.float64), torch.randn(2, 2, 196, 8, dtype=torch.float64)
+    q, k = (torch.randn(2, 2, 196, 8, generator=g, dtype=torch.float64) for _ in range(2))
     biformer = maskc.compile("biformer", s=7, topk=3)
-    # route reads q and k: the reference and the schedule see the same (global) tensors
     with torch.no_grad():
-        glob = prepare_blockset(biformer, 196, heads=2, dtype=torch.float64, head_dim=8, h=14, w=14, q=q, k=k)
+        whole = prepare_blockset(biformer, 196, heads=2, dtype=torch.float64, head_dim=8, h=14, w=14, q=q, k=k)
+        ranks = [torch.tensor(r) for r in zigzag(whole.num_q_blocks, 2)]
+        # each rank pools its own tokens; the sums over ranks route as one process does
+        sums = sum(
+            route_partials(biformer, 196, 196, q[:, :, t], k[:, :, t], t, t, h=14, w=14)
+            for t in (whole.q_tokens(r) for r in ranks)
+        )
+        glob = prepare_blockset(biformer, 196, heads=2, dtype=torch.float64, head_dim=8, h=14, w=14, route_sums=sums)
+        assert torch.equal(glob.schedule.to_dense(), whole.schedule.to_dense())
         ref = biformer.reference(q, k, k, h=14, w=14)
         out = torch.zeros_like(ref)
-        for q_blocks in zigzag(glob.num_q_blocks, 2):
-            q_blocks = torch.tensor(q_blocks)
+        for q_blocks in ranks:
             k_blocks = glob.visited(q_blocks)
             qt, kt = glob.q_tokens(q_blocks), glob.k_tokens(k_blocks)
             out[:, :, qt] = attend_block_subset(glob, q[:, :, qt], k[:, :, kt], k[:, :, kt], q_blocks, k_blocks)
     torch.testing.assert_close(out, ref, **F64)
+    with pytest.raises(MaskTypeError, match="route_sums holds 5 values"):
+        prepare_blockset(biformer, 196, heads=2, head_dim=8, h=14, w=14, route_sums=torch.zeros(5))
 
 
 def test_remote_only_keys_and_empty_rows():
