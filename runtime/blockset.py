@@ -86,6 +86,19 @@ from .inputs import backend_for, check_inputs, check_scale
 from .prepare import Prepared, instantiate, source_text
 from .tuning import POLICY, Tiles
 
+
+def _one_thread(method):
+    """Run block bookkeeping (many small tensor ops) on one thread: spread over threads
+    it costs far more than it saves, and stalls on a busy machine (codegen/plan.one_thread)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with plan.one_thread():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 # Local preparations kept per global schedule (a training loop repeats its block lists).
 SUBSETS_KEPT = 8
 
@@ -122,25 +135,30 @@ class GlobalSchedule:
     def num_k_blocks(self) -> int:
         return self.schedule.num_k_blocks
 
+    @_one_thread
     def q_tokens(self, blocks) -> torch.Tensor:
         """Global query indices (0 .. lq) of the listed query blocks, concatenated in order."""
         return _tokens(self.schedule.q_geometry, _blocks(blocks, self.num_q_blocks, "q_blocks"))
 
+    @_one_thread
     def k_tokens(self, blocks) -> torch.Tensor:
         """Global key indices (0 .. lk) of the listed key blocks, concatenated in order."""
         return _tokens(self.schedule.k_geometry, _blocks(blocks, self.num_k_blocks, "k_blocks"))
 
+    @_one_thread
     def visited(self, q_blocks) -> torch.Tensor:
         """The key blocks (sorted) that any head of the listed query blocks visits."""
         rows = _blocks(q_blocks, self.num_q_blocks, "q_blocks")
         cols = [_row_blocks(g, rows)[1] for g in self.schedule.groups]
         return torch.unique(torch.cat(cols)) if cols else torch.zeros(0, dtype=torch.long)
 
+    @_one_thread
     def block_costs(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per head group (`schedule.head_group[h]` is head h's), every visited block
         as (query block, key block, full)."""
         return [g.blocks() for g in self.schedule.groups]
 
+    @_one_thread
     def row_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(full, partial): visited key blocks per query block, summed over heads, long [num_q_blocks]
         each (a partial block also evaluates the predicate: the plan weighs the two)."""
@@ -154,6 +172,7 @@ class GlobalSchedule:
             partial.index_add_(0, rows[~runs.full], lengths[~runs.full])
         return full, partial
 
+    @_one_thread
     def subset(self, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> Prepared:
         """The local preparation for these block lists (kept for static patterns)."""
         key = (tuple(q_blocks.tolist()), tuple(k_blocks.tolist()))
