@@ -33,16 +33,16 @@ raise `MaskTypeError`: context parallel runs the block schedule on cpu and
 triton.  `layout="auto"` lets a grid pattern use the schedule's tile order
 (NATTEN's); then blocks are tiles of the grid, so shard with `q_tokens`.
 
-`glob` tells the plan what it needs:
-`glob.block`, `glob.num_q_blocks`, `glob.num_k_blocks`; `glob.q_tokens(blocks)`
-and `glob.k_tokens(blocks)`, the global token indices of the listed blocks
-concatenated in list order (what a rank holds: `x[:, :, glob.q_tokens(mine)]`;
-also the positions for positional encodings); `glob.visited(q_blocks)`, the
-sorted key blocks those query blocks visit in any head; and
-`glob.row_counts()`, the full and partial key blocks each query block visits
-(summed over heads), for balancing; `glob.block_costs()`, per head group the
-(query block, key block, full) triples of the schedule.  `schedule_block(...)` (same arguments as
-`prepare_blockset`) gives the block size alone.
+`glob` tells the plan what it needs: `glob.block`, `glob.num_q_blocks`,
+`glob.num_k_blocks`; `glob.q_tokens(blocks)` and `glob.k_tokens(blocks)`, the
+global token indices of the listed blocks concatenated in list order (what a
+rank holds, `x[:, :, glob.q_tokens(mine)]`, and the positions for positional
+encodings); `glob.visited(q_blocks)`, the sorted key blocks those query
+blocks visit in any head; `glob.row_counts()`, the full and partial key
+blocks each query block visits, summed over heads (for balancing);
+`glob.block_costs()`, per head group the (query block, key block, full)
+triples of the schedule.  `schedule_block(...)`, with the arguments of
+`prepare_blockset`, gives the block size alone.
 
 `attend_block_subset` takes `q_local` [batch, heads, n_q, dim] holding the
 query blocks `q_blocks` (a 1-D integer tensor of distinct global block
@@ -53,9 +53,14 @@ likewise hold key blocks `k_blocks`.  It returns out [batch, heads, n_q, dv]
 the rows of a one-process call, differentiable in q_local, k_buf and v_buf
 (gradients of k_buf and v_buf are the partial sums of this rank's queries;
 the owners add them up).  GQA, lq != lk, per-head patterns, modifiers and
-data-dependent patterns work as in one process.  A key block that the query
-blocks visit and that is missing from the buffer raises `MaskTypeError`
-naming both blocks; keys in the buffer that no query visits are ignored.
+data-dependent patterns work as in one process; a row with no allowed key
+outputs 0 (lse -inf, gradients 0), an empty buffer included.  Bound modifier
+tensors that require grad get this rank's share of their gradient on the CPU
+executor (sum it over ranks); there is no dropout.  Inputs are checked like a
+call's: a block listed twice or out of range, or tensors whose length is not
+that of their blocks, raise `MaskTypeError`, and so does a key block that the
+query blocks visit and that is missing from the buffer (naming both blocks);
+keys in the buffer that no query visits are ignored.
 
 How: the global schedule's rows `q_blocks` are cut out and their key blocks
 renumbered to buffer positions; the local tensors become the backend's

@@ -179,6 +179,25 @@ def test_remote_only_keys_and_empty_rows():
     assert attend_block_subset(glob, none, none[:, :, :64], none[:, :, :64], [0, 1], [0]).shape == (0, 2, 128, 8)
 
 
+def test_modifier_tensor_gradients_sum_over_ranks():
+    """A bias table that requires grad: each rank's share (CPU executor) sums to the one-process gradient."""
+    program = maskc.compile("causal & window(40, 0) with bias(table)")
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(2, 41, generator=g, dtype=torch.float64, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 150, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = program.reference(q, k, v, table=table)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (want,) = torch.autograd.grad(ref, table, dout)
+    glob = prepare_blockset(program, 150, heads=2, dtype=torch.float64, head_dim=8, table=table)
+    got = torch.zeros_like(table)
+    for q_blocks in ([0, 2], [1]):
+        k_blocks = glob.visited(q_blocks)
+        qt, kt = glob.q_tokens(q_blocks), glob.k_tokens(k_blocks)
+        out = attend_block_subset(glob, q[:, :, qt], k[:, :, kt], v[:, :, kt], q_blocks, k_blocks)
+        got += torch.autograd.grad(out, table, dout[:, :, qt])[0]
+    torch.testing.assert_close(got, want, **F64)
+
+
 def test_triton_interpreter_matches_one_process():
     """A bias table read at global offsets, GQA, and a short last block listed first; a heavy
     pattern with wide heads schedules 16 x 16 blocks (the smaller side of its 16 x 32 tiles),
