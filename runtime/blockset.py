@@ -244,8 +244,13 @@ def attend_block_subset(glob: GlobalSchedule, q_local: torch.Tensor, k_buf: torc
                         q_blocks, k_blocks, *, scale: float | None = None, return_lse: bool = False):  # fmt: skip
     """The listed query blocks' exact attention over the whole pattern, from the listed key blocks
     (see the module docstring)."""
+    if not isinstance(glob, GlobalSchedule):
+        raise MaskTypeError(f"attend_block_subset takes what prepare_blockset returns, not {type(glob).__name__}")
     check_inputs(q_local, k_buf, v_buf)
     scale = check_scale(scale, q_local.shape[-1])
+    batch = glob.prepared.tensors.batch
+    if batch not in (None, 1) and q_local.shape[0] != batch:
+        raise MaskTypeError(f"q_local has batch {q_local.shape[0]}, the bound tensors have batch {batch}")
     q_blocks = _blocks(q_blocks, glob.num_q_blocks, "q_blocks")
     k_blocks = _blocks(k_blocks, glob.num_k_blocks, "k_blocks")
     _check_length(glob.schedule.q_geometry, q_blocks, q_local, "q_local", "q_blocks")

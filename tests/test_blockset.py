@@ -224,6 +224,14 @@ def test_bad_input_names_the_problem():
         attend_block_subset(glob, q, kv, kv, [3, 3], [3])
     with pytest.raises(MaskTypeError, match="k_blocks holds block 5, outside the 5 blocks"):
         attend_block_subset(glob, q, kv, kv, [2, 3], [5])
+    with pytest.raises(MaskTypeError, match="q_local has 2 heads, the schedule was prepared for 1"):
+        attend_block_subset(glob, q.expand(1, 2, -1, -1), kv, kv, [2, 3], [3])
+    ids = torch.zeros(2, 300, dtype=torch.long)
+    per_batch = prepare_blockset(maskc.compile("documents_causal"), 300, dtype=torch.float64, head_dim=8, ids=ids)
+    with pytest.raises(MaskTypeError, match="q_local has batch 1, the bound tensors have batch 2"):
+        attend_block_subset(per_batch, q, kv, kv, [2, 3], [3])
+    with pytest.raises(MaskTypeError, match="takes what prepare_blockset returns, not Program"):
+        attend_block_subset(program, q, kv, kv, [2, 3], [3])
     with pytest.raises(MaskTypeError, match="context parallel runs on cpu and triton"):
         prepare_blockset(program, 300, backend="flex")
     with pytest.raises(MaskTypeError, match="cluster"):
