@@ -210,6 +210,24 @@ def test_triton_interpreter_matches_one_process():
               backend="triton", tol=tol, bindings={"table": table})  # fmt: skip
 
 
+SLOW_TRITON = [
+    # (spec, params, lq, bindings, ranks): tables read at global positions under the interpreter
+    ("documents_causal", {}, 80, {"ids": torch.tensor([[0] * 30 + [1] * 50, [0] * 7 + [1] * 73])}, [[2, 0], [1]]),
+    ("bigbird", {"b": 16}, 80, {}, [[1], [2, 0]]),
+    ("natten2d", {"k": 3}, 96, {"h": 8, "w": 12}, [[2, 0], [1]]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,params,lq,bindings,ranks", SLOW_TRITON, ids=[c[0] for c in SLOW_TRITON])
+def test_triton_tables_at_global_positions(spec, params, lq, bindings, ranks):
+    """Segment ids per batch element, BigBird's random blocks and a grid on the Triton
+    interpreter (the fast test covers the mechanism with a bias table)."""
+    program = maskc.compile(spec, **params)
+    run_ranks(program, ranks, lq, heads=2, kv_heads=1, dim=72, dtype=torch.float32, backend="triton",
+              tol={"atol": 2e-5, "rtol": 2e-5}, bindings=bindings)  # fmt: skip
+
+
 def test_bad_input_names_the_problem():
     program = maskc.compile("causal & window(70, 0)")
     glob = prepare_blockset(program, 300, heads=1, dtype=torch.float64, head_dim=8)
