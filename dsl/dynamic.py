@@ -53,22 +53,38 @@ def route_selection(
     tokens present; scores are q_r . k_r summed over heads when shared (the
     full-dimension affinity of BiFormer).  Ties go to the lower region index.
     """
+    return route_choose(node, *route_sums(node, q, k, q_positions, k_positions))
+
+
+def route_sums(
+    node: ir.Route, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What routing pools, as sums that add up over any split of the tokens (context
+    parallel ranks sum theirs): (q sums [B, h, regions, D], q counts [regions],
+    k sums, k counts), h = 1 for a per-head route, in the compute dtype."""
     n = math.prod(c.size for c in node.regions)
     k = expand_kv_heads(k, q.shape[1])
     if node.head is not None:
         q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.detach().to(compute), k.detach().to(compute)
-    device = q.device
-    q_positions, k_positions = q_positions.to(device), k_positions.to(device)
+    q_positions, k_positions = q_positions.to(q.device), k_positions.to(q.device)
     q_inside, k_inside = in_regions(q_positions, node.regions), in_regions(k_positions, node.regions)
     rq = region_ids(q_positions[q_inside], node.regions)
     rk = region_ids(k_positions[k_inside], node.regions)
-    pooled_q = _region_means(q[:, :, q_inside], rq, n)
-    pooled_k = _region_means(k[:, :, k_inside], rk, n)
+    return (*_region_sums(q[:, :, q_inside], rq, n), *_region_sums(k[:, :, k_inside], rk, n))
+
+
+def route_choose(
+    node: ir.Route, q_sums: torch.Tensor, q_counts: torch.Tensor, k_sums: torch.Tensor, k_counts: torch.Tensor
+) -> torch.Tensor:
+    """`route_selection` from the pooled sums of `route_sums`."""
+    n = k_counts.numel()
+    pooled_q = q_sums / q_counts.clamp(min=1)[None, None, :, None]
+    pooled_k = k_sums / k_counts.clamp(min=1)[None, None, :, None]
+    device = pooled_q.device
     scores = torch.einsum("bhrd,bhsd->brs", pooled_q, pooled_k)  # sum over heads
-    present = torch.zeros(n, dtype=torch.bool, device=device)
-    present[rk] = True
+    present = k_counts > 0
     scores = scores.masked_fill(~present[None, None, :], -math.inf)
     ids = torch.arange(n, device=device)
     if node.causal:
@@ -83,12 +99,11 @@ def route_selection(
     return selected[:, None]
 
 
-def _region_means(x: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+def _region_sums(x: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, _, d = x.shape
     sums = torch.zeros(b, h, n, d, dtype=x.dtype, device=x.device)
     sums.index_add_(2, ids, x)
-    counts = torch.bincount(ids, minlength=n).clamp(min=1).to(x.dtype)
-    return sums / counts[None, None, :, None]
+    return sums, torch.bincount(ids, minlength=n).to(x.dtype)
 
 
 def cluster_indices(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
