@@ -101,6 +101,7 @@ def _ids(lengths: list[int]) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
 
 
+CENTROIDS = torch.randn(1, 2, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 PER_HEAD = "heads { 0 .. 1: causal & window(5); 1 .. 2: ~causal } with alibi"
 # (name, spec, params, lq, lk, heads, kv_heads, block, plan bindings, balance)
 CASES = [
@@ -115,10 +116,11 @@ CASES = [
     ("lq != lk", "causal & window(9)", {}, 21, 43, 1, 1, 4, {}, "blocks"),
     ("empty rows", "causal & window(4) & ~queries(3 .. 14)", {}, 30, None, 1, 1, 4, {}, "contiguous"),
     ("only remote", "keys(0 .. 4)", {}, 32, None, 1, 1, 4, {}, "contiguous"),
+    ("cluster", "routing_causal", {"n": 2, "w": 9}, 30, None, 1, 1, 4, {"centroids": CENTROIDS}, "blocks"),
 ]
 
 
-def _run_case(cp_cls, case, rank: int, dtype=torch.float64) -> list[str]:
+def _run_case(cp_cls, case, rank: int, dtype=torch.float64, backend: str = "auto") -> list[str]:
     name, spec, params, lq, lk, heads, kv_heads, block, bindings, balance = case
     program = maskc.compile(spec, **params)
     lk_ = lq if lk is None else lk
@@ -137,7 +139,7 @@ def _run_case(cp_cls, case, rank: int, dtype=torch.float64) -> list[str]:
     cp = cp_cls(program)
     plan = cp.plan(lq, lk, heads=heads, block=block, balance=balance, **bindings)
     local = [plan.shard(t).detach().requires_grad_() for t in (q, k, v)]
-    out = cp(*local, plan=plan)
+    out = cp(*local, plan=plan, backend=backend)
     out.backward(plan.shard(dout))
     got = {
         "out": plan.unshard(out),
@@ -193,6 +195,8 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         for case in CASES:
             errors += _run_case(maskc.ContextParallel, case, rank)
         errors += _run_case(maskc.ContextParallel, CASES[0], rank, torch.float32)
+        for case in (CASES[1], CASES[6], CASES[8]):  # dense tiles (what cluster patterns run)
+            errors += _run_case(maskc.ContextParallel, case, rank, backend="reference")
         errors += _error_cases(maskc.ContextParallel, rank)
     except Exception:
         errors.append(traceback.format_exc())

@@ -3,14 +3,19 @@
 Each rank holds the tokens the plan gives it (queries, keys and values).  A call
 brings in exactly the remote key blocks the plan lists with one uneven
 all-to-all (`runtime.autograd.exchange`, whose backward returns dK/dV of received
-blocks to their owners, summed there), then attends its queries against its own
-and the received blocks (maskc/parallel/local.py).  dQ never leaves the rank.
+blocks to their owners, summed there), then attends its query blocks against its
+own and the received key blocks with the CPU executor or the Triton kernels
+(`runtime.blockset.attend_block_subset`, over the plan's own schedule).  dQ never
+leaves the rank.
 
-Data-dependent patterns: segment ids are bound at `plan` time, full length
-([batch, lk]: they are small), and folded into the plan's fingerprint, so ranks
-that disagree are caught.  Patterns that read q and k (`route`, `cluster`)
-all-gather q and k (detached) at each call, build the schedule every rank then
-agrees on, and move only the key blocks it visits.
+Data-dependent patterns: everything is bound at `plan` time.  Segment ids are
+full length ([batch, lk]: they are small) and folded into the plan's
+fingerprint, so ranks that disagree are caught.  Patterns that read q and k
+(`route`, `cluster`) all-gather q and k (detached) at each call, build the
+schedule every rank then agrees on, and move only the key blocks it visits;
+`cluster` patterns then attend with dense tiles over those blocks
+(maskc/parallel/local.py: exact, slow), as the kernels run them gathered by
+cluster instead of by block.
 """
 
 from __future__ import annotations
@@ -19,13 +24,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from maskc.dsl import ir
 from maskc.dsl.errors import MaskError
 from maskc.runtime.autograd import exchange
-from maskc.runtime.prepare import instantiate
+from maskc.runtime.blockset import GlobalSchedule, attend_block_subset, prepare_blockset
+from maskc.runtime.prepare import Prepared, instantiate
+from maskc.runtime.tuning import Tiles
 
 from . import local
 from .local import token_ranges
 from .plan import Plan, make_plan
+
+
+def _clustered(plan: Plan) -> bool:
+    """Whether the pattern has `cluster(...)`: runtime/blockset.py runs block schedules, and
+    clustered patterns run gathered by cluster, so these take the dense-tile path."""
+    return any(isinstance(n, ir.Cluster) for p in plan.schedule.patterns for n in ir.walk(p))
 
 
 class ContextParallel:
@@ -67,28 +81,49 @@ class ContextParallel:
                 "bindings or program differ between processes): every rank must call plan() alike"
             )
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan: Plan,
-                 scale: float | None = None, **bindings) -> torch.Tensor:  # fmt: skip
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan: Plan, backend: str = "auto",
+                 scale: float | None = None) -> torch.Tensor:  # fmt: skip
         """Exact attention of this rank's queries q [B, H, n, D] against all keys, with
-        k, v [B, Hk, m, D] this rank's keys and values; differentiable in q, k and v."""
+        k, v [B, Hk, m, D] this rank's keys and values; differentiable in q, k and v.
+
+        `backend`: "auto" (Triton on CUDA tensors, else the CPU executor), "cpu",
+        "triton", or "reference" (dense attention on the visited tiles: slow, exact;
+        what `cluster` patterns run)."""
         self._check(q, k, v, plan)
-        if set(bindings) & set(plan.bindings):
-            raise MaskError("bind sizes and segment ids when making the plan, not when calling")
-        values = {**plan.bindings, **bindings}
+        values = dict(plan.bindings)
         if plan.schedule is None:  # route / cluster: this call's q and k decide the schedule
-            qf = plan.unshard(q, group=self.group)
-            kf = plan.unshard(k, keys=True, group=self.group)
-            values.update(q=qf, k=kf)
+            values.update(q=plan.unshard(q, group=self.group), k=plan.unshard(k, keys=True, group=self.group))
             schedule = self.program.schedule(plan.lq, plan.lk, block_q=plan.block, block_k=plan.block,
                                              heads=q.shape[1], layout="rowmajor", **values)  # fmt: skip
             plan = plan.with_schedule(schedule)
-        instance, tensors = instantiate(self.program.spec, plan.lq, plan.lk, q.shape[1], None, q.shape[0], values)
-        if len(instance.patterns) > 1 and plan.heads != q.shape[1]:
-            raise MaskError(
-                f"the pattern differs per head: the plan was made for heads={plan.heads}, q has {q.shape[1]} heads"
-            )
         k_buf, v_buf = self.gather_kv(plan, k, v)
-        return local.attend(plan, instance, tensors, q, k_buf, v_buf, plan.buffer_blocks(self.rank), scale)
+        buffer_blocks = plan.buffer_blocks(self.rank)
+        if backend == "reference" or _clustered(plan):
+            instance, tensors = instantiate(self.program.spec, plan.lq, plan.lk, q.shape[1], None, q.shape[0], values)
+            return local.attend(plan, instance, tensors, q, k_buf, v_buf, buffer_blocks, scale)
+        glob = self.global_schedule(plan, backend, q, v, values)
+        q_blocks = torch.as_tensor(plan.q_blocks(self.rank))
+        return attend_block_subset(glob, q, k_buf, v_buf, q_blocks, torch.as_tensor(buffer_blocks), scale=scale)
+
+    def global_schedule(self, plan: Plan, backend: str, q: torch.Tensor, v: torch.Tensor, values: dict):
+        """The program prepared for the whole sequence over the plan's own schedule and blocks
+        (runtime/blockset.py), kept on the plan for static patterns."""
+        key = (backend, q.dtype, q.shape[-1], v.shape[-1], str(q.device))
+        if key in plan.kernels:
+            return plan.kernels[key]
+        base = prepare_blockset(self.program, plan.lq, plan.lk, heads=plan.heads, backend=backend, dtype=q.dtype,
+                                head_dim=q.shape[-1], head_dim_v=v.shape[-1], device=q.device, **values)  # fmt: skip
+        p = base.prepared
+        if base.backend == "triton" and base.block != plan.block:
+            raise MaskError(
+                f"the Triton kernels here run blocks of {base.block} tokens: make the plan with block={base.block}"
+            )
+        tiles = Tiles(plan.block, plan.block, p.tiles.kernel)
+        prepared = Prepared.with_schedule(p.instance, p.forms, p.tensors, p.title, plan.schedule, tiles)
+        glob = GlobalSchedule(prepared, base.backend)
+        if "q" not in values:  # static pattern: the same for every call with this plan
+            plan.kernels[key] = glob
+        return glob
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> None:
         if plan.world != self.world or plan.rank != self.rank:
@@ -98,6 +133,8 @@ class ContextParallel:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if x.dim() != 4:
                 raise MaskError(f"{name} must be [batch, heads, tokens, dim], got shape {tuple(x.shape)}")
+        if q.shape[1] != plan.heads:
+            raise MaskError(f"q has {q.shape[1]} heads; the plan was made for heads={plan.heads}")
         nq, nk = plan.q_tokens(self.rank).numel(), plan.k_tokens(self.rank).numel()
         if q.shape[2] != nq:
             raise MaskError(f"q holds {q.shape[2]} tokens; rank {self.rank}'s share of the plan is {nq} (plan.shard)")

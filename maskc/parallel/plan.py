@@ -61,6 +61,7 @@ class Plan:
     recv: list[np.ndarray] = field(default_factory=list)  # per rank: remote key blocks, (owner, block) order
     cost: np.ndarray | None = None  # per rank: weighted visited blocks
     visited: np.ndarray | None = None  # per rank: visited blocks summed over heads
+    kernels: dict = field(default_factory=dict, repr=False)  # prepared global schedules (ContextParallel)
 
     # ------------------------------------------------------------ blocks and tokens
 
@@ -178,7 +179,7 @@ class Plan:
     def with_schedule(self, schedule: BlockSchedule) -> Plan:
         """The same sharding with the exchange lists of another schedule (a call's route or clusters)."""
         recv, cost, visited = exchange_lists(schedule, self.q_owner, self.k_owner, self.world)
-        return replace(self, schedule=schedule, recv=recv, cost=cost, visited=visited)
+        return replace(self, schedule=schedule, recv=recv, cost=cost, visited=visited, kernels={})
 
 
 # ---------------------------------------------------------------- making a plan
