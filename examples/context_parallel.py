@@ -53,8 +53,9 @@ def run(name: str, program, length: int, **bindings) -> None:
         ok = all(torch.allclose(got[n], expected[n], atol=1e-5, rtol=1e-5) for n in got)
         s = summarize(plan, kv_heads=HEADS, head_dim=DIM, dtype_bytes=4)
         print(f"{name}, {length} tokens on {plan.world} ranks: forward + backward {seconds:.2f} s on rank 0")
-        print(f"  KV received per rank: {[f'{b / 2**20:.2f} MiB' for b in s.recv_bytes]} "
-              f"(ring attention: {s.ring_bytes / 2**20:.2f} MiB); visited blocks per rank {s.visited.astype(int).tolist()}")  # fmt: skip
+        received = ", ".join(f"{b / 2**20:.2f}" for b in s.recv_bytes)
+        print(f"  KV received per rank: {received} MiB (ring attention: {s.ring_bytes / 2**20:.2f} MiB)")
+        print(f"  visited blocks per rank: {s.visited.astype(int).tolist()}")
         print(f"  equals one process (out, dq, dk, dv; max difference {worst:.2e}): {'yes' if ok else 'NO'}")
         if not ok:
             raise SystemExit(1)

@@ -64,10 +64,16 @@ class ContextParallel:
         self.last_exchange_received = 0  # and received
 
     def plan(self, lq: int, lk: int | None = None, *, heads: int = 1, balance: str = "blocks",
-             block: int | None = None, **bindings) -> Plan:  # fmt: skip
-        """The plan for this group, checked to be the same on every rank (a collective call)."""
+             block: int | None = None, layout: str = "auto", **bindings) -> Plan:  # fmt: skip
+        """The plan for this group, checked to be the same on every rank (a collective call).
+
+        `balance`: "blocks" (visited-block cost per rank, equal token counts), "contiguous"
+        or "zigzag".  `block`: tokens per block, the unit of sharding and of exchange
+        (default 128).  `layout`: the schedule's token order on grids ("auto" may tile,
+        see `Program.schedule`).  `bindings`: grid sizes, parameters and tensors (segment
+        ids over all keys; `centroids`), as for a one-process call."""
         plan = make_plan(self.program, lq, lk, heads=heads, balance=balance, block=block, world=self.world,
-                         rank=self.rank, bindings=bindings)  # fmt: skip
+                         rank=self.rank, bindings=bindings, layout=layout)  # fmt: skip
         self.check_agreement(plan)
         return plan
 

@@ -232,19 +232,21 @@ def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.nda
     return recv, per_rank, visited_per_rank
 
 
-def plan_schedule(program, lq: int, lk: int, heads: int, block: int, bindings: dict) -> BlockSchedule | None:
-    """The schedule a plan is made from (None for patterns that read q and k).  Self-attention
-    may use a tiled layout (fewer visited blocks, so fewer blocks to move)."""
+def plan_schedule(program, lq: int, lk: int, heads: int, block: int, bindings: dict,
+                  layout: str = "auto") -> BlockSchedule | None:  # fmt: skip
+    """The schedule a plan is made from (None for patterns that read q and k).  On a grid,
+    self-attention may use a tiled layout (`layout`, as for `Program.schedule`): fewer
+    visited blocks, so fewer blocks to move, but slower to build."""
     sizes = {n: v for n, v in bindings.items() if not isinstance(v, torch.Tensor)}
     if reads_qk(program, lq, lk, heads, sizes):
         return None
-    layout = "auto" if lq == lk else "rowmajor"
+    layout = layout if lq == lk else "rowmajor"
     return program.schedule(lq, lk, block_q=block, block_k=block, heads=heads, layout=layout, **bindings)
 
 
 def make_plan(program, lq: int, lk: int | None, *, heads: int = 1, balance: str = "blocks",
               block: int | None = None, world: int, rank: int | None = None, bindings: dict,
-              schedule: BlockSchedule | None = None) -> Plan:  # fmt: skip
+              layout: str = "auto", schedule: BlockSchedule | None = None) -> Plan:  # fmt: skip
     """The plan for `world` ranks; see the module docstring.  `schedule` reuses one made by
     `plan_schedule` for the same arguments (sweeps over world sizes and balances)."""
     lk = lq if lk is None else lk
@@ -262,7 +264,7 @@ def make_plan(program, lq: int, lk: int | None, *, heads: int = 1, balance: str 
             f"of {block} tokens): every rank needs a block; pass a smaller block="
         )
     if schedule is None:
-        schedule = plan_schedule(program, lq, lk, heads, block, bindings)
+        schedule = plan_schedule(program, lq, lk, heads, block, bindings, layout)
     cost = np.ones(nqb) if schedule is None else block_cost(schedule)[0]
     q_owner = balancing.assign(balance, cost, world)
     k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
