@@ -17,8 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 BALANCES = ("blocks", "contiguous", "zigzag")
-# Stop refining once max/mean cost is within this of 1.
-BALANCE_TOLERANCE = 1.01
+# Stop refining once max/mean cost is within this of 1: finer dealing balances better
+# but scatters neighbours over ranks, and so moves more blocks (a causal window of
+# 4096 at 128K on 8 ranks: contiguous is within 1.016 and receives 16 MiB a rank;
+# the next finer dealing, 448 MiB, all of ring attention's).
+BALANCE_TOLERANCE = 1.02
 
 
 def contiguous(num_blocks: int, world: int) -> np.ndarray:

@@ -11,11 +11,12 @@ leaves the rank.
 Data-dependent patterns: everything is bound at `plan` time.  Segment ids are
 full length ([batch, lk]: they are small) and folded into the plan's
 fingerprint, so ranks that disagree are caught.  Patterns that read q and k
-(`route`, `cluster`) all-gather q and k (detached) at each call, build the
-schedule every rank then agrees on, and move only the key blocks it visits;
-`cluster` patterns then attend with dense tiles over those blocks
-(maskc/parallel/local.py: exact, slow), as the kernels run them gathered by
-cluster instead of by block.
+build their schedule at each call, the same on every rank, and move only the
+key blocks it visits: `route` adds up every rank's region sums of q and k (one
+all-reduce of [regions, dim] per route atom, `runtime.blockset.route_partials`);
+`cluster` all-gathers q and k (detached) to find the clusters, then attends
+with dense tiles over the visited blocks (maskc/parallel/local.py: exact,
+slow), as maskc's kernels run clusters gathered by cluster, not by block.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from maskc.codegen import plan as codegen_plan
 from maskc.dsl import ir
 from maskc.dsl.errors import MaskError
 from maskc.runtime.autograd import exchange
-from maskc.runtime.blockset import GlobalSchedule, attend_block_subset, prepare_blockset
+from maskc.runtime.blockset import GlobalSchedule, attend_block_subset, prepare_blockset, route_partials
 from maskc.runtime.prepare import Prepared, instantiate
 from maskc.runtime.tuning import Tiles
 
@@ -36,10 +38,12 @@ from .local import token_ranges
 from .plan import Plan, make_plan
 
 
-def _clustered(plan: Plan) -> bool:
+def _clustered(program, plan: Plan) -> bool:
     """Whether the pattern has `cluster(...)`: runtime/blockset.py runs block schedules, and
     clustered patterns run gathered by cluster, so these take the dense-tile path."""
-    return any(isinstance(n, ir.Cluster) for p in plan.schedule.patterns for n in ir.walk(p))
+    sizes = {n: x for n, x in plan.bindings.items() if not isinstance(x, torch.Tensor)}
+    instance = program.instantiate(plan.lq, plan.lk, heads=plan.heads, **sizes)
+    return any(isinstance(n, ir.Cluster) for p in instance.patterns for n in ir.walk(p.mask))
 
 
 class ContextParallel:
@@ -96,38 +100,61 @@ class ContextParallel:
         "triton", or "reference" (dense attention on the visited tiles: slow, exact;
         what `cluster` patterns run)."""
         self._check(q, k, v, plan)
-        values = dict(plan.bindings)
-        if plan.schedule is None:  # route / cluster: this call's q and k decide the schedule
-            values.update(q=plan.unshard(q, group=self.group), k=plan.unshard(k, keys=True, group=self.group))
-            schedule = self.program.schedule(plan.lq, plan.lk, block_q=plan.block, block_k=plan.block,
-                                             heads=q.shape[1], layout="rowmajor", **values)  # fmt: skip
-            plan = plan.with_schedule(schedule)
+        route_sums = None
+        if plan.schedule is None and _clustered(self.program, plan):
+            return self._clustered_call(plan, q, k, v, scale)
+        if plan.schedule is None:  # route: the region sums of every rank's q and k, added up
+            tokens = (plan.q_tokens(self.rank), plan.k_tokens(self.rank))
+            route_sums = route_partials(self.program, plan.lq, plan.lk, q.detach(), k.detach(), *tokens,
+                                        **plan.bindings)  # fmt: skip
+            dist.all_reduce(route_sums, group=self.group)
+        glob = self.global_schedule(plan, backend, q, v, route_sums)
+        if plan.schedule is None:
+            plan = plan.with_schedule(glob.schedule)
         k_buf, v_buf = self.gather_kv(plan, k, v)
         buffer_blocks = plan.buffer_blocks(self.rank)
-        if backend == "reference" or _clustered(plan):
-            instance, tensors = instantiate(self.program.spec, plan.lq, plan.lk, q.shape[1], None, q.shape[0], values)
-            return local.attend(plan, instance, tensors, q, k_buf, v_buf, buffer_blocks, scale)
-        glob = self.global_schedule(plan, backend, q, v, values)
+        if backend == "reference":
+            p = glob.prepared
+            return local.attend(plan, p.instance, p.tensors, q, k_buf, v_buf, buffer_blocks, scale)
         q_blocks = torch.as_tensor(plan.q_blocks(self.rank))
         return attend_block_subset(glob, q, k_buf, v_buf, q_blocks, torch.as_tensor(buffer_blocks), scale=scale)
 
-    def global_schedule(self, plan: Plan, backend: str, q: torch.Tensor, v: torch.Tensor, values: dict):
-        """The program prepared for the whole sequence over the plan's own schedule and blocks
-        (runtime/blockset.py), kept on the plan for static patterns."""
+    def _clustered_call(self, plan: Plan, q, k, v, scale: float | None) -> torch.Tensor:
+        """`cluster` patterns: q and k all-gathered (detached) to find the clusters, then the
+        blocks they visit exchanged and attended with dense tiles."""
+        values = {**plan.bindings, "q": plan.unshard(q, group=self.group)}
+        values["k"] = plan.unshard(k, keys=True, group=self.group)
+        schedule = self.program.schedule(plan.lq, plan.lk, block_q=plan.block, block_k=plan.block,
+                                         heads=q.shape[1], layout="rowmajor", **values)  # fmt: skip
+        plan = plan.with_schedule(schedule)
+        k_buf, v_buf = self.gather_kv(plan, k, v)
+        instance, tensors = instantiate(self.program.spec, plan.lq, plan.lk, q.shape[1], None, q.shape[0], values)
+        return local.attend(plan, instance, tensors, q, k_buf, v_buf, plan.buffer_blocks(self.rank), scale)
+
+    def global_schedule(self, plan: Plan, backend: str, q: torch.Tensor, v: torch.Tensor,
+                        route_sums: torch.Tensor | None = None):  # fmt: skip
+        """The program prepared for the whole sequence over the plan's schedule and blocks
+        (runtime/blockset.py), kept on the plan for static patterns.  Route patterns build
+        the schedule here, from the summed region sums."""
         key = (backend, q.dtype, q.shape[-1], v.shape[-1], str(q.device))
-        if key in plan.kernels:
+        if route_sums is None and key in plan.kernels:
             return plan.kernels[key]
-        base = prepare_blockset(self.program, plan.lq, plan.lk, heads=plan.heads, backend=backend, dtype=q.dtype,
-                                head_dim=q.shape[-1], head_dim_v=v.shape[-1], device=q.device, **values)  # fmt: skip
+        base = prepare_blockset(self.program, plan.lq, plan.lk, heads=plan.heads,
+                                backend="cpu" if backend == "reference" else backend, dtype=q.dtype,
+                                head_dim=q.shape[-1], head_dim_v=v.shape[-1], device=q.device,
+                                route_sums=route_sums, **plan.bindings)  # fmt: skip
         p = base.prepared
         if base.backend == "triton" and base.block != plan.block:
             raise MaskError(
                 f"the Triton kernels here run blocks of {base.block} tokens: make the plan with block={base.block}"
             )
+        schedule = plan.schedule
+        if schedule is None:
+            schedule = codegen_plan.plan_schedule(p.instance, plan.block, plan.block, "rowmajor", p.tensors)
         tiles = Tiles(plan.block, plan.block, p.tiles.kernel)
-        prepared = Prepared.with_schedule(p.instance, p.forms, p.tensors, p.title, plan.schedule, tiles)
-        glob = GlobalSchedule(prepared, base.backend)
-        if "q" not in values:  # static pattern: the same for every call with this plan
+        glob = GlobalSchedule(Prepared.with_schedule(p.instance, p.forms, p.tensors, p.title, schedule, tiles),
+                              base.backend)  # fmt: skip
+        if route_sums is None:  # static pattern: the same for every call with this plan
             plan.kernels[key] = glob
         return glob
 
