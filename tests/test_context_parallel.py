@@ -108,7 +108,7 @@ CASES = [
     ("causal window", "causal & window(11)", {}, 53, None, 2, 2, 8, {}, "blocks"),
     ("sinks", "streaming", {"sinks": 3, "w": 9}, 45, None, 2, 1, 4, {}, "zigzag"),
     ("documents", "documents_causal", {}, 47, None, 1, 1, 4, {"ids": _ids([5, 30, 1, 11])}, "blocks"),
-    ("natten2d", "natten2d", {"k": 3}, 48, None, 1, 1, 8, {"h": 6, "w": 8}, "blocks"),
+    ("natten2d", "natten2d", {"k": 3}, 48, None, 1, 1, 4, {"h": 6, "w": 8}, "blocks"),  # tiled 2 x 2
     ("bigbird", "bigbird", {"b": 8, "r": 1}, 64, None, 1, 1, 8, {}, "blocks"),
     ("biformer", "biformer", {"s": 2, "topk": 1}, 64, None, 2, 2, 8, {"h": 8, "w": 8}, "blocks"),
     ("per head", PER_HEAD, {}, 37, None, 2, 2, 4, {}, "blocks"),
@@ -158,6 +158,8 @@ def _run_case(cp_cls, case, rank: int, dtype=torch.float64, backend: str = "auto
             errors.append(f"{name} (rank {rank}): {key} differs by {err:.3g}")
     if name == "empty rows" and not (got["out"][:, :, 3:14] == 0).all():
         errors.append("empty rows: rows with no key are not 0")
+    if name == "natten2d" and not plan.schedule.layout.startswith("tiled"):
+        errors.append(f"natten2d: expected a tiled layout, got {plan.schedule.layout}")
     # "only remote": rank 0 receives nothing; every other rank's queries visit only block 0, remote
     if name == "only remote" and (plan.recv[0].size or any(plan.recv[r].tolist() != [0] for r in range(1, plan.world))):
         errors.append(f"only remote: unexpected exchange lists {plan.recv}")
