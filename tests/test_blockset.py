@@ -2,7 +2,7 @@
 
 The query blocks are split among a few fake "ranks" (contiguous, zigzag, or
 given by hand); each rank gets a buffer of exactly the key blocks its queries
-visit, shuffled; its output and the gradients of its q, k and v are scattered
+visit (shuffled on even ranks, sorted on odd ones); its output and the gradients of its q, k and v are scattered
 back to global positions (key gradients summed over ranks, as the owners sum
 them) and compared with the dense reference of the whole call: float64, tight
 tolerances, on the CPU executor; float32 under the Triton interpreter.
@@ -32,8 +32,9 @@ def contiguous(blocks: int, ranks: int) -> list[list[int]]:
 
 def run_ranks(program, ranks, lq, lk=None, *, heads=2, kv_heads=None, dim=8, batch=2, dtype=torch.float64,
               backend="cpu", tol=F64, bindings=None, fused_views=False, layout="rowmajor", seed=0):  # fmt: skip
-    """Split `ranks` (lists of query blocks, or a function (blocks, ) -> lists) and compare
-    with the reference; returns the global schedule and each rank's key blocks."""
+    """Run each rank's query blocks (`ranks`: lists of blocks, or a function of the number of
+    blocks giving them) and compare with the reference; returns the global schedule and
+    each rank's key blocks."""
     bindings = bindings or {}
     lk = lq if lk is None else lk
     kv_heads = kv_heads or heads
