@@ -71,8 +71,8 @@ def main() -> None:
         print(f"{dist.get_world_size()} ranks (gloo), float32, {HEADS} heads of dim {DIM}")
     run("causal & window(1024)", maskc.compile("causal & window(1024)"), args.len)
     # packed documents of uneven lengths: the ids are small, every rank passes all of them
-    cuts = torch.tensor([0, 7, 19, 20, 43, 71, 100]) * args.len // 100
-    ids = torch.repeat_interleave(torch.arange(6), cuts[1:] - cuts[:-1])[None]
+    cuts = torch.tensor([0, 7, 19, 20, 28, 37, 43, 51, 60, 71, 77, 80, 92, 100]) * args.len // 100
+    ids = torch.repeat_interleave(torch.arange(cuts.numel() - 1), cuts[1:] - cuts[:-1])[None]
     run("documents_causal", maskc.compile("documents_causal"), args.len, ids=ids)
     dist.destroy_process_group()
 
