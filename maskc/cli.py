@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_instance_args(cp)
     cp.add_argument("--world", type=int, required=True, help="number of ranks")
     cp.add_argument("--balance", default="blocks", choices=["blocks", "contiguous", "zigzag"])
-    cp.add_argument("--block", type=int, default=None, help="tokens per block (default 128)")
+    cp.add_argument("--block", type=int, default=None, help="tokens per block (default 64)")
     cp.add_argument("--kv-heads", type=int, default=1, help="key/value heads counted in bytes (default 1)")
     cp.add_argument("--head-dim", type=int, default=64, help="head dim counted in bytes (default 64)")
     cp.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (default 2: bf16)")

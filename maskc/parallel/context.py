@@ -46,6 +46,14 @@ def _clustered(program, plan: Plan) -> bool:
     return any(isinstance(n, ir.Cluster) for p in instance.patterns for n in ir.walk(p.mask))
 
 
+def _joined(out: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
+    """`out`, made to depend on the buffers when it does not (a rank whose queries visit no
+    key at all), so that its backward still joins the reverse exchange the other ranks run."""
+    if out.grad_fn is not None or not (k_buf.requires_grad or v_buf.requires_grad):
+        return out
+    return out + (k_buf[..., :0].sum() + v_buf[..., :0].sum()).to(out.dtype)
+
+
 class ContextParallel:
     """Context parallelism for `program` over `group` (default: the world).
 
@@ -73,7 +81,7 @@ class ContextParallel:
 
         `balance`: "blocks" (visited-block cost per rank, equal token counts), "contiguous"
         or "zigzag".  `block`: tokens per block, the unit of sharding and of exchange
-        (default 128).  `layout`: the schedule's token order on grids ("auto" may tile,
+        (default 64, the CPU executor's tile).  `layout`: the schedule's token order on grids ("auto" may tile,
         see `Program.schedule`).  `bindings`: grid sizes, parameters and tensors (segment
         ids over all keys; `centroids`), as for a one-process call."""
         plan = make_plan(self.program, lq, lk, heads=heads, balance=balance, block=block, world=self.world,
@@ -115,9 +123,11 @@ class ContextParallel:
         buffer_blocks = plan.buffer_blocks(self.rank)
         if backend == "reference":
             p = glob.prepared
-            return local.attend(plan, p.instance, p.tensors, q, k_buf, v_buf, buffer_blocks, scale)
+            out = local.attend(plan, p.instance, p.tensors, q, k_buf, v_buf, buffer_blocks, scale)
+            return _joined(out, k_buf, v_buf)
         q_blocks = torch.as_tensor(plan.q_blocks(self.rank))
-        return attend_block_subset(glob, q, k_buf, v_buf, q_blocks, torch.as_tensor(buffer_blocks), scale=scale)
+        out = attend_block_subset(glob, q, k_buf, v_buf, q_blocks, torch.as_tensor(buffer_blocks), scale=scale)
+        return _joined(out, k_buf, v_buf)
 
     def _clustered_call(self, plan: Plan, q, k, v, scale: float | None) -> torch.Tensor:
         """`cluster` patterns: q and k all-gathered (detached) to find the clusters, then the
@@ -129,7 +139,8 @@ class ContextParallel:
         plan = plan.with_schedule(schedule)
         k_buf, v_buf = self.gather_kv(plan, k, v)
         instance, tensors = instantiate(self.program.spec, plan.lq, plan.lk, q.shape[1], None, q.shape[0], values)
-        return local.attend(plan, instance, tensors, q, k_buf, v_buf, plan.buffer_blocks(self.rank), scale)
+        out = local.attend(plan, instance, tensors, q, k_buf, v_buf, plan.buffer_blocks(self.rank), scale)
+        return _joined(out, k_buf, v_buf)
 
     def global_schedule(self, plan: Plan, backend: str, q: torch.Tensor, v: torch.Tensor,
                         route_sums: torch.Tensor | None = None):  # fmt: skip
@@ -195,10 +206,14 @@ class ContextParallel:
         mine = plan.recv[rank]
         recv = [int(plan.block_lengths(mine[plan.k_owner[mine] == s], plan.lk).sum()) for s in range(self.world)]
         dk = k.shape[-1]
-        kv = torch.cat([k, v.to(k.dtype)], dim=-1)
-        outgoing = kv.index_select(2, index.to(kv.device)).permute(2, 0, 1, 3)
+        # only the outgoing rows are copied together (one exchange carries K and V)
+        index = index.to(k.device)
+        outgoing = torch.cat([k.index_select(2, index), v.index_select(2, index).to(k.dtype)], dim=-1)
+        outgoing = outgoing.permute(2, 0, 1, 3)
         incoming = exchange(outgoing, send, recv, self.group).permute(1, 2, 0, 3)
         self.last_exchange_bytes = outgoing.numel() * outgoing.element_size()
         self.last_exchange_received = incoming.numel() * incoming.element_size()
-        buf = torch.cat([kv, incoming], dim=2)
-        return buf[..., :dk], buf[..., dk:].to(v.dtype)
+        # the buffers always hold `incoming` (even empty): every rank's backward must join the reverse
+        # exchange, which autograd runs only where the received rows reach the output
+        k_in, v_in = incoming[..., :dk], incoming[..., dk:].to(v.dtype)
+        return torch.cat([k, k_in], dim=2), torch.cat([v, v_in], dim=2)

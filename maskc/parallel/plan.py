@@ -33,7 +33,8 @@ from . import balance as balancing
 # 555 us per partial block (`keys(% 2 == 0)`) against 421 us per full one (`all`), 1.32.
 PARTIAL_BLOCK_COST = 1.3
 FULL_BLOCK_COST = 1.0
-DEFAULT_BLOCK = 128
+# Tokens per block when the plan is not told: the CPU executor's tile (runtime/tuning.py).
+DEFAULT_BLOCK = 64
 
 
 def reads_qk(program, lq: int, lk: int, heads: int, sizes: dict) -> bool:
