@@ -155,14 +155,12 @@ class ContextParallel:
                                 head_dim=q.shape[-1], head_dim_v=v.shape[-1], device=q.device,
                                 route_sums=route_sums, **plan.bindings)  # fmt: skip
         p = base.prepared
-        if base.backend == "triton" and base.block != plan.block:
-            raise MaskError(
-                f"the Triton kernels here run blocks of {base.block} tokens: make the plan with block={base.block}"
-            )
         schedule = plan.schedule
         if schedule is None:
             schedule = codegen_plan.plan_schedule(p.instance, plan.block, plan.block, "rowmajor", p.tensors)
-        tiles = Tiles(plan.block, plan.block, p.tiles.kernel)
+        # the policy's kernel configuration when it runs the plan's blocks, else (Triton) the
+        # configuration for blocks chosen by hand (runtime/tuning.py)
+        tiles = Tiles(plan.block, plan.block, p.tiles.kernel if base.block == plan.block else None)
         glob = GlobalSchedule(Prepared.with_schedule(p.instance, p.forms, p.tensors, p.title, schedule, tiles),
                               base.backend)  # fmt: skip
         if route_sums is None:  # static pattern: the same for every call with this plan
