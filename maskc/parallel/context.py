@@ -86,6 +86,7 @@ class ContextParallel:
         ids over all keys; `centroids`), as for a one-process call."""
         plan = make_plan(self.program, lq, lk, heads=heads, balance=balance, block=block, world=self.world,
                          rank=self.rank, bindings=bindings, layout=layout)  # fmt: skip
+        plan.group = self.group
         self.check_agreement(plan)
         return plan
 

@@ -63,6 +63,7 @@ class Plan:
     cost: np.ndarray | None = None  # per rank: weighted visited blocks
     visited: np.ndarray | None = None  # per rank: visited blocks summed over heads
     kernels: dict = field(default_factory=dict, repr=False)  # prepared global schedules (ContextParallel)
+    group: object = field(default=None, repr=False)  # the process group the plan was made for (None: the world)
 
     # ------------------------------------------------------------ blocks and tokens
 
@@ -137,10 +138,11 @@ class Plan:
         )
 
     def unshard(self, x_local: torch.Tensor, *, keys: bool = False, group=None, dim: int = 2) -> torch.Tensor:
-        """The full tensor from every rank's shard (an all-gather; not differentiable).
-        `keys=True` for key-side tensors when lq != lk."""
+        """The full tensor from every rank's shard (an all-gather over the plan's group; not
+        differentiable).  `keys=True` for key-side tensors when lq != lk."""
         import torch.distributed as dist
 
+        group = self.group if group is None else group
         length = self.lk if keys else self.lq
         tokens = [self.k_tokens(r) if keys else self.q_tokens(r) for r in range(self.world)]
         rank = self._this_rank()
