@@ -92,6 +92,9 @@ def test_plan_errors():
     plan = make_plan(program, 64, None, world=2, block=8, bindings={})
     with pytest.raises(maskc.MaskError, match="simulation"):
         plan.shard(torch.zeros(1, 1, 64, 2))
+    if not dist.is_initialized():  # this test process never joins a group
+        with pytest.raises(maskc.MaskError, match="init_process_group"):
+            maskc.ContextParallel(program)
 
 
 # ---------------------------------------------------------------- processes
