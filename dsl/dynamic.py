@@ -9,6 +9,7 @@ import math
 import torch
 
 from . import ir
+from .errors import MaskTypeError
 
 
 def _regions(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> list[torch.Tensor]:
@@ -85,11 +86,22 @@ def route_selection(
         logits = selection.block_logits(node, q, k, q_positions, k_positions, rq, rk, (nq, nk))
         if node.score != "antidiagonal":
             logits = logits * q.shape[-1] ** -0.5  # softmax temperature of q . k, as SDPA's default scale
-    logits = logits.sum(1)  # [B, nq, nk]: one head, or all heads shared
     q_present = torch.zeros(nq, dtype=torch.bool, device=device)
     q_present[rq] = True
     k_present = torch.zeros(nk, dtype=torch.bool, device=device)
     k_present[rk] = True
+    return _choose(node, logits, q_present, k_present, normalised=scores is None and node.score == "antidiagonal")
+
+
+def _choose(
+    node: ir.Route, logits: torch.Tensor, q_present: torch.Tensor, k_present: torch.Tensor, normalised: bool
+) -> torch.Tensor:
+    """The selection from block logits [B, H, nq, nk] and which regions hold tokens."""
+    from . import selection
+
+    device = logits.device
+    nk = k_present.numel()
+    logits = logits.sum(1)  # [B, nq, nk]: one head, or all heads shared
     own = own_regions(node, device)  # [nq]: the key region holding each query region's last position
     ids = torch.arange(nk, device=device)
     eligible = q_present[:, None] & k_present[None, :]
@@ -101,7 +113,6 @@ def route_selection(
     if node.first:
         forced[:, 0] = True
     forced &= eligible
-    normalised = scores is None and node.score == "antidiagonal"
     return selection.select(node, logits, eligible, forced, normalised)[:, None]
 
 
@@ -121,6 +132,50 @@ def own_regions(node: ir.Route, device: torch.device | str = "cpu") -> torch.Ten
         last = ((coordinate + 1) * qc.div - 1) // kc.div
         index = index * kc.size + last.clamp(max=kc.size - 1)
     return index
+
+
+def route_sums(
+    node: ir.Route, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a mean-scored `route` pools, as sums that add up over any split of the
+    tokens (context-parallel ranks add theirs with one all_reduce): (q sums
+    [B, h, query regions, D], q counts, k sums [B, h, key regions, D], k counts),
+    h = 1 for a per-head route, in the compute dtype.  Other scorers (maxima,
+    per-query bounds, antidiagonal softmaxes) and external scores do not split so."""
+    if node.score != "mean" or node.scores is not None:
+        what = f"scores = {node.scores}" if node.scores is not None else f'score = "{node.score}"'
+        raise MaskTypeError(
+            f"route with {what} cannot be split over ranks: context parallel routes with the "
+            'mean scorer (score = "mean"), whose pooled sums add up'
+        )
+    nq = math.prod(c.size for c in node.query_regions)
+    nk = math.prod(c.size for c in node.regions)
+    k = expand_kv_heads(k, q.shape[1])
+    if node.head is not None:
+        q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.detach().to(compute), k.detach().to(compute)
+    q_positions, k_positions = q_positions.to(q.device), k_positions.to(q.device)
+    q_inside, k_inside = in_regions(q_positions, node.query_regions), in_regions(k_positions, node.regions)
+    rq = region_ids(q_positions[q_inside], node.query_regions)
+    rk = region_ids(k_positions[k_inside], node.regions)
+    return (*_region_sums(q[:, :, q_inside], rq, nq), *_region_sums(k[:, :, k_inside], rk, nk))
+
+
+def route_choose(
+    node: ir.Route, q_sums: torch.Tensor, q_counts: torch.Tensor, k_sums: torch.Tensor, k_counts: torch.Tensor
+) -> torch.Tensor:
+    """`route_selection` (mean scorer) from the pooled sums of `route_sums`."""
+    pooled_q = q_sums / q_counts.clamp(min=1)[None, None, :, None]
+    pooled_k = k_sums / k_counts.clamp(min=1)[None, None, :, None]
+    logits = (pooled_q @ pooled_k.transpose(-1, -2)) * q_sums.shape[-1] ** -0.5
+    return _choose(node, logits, q_counts > 0, k_counts > 0, normalised=False)
+
+
+def _region_sums(x: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, _, d = x.shape
+    sums = torch.zeros(b, h, n, d, dtype=x.dtype, device=x.device).index_add_(2, ids, x)
+    return sums, torch.bincount(ids, minlength=n).to(x.dtype)
 
 
 def cluster_indices(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:

@@ -15,9 +15,11 @@ from maskc.codegen.version import __version__
 from maskc.dsl.errors import MaskError, MaskSyntaxError, MaskTypeError
 from maskc.module import PolylineAttention, SparseAttention
 from maskc.packing import document_ids
+from maskc.parallel import ContextParallel
 from maskc.program import Program, attention, compile
 
 __all__ = [
+    "ContextParallel",
     "MaskError",
     "MaskSyntaxError",
     "MaskTypeError",

@@ -3,7 +3,8 @@
 `check` checks .mask files, `show` draws a pattern's mask or block schedule
 (ASCII, PNG), `compile` prints a pattern's normal form or its generated Triton
 source, `fuzz` checks a pattern's schedule and kernels on random cases, and
-`patterns` lists the library.
+`patterns` lists the library, and `plan` simulates a context-parallel plan
+(KV bytes each rank receives, visited blocks per rank) without processes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from maskc.picture import (
     png_cell,
     reduce_mask,
     schedule_picture,
+    write_plan_png,
     write_png,
     write_schedule_png,
 )
@@ -241,6 +243,36 @@ def cmd_patterns(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from maskc.parallel.plan import make_plan
+    from maskc.parallel.simulate import summarize
+
+    try:
+        program, _, data, sizes = _program_and_instance(args)
+        start = time.perf_counter()
+        ids = {n: t for n, t in data.items() if n not in ("q", "k", "centroids")}
+        plan_ = make_plan(program, args.lq, args.lk, heads=args.heads, balance=args.balance, block=args.block,
+                          world=args.world, bindings={**sizes, **ids})  # fmt: skip
+        if plan_.schedule is None:  # route / cluster: the exchange of one call, for the random q and k
+            sched = program.schedule(args.lq, args.lk, block_q=plan_.block, block_k=plan_.block, heads=args.heads,
+                                     layout="rowmajor", **sizes, **data)  # fmt: skip
+            plan_ = plan_.with_schedule(sched)
+        elapsed = time.perf_counter() - start
+    except MaskError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(program.source().rstrip())
+    if data:
+        print(f"(random {', '.join(sorted(data))} with seed {args.seed})")
+    print(f"planned in {1000 * elapsed:.0f} ms")
+    summary = summarize(plan_, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype_bytes=args.dtype_bytes)
+    print(summary.text())
+    if args.png:
+        write_plan_png(plan_, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
 def _add_instance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="spec text, a .mask file, or a library pattern name")
     p.add_argument("--lq", type=int, required=True, help="number of queries")
@@ -298,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop cleanly before the next case once this is spent (default 120; 0: no limit)",
     )
     fuzz.set_defaults(run=cmd_fuzz)
+
+    cp = sub.add_parser("plan", help="simulate a context-parallel plan: KV bytes received and blocks per rank")
+    _add_instance_args(cp)
+    cp.add_argument("--world", type=int, required=True, help="number of ranks")
+    cp.add_argument("--balance", default="blocks", choices=["blocks", "contiguous", "zigzag"])
+    cp.add_argument("--block", type=int, default=None, help="tokens per block (default 64)")
+    cp.add_argument("--kv-heads", type=int, default=1, help="key/value heads counted in bytes (default 1)")
+    cp.add_argument("--head-dim", type=int, default=64, help="head dim counted in bytes (default 64)")
+    cp.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (default 2: bf16)")
+    cp.add_argument("--png", help="also draw which rank computes which blocks")
+    cp.set_defaults(run=cmd_plan)
 
     pats = sub.add_parser("patterns", help="list the library's patterns and their parameters")
     pats.set_defaults(run=cmd_patterns)

@@ -289,3 +289,55 @@ def write_schedule_png(schedule, path: str) -> PngLayout:
         draw.text((MARGIN, legend_top + line_height * (i + 1)), note, fill=(0, 0, 0), font=font)
     img.save(path)
     return PngLayout((width, height), s, cell, origins)
+
+
+def write_plan_png(plan, path: str) -> PngLayout:
+    """Which rank computes each visited block of a context-parallel plan: one colour per
+    rank (the query block's owner), darker where the key block is received from another
+    rank; empty blocks white.  A legend strip names the block size and any reduction."""
+    import colorsys
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows, cols = plan.num_q_blocks, plan.num_k_blocks
+    cell = max(1, math.ceil(max(rows, cols) / PNG_MAX_CELLS))
+    h, w = math.ceil(rows / cell), math.ceil(cols / cell)
+    visited = np.zeros((h, w), dtype=bool)
+    for runs in plan.schedule.groups:
+        r, c, _ = runs.blocks()
+        visited[r.numpy() // cell, c.numpy() // cell] = True
+    owner = plan.q_owner[np.minimum(np.arange(h) * cell, rows - 1)]
+    remote = plan.k_owner[np.minimum(np.arange(w) * cell, cols - 1)][None, :] != owner[:, None]
+    hues = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.55, 0.95) for i in range(plan.world)]
+    light = np.array([[int(255 * x) for x in rgb] for rgb in hues], dtype=np.uint8)
+    dark = (light.astype(np.float64) * 0.55).astype(np.uint8)
+    pixels = np.full((h, w, 3), 255, dtype=np.uint8)
+    rank = np.broadcast_to(owner[:, None], (h, w))
+    pixels[visited & ~remote] = light[rank[visited & ~remote]]
+    pixels[visited & remote] = dark[rank[visited & remote]]
+    s = png_scale(h, w)
+    panel = _upscale(pixels, s)
+    font = ImageFont.load_default(size=13)
+    line_height = 18
+    notes = [
+        f"{plan.world} ranks, balance {plan.balance!r}: colour = rank computing the block, darker = key block received",
+        f"blocks of {plan.block} tokens, {rows} x {cols} blocks",
+    ]
+    if cell > 1:
+        notes.append(f"each {s} x {s} px square is {cell} x {cell} blocks")
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max(int(probe.textlength(n, font=font)) for n in notes)
+    panel_h, panel_w = panel.shape[:2]
+    width = 2 * MARGIN + max(panel_w + 2, text_width)
+    legend_top = MARGIN + panel_h + 2 + MARGIN
+    height = legend_top + line_height * len(notes) + MARGIN
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    canvas[MARGIN : MARGIN + panel_h + 2, MARGIN : MARGIN + panel_w + 2] = FRAME
+    canvas[MARGIN + 1 : MARGIN + 1 + panel_h, MARGIN + 1 : MARGIN + 1 + panel_w] = panel
+    img = Image.fromarray(canvas, mode="RGB")
+    draw = ImageDraw.Draw(img)
+    for i, note in enumerate(notes):
+        draw.text((MARGIN, legend_top + line_height * i), note, fill=(0, 0, 0), font=font)
+    img.save(path)
+    return PngLayout((width, height), s, cell, [(MARGIN + 1, MARGIN + 1)])

@@ -13,5 +13,6 @@ generated Triton kernels (`triton_backend`); FlexAttention (`flex`, running
 what `codegen.flex` generates); clustered attention for `cluster` patterns
 (`clustered`, `clustered_triton`); decoding steps against a KV cache
 (`decode`); attention dropout's counter-based keep mask (`dropout`); the exact
-log-sum-exp merge of partial results (`merge`).
+log-sum-exp merge of partial results (`merge`); some query blocks against a
+buffer of key blocks, context parallelism's local step (`blockset`).
 """

@@ -1,6 +1,6 @@
 """Every `torch.autograd.Function` of maskc: how autograd sees a call and a backend's kernels.
 
-Two Functions, each generic over the work it differentiates, so that this
+Three Functions, each generic over the work it differentiates, so that this
 module imports nothing else of the runtime and anything may use it:
 
 * `call_attention(steps, call, q, k, v, tensors)`: one eager call of a program
@@ -17,6 +17,8 @@ module imports nothing else of the runtime and anything may use it:
   `cpu_attention` and `triton_attention` differentiable wherever they run:
   inside a call's graph (clustered attention gathers q, k, v and merges partial
   results around the Triton kernels) or called directly.
+* `exchange(x, send, recv, group)`: one uneven all-to-all between processes,
+  whose backward is the reverse all-to-all (context parallelism's KV blocks).
 """
 
 from __future__ import annotations
@@ -138,3 +140,33 @@ class _CallAttention(torch.autograd.Function):
 def call_attention(steps: Steps, call, q, k, v, tensors):
     """(out, lse) of one eager call, differentiable in q, k, v and the bound tensors."""
     return _CallAttention.apply(steps, call, q, k, v, *tensors)
+
+
+# ---------------------------------------------------------------- exchanging rows between processes
+
+
+class _Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group):
+        import torch.distributed as dist
+
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None
+
+
+def exchange(x: torch.Tensor, send: list[int], recv: list[int], group=None) -> torch.Tensor:
+    """One uneven all-to-all over dim 0: rows x[sum(send[:r]) : sum(send[:r+1])] go to rank r,
+    and the result holds recv[s] rows from each rank s in rank order.  Its backward is
+    the reverse exchange, so gradients of received rows are summed at their owners
+    (context parallelism, maskc/parallel/)."""
+    return _Exchange.apply(x, list(send), list(recv), group)

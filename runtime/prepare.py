@@ -182,15 +182,25 @@ DYNAMIC_TENSORS = ("q", "k", "centroids")
 
 
 def instantiate(
-    spec: Spec, lq: int, lk: int | None, heads: int, q_offset: int | None, batch: int | None, bindings: dict
+    spec: Spec,
+    lq: int,
+    lk: int | None,
+    heads: int,
+    q_offset: int | None,
+    batch: int | None,
+    bindings: dict,
+    derived: Callable[[Instance], dict] | None = None,
 ) -> tuple[Instance, evaluate.Tensors]:
     """The pattern instantiated for a call's sizes, with its tensor bindings checked.
 
     `bindings` give grid sizes and call-time parameters (ints) and tensors (the
-    pattern's tensor parameters, and q, k, centroids for dynamic atoms)."""
+    pattern's tensor parameters, and q, k, centroids for dynamic atoms).
+    `derived(instance)` gives tables made elsewhere, keyed as `evaluate` caches
+    them (context parallel's route selections from sums over every rank)."""
     sizes, tensors = _split(spec, bindings)
     instance = spec.instantiate(lq, lk, heads=heads, q_offset=q_offset, sizes=sizes)
-    checked = evaluate.Tensors(tensors, instance, batch=_batch_of(tensors, batch, _batched_names(instance)))
+    batch = _batch_of(tensors, batch, _batched_names(instance))
+    checked = evaluate.Tensors(tensors, instance, batch=batch, cache=derived(instance) if derived else {})
     # Shapes are named here, before any schedule or kernel indexes a tensor
     # (ids of shape [1, 1, L] would otherwise fail deep inside torch).
     evaluate.check_tensors(instance, checked)

@@ -1,0 +1,278 @@
+"""A context-parallel plan: which rank holds which tokens, and which key blocks move.
+
+The plan is made from the program's exact block schedule (blocks of `block`
+tokens on both sides), so it is the same on every process that makes it with the
+same arguments.  Query blocks go to ranks by `balance` (maskc/parallel/balance.py);
+when lq == lk each rank holds the key blocks of its query blocks (a token's query,
+key and value live together), otherwise keys are cut into `world` contiguous runs
+of equal length.  For each rank the plan lists the remote key blocks its queries
+visit, in (owner, block) order: what one all-to-all must bring, each block once.
+
+Patterns that read q and k (route, cluster) have no schedule until called: their
+plan shards blocks contiguously (uniform cost) and each call lists the blocks to
+move from the call's q and k (`with_schedule`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from maskc.codegen.schedule import BlockSchedule
+from maskc.dsl import ir
+from maskc.dsl.errors import MaskError
+
+from . import balance as balancing
+
+# Cost of a partial block relative to a full one in the CPU executor: a partial
+# block also evaluates its mask.  Measured with `bench/context_parallel.py weights`
+# (forward + backward, float32, 64 x 64 blocks, head dim 64, one thread, L = 4096):
+# 555 us per partial block (`keys(% 2 == 0)`) against 421 us per full one (`all`), 1.32.
+PARTIAL_BLOCK_COST = 1.3
+FULL_BLOCK_COST = 1.0
+# Tokens per block when the plan is not told: the CPU executor's tile (runtime/tuning.py).
+DEFAULT_BLOCK = 64
+
+
+def reads_qk(program, lq: int, lk: int, heads: int, sizes: dict) -> bool:
+    """Whether the pattern's schedule depends on the contents of q and k."""
+    instance = program.instantiate(lq, lk, heads=heads, **sizes)
+    return any(ir.reads_qk(p.mask) for p in instance.patterns)
+
+
+@dataclass
+class Plan:
+    """Where tokens live and which key blocks each rank receives; see the module docstring."""
+
+    lq: int
+    lk: int
+    block: int
+    world: int
+    heads: int
+    balance: str
+    q_owner: np.ndarray  # rank of each query block
+    k_owner: np.ndarray  # rank of each key block
+    schedule: BlockSchedule | None  # None until called, for patterns that read q and k
+    bindings: dict  # sizes and tensors the schedule was made with
+    source: str  # the program's text, part of the fingerprint
+    rank: int | None = None  # the rank this process is (None: a simulation)
+    recv: list[np.ndarray] = field(default_factory=list)  # per rank: remote key blocks, (owner, block) order
+    cost: np.ndarray | None = None  # per rank: weighted visited blocks
+    visited: np.ndarray | None = None  # per rank: visited blocks summed over heads
+    kernels: dict = field(default_factory=dict, repr=False)  # prepared global schedules (ContextParallel)
+    group: object = field(default=None, repr=False)  # the process group the plan was made for (None: the world)
+
+    # ------------------------------------------------------------ blocks and tokens
+
+    @property
+    def perm(self) -> torch.Tensor | None:
+        """The schedule's token order (tiled grids), shared by queries and keys, or None."""
+        return None if self.schedule is None else self.schedule.perm_q
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.q_owner.size
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.k_owner.size
+
+    def q_blocks(self, rank: int) -> np.ndarray:
+        return np.flatnonzero(self.q_owner == rank)
+
+    def k_blocks(self, rank: int) -> np.ndarray:
+        return np.flatnonzero(self.k_owner == rank)
+
+    def buffer_blocks(self, rank: int) -> np.ndarray:
+        """The key blocks rank's KV buffer holds after the exchange: its own, then those received."""
+        return np.concatenate([self.k_blocks(rank), self.recv[rank]])
+
+    def sends(self, rank: int) -> list[np.ndarray]:
+        """Per destination, the key blocks `rank` sends it, in increasing order."""
+        return [r[self.k_owner[r] == rank] for r in self.recv]
+
+    def block_tokens(self, blocks: np.ndarray, length: int) -> torch.Tensor:
+        """Token indices (original order) of the given blocks, concatenated."""
+        b = torch.as_tensor(blocks, dtype=torch.long)
+        index = (b[:, None] * self.block + torch.arange(self.block)[None, :]).flatten()
+        index = index[index < length]
+        return index if self.perm is None else self.perm[index]
+
+    def q_tokens(self, rank: int) -> torch.Tensor:
+        return self.block_tokens(self.q_blocks(rank), self.lq)
+
+    def k_tokens(self, rank: int) -> torch.Tensor:
+        return self.block_tokens(self.k_blocks(rank), self.lk)
+
+    def block_lengths(self, blocks: np.ndarray, length: int) -> np.ndarray:
+        return np.minimum(self.block, length - blocks * self.block)
+
+    def _this_rank(self) -> int:
+        if self.rank is None:
+            raise MaskError("this plan was made for simulation (no process group): shard and unshard need a rank")
+        return self.rank
+
+    @property
+    def local_positions(self) -> torch.Tensor:
+        """The token positions (0 .. lq - 1) of this rank's queries, in local order."""
+        return self.q_tokens(self._this_rank())
+
+    @property
+    def local_key_positions(self) -> torch.Tensor:
+        """The token positions (0 .. lk - 1) of this rank's keys and values, in local order."""
+        return self.k_tokens(self._this_rank())
+
+    def shard(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """This rank's tokens of a full tensor ([batch, heads, len, dim]; `dim` is the token axis).
+        A length of lq takes query tokens, of lk key tokens."""
+        rank, length = self._this_rank(), x.shape[dim]
+        if length == self.lq:
+            return x.index_select(dim, self.q_tokens(rank).to(x.device))
+        if length == self.lk:
+            return x.index_select(dim, self.k_tokens(rank).to(x.device))
+        raise MaskError(
+            f"shard: the token axis (dim {dim}) has {length} tokens; the plan is for lq={self.lq}, lk={self.lk}"
+        )
+
+    def unshard(self, x_local: torch.Tensor, *, keys: bool = False, group=None, dim: int = 2) -> torch.Tensor:
+        """The full tensor from every rank's shard (an all-gather over the plan's group; not
+        differentiable).  `keys=True` for key-side tensors when lq != lk."""
+        import torch.distributed as dist
+
+        group = self.group if group is None else group
+        length = self.lk if keys else self.lq
+        tokens = [self.k_tokens(r) if keys else self.q_tokens(r) for r in range(self.world)]
+        rank = self._this_rank()
+        if x_local.shape[dim] != tokens[rank].numel():
+            raise MaskError(f"unshard: rank {rank} holds {tokens[rank].numel()} tokens, got {x_local.shape[dim]}")
+        longest = max(t.numel() for t in tokens)
+        moved = x_local.detach().movedim(dim, 0)
+        padded = torch.zeros((longest, *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
+        padded[: moved.shape[0]] = moved
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        out = torch.empty((length, *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
+        for r, t in enumerate(tokens):
+            out[t.to(out.device)] = parts[r][: t.numel()]
+        return out.movedim(0, dim)
+
+    # ------------------------------------------------------------ identity
+
+    def fingerprint(self) -> int:
+        """A 63-bit digest of everything the ranks must agree on (compared by all-reduce)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr((self.lq, self.lk, self.block, self.world, self.heads, self.balance, self.source)).encode())
+        for name in sorted(self.bindings):
+            value = self.bindings[name]
+            h.update(name.encode())
+            if isinstance(value, torch.Tensor):
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+        h.update(self.q_owner.tobytes())
+        h.update(self.k_owner.tobytes())
+        for r in self.recv:
+            h.update(np.int64(r.size).tobytes())
+            h.update(r.tobytes())
+        return int.from_bytes(h.digest(), "little") >> 1
+
+    def with_schedule(self, schedule: BlockSchedule) -> Plan:
+        """The same sharding with the exchange lists of another schedule (a call's route or clusters)."""
+        recv, cost, visited = exchange_lists(schedule, self.q_owner, self.k_owner, self.world)
+        return replace(self, schedule=schedule, recv=recv, cost=cost, visited=visited, kernels={})
+
+
+# ---------------------------------------------------------------- making a plan
+
+
+def _run_rows(runs) -> np.ndarray:
+    """The query block of each run of a CSR `Runs`."""
+    counts = np.diff(runs.row_ptr.numpy())
+    return np.repeat(np.arange(counts.size), counts)
+
+
+def block_cost(schedule: BlockSchedule) -> tuple[np.ndarray, np.ndarray]:
+    """Per query block, (weighted cost, visited blocks), summed over heads (run by run, never
+    expanding runs into blocks)."""
+    heads_per_group = np.bincount(np.asarray(schedule.head_group), minlength=len(schedule.groups))
+    cost = np.zeros(schedule.num_q_blocks)
+    visited = np.zeros(schedule.num_q_blocks)
+    for runs, n in zip(schedule.groups, heads_per_group, strict=True):
+        if n == 0:
+            continue
+        rows = _run_rows(runs)
+        length = (runs.end - runs.start).numpy().astype(np.float64) * n
+        weight = np.where(runs.full.numpy(), FULL_BLOCK_COST, PARTIAL_BLOCK_COST)
+        cost += np.bincount(rows, weights=length * weight, minlength=cost.size)
+        visited += np.bincount(rows, weights=length, minlength=cost.size)
+    return cost, visited
+
+
+def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.ndarray, world: int):
+    """(remote key blocks per rank in (owner, block) order, weighted cost per rank, visited per rank).
+
+    Each rank's needed key blocks are the union of its runs' intervals, found with one
+    difference array per rank ([world, key blocks + 1]) rather than block by block."""
+    nkb = k_owner.size
+    width = nkb + 1
+    diff = np.zeros(world * width, dtype=np.int64)
+    for runs in schedule.groups:
+        needer = q_owner[_run_rows(runs)]
+        diff += np.bincount(needer * width + runs.start.numpy(), minlength=diff.size)
+        diff -= np.bincount(needer * width + runs.end.numpy(), minlength=diff.size)
+    needed = np.cumsum(diff.reshape(world, width), axis=1)[:, :nkb] > 0
+    needed &= k_owner[None, :] != np.arange(world)[:, None]
+    recv = []
+    for r in range(world):
+        blocks = np.flatnonzero(needed[r])
+        recv.append(blocks[np.argsort(k_owner[blocks], kind="stable")].astype(np.int64))
+    cost, visited = block_cost(schedule)
+    per_rank = np.bincount(q_owner, weights=cost, minlength=world)
+    visited_per_rank = np.bincount(q_owner, weights=visited, minlength=world)
+    return recv, per_rank, visited_per_rank
+
+
+def plan_schedule(program, lq: int, lk: int, heads: int, block: int, bindings: dict,
+                  layout: str = "auto") -> BlockSchedule | None:  # fmt: skip
+    """The schedule a plan is made from (None for patterns that read q and k).  On a grid,
+    self-attention may use a tiled layout (`layout`, as for `Program.schedule`): fewer
+    visited blocks, so fewer blocks to move, but slower to build."""
+    sizes = {n: v for n, v in bindings.items() if not isinstance(v, torch.Tensor)}
+    if reads_qk(program, lq, lk, heads, sizes):
+        return None
+    layout = layout if lq == lk else "rowmajor"
+    return program.schedule(lq, lk, block_q=block, block_k=block, heads=heads, layout=layout, **bindings)
+
+
+def make_plan(program, lq: int, lk: int | None, *, heads: int = 1, balance: str = "blocks",
+              block: int | None = None, world: int, rank: int | None = None, bindings: dict,
+              layout: str = "auto", schedule: BlockSchedule | None = None) -> Plan:  # fmt: skip
+    """The plan for `world` ranks; see the module docstring.  `schedule` reuses one made by
+    `plan_schedule` for the same arguments (sweeps over world sizes and balances)."""
+    lk = lq if lk is None else lk
+    block = DEFAULT_BLOCK if block is None else block
+    if balance not in balancing.BALANCES:
+        raise MaskError(f"balance must be one of {', '.join(map(repr, balancing.BALANCES))}, got {balance!r}")
+    if not isinstance(world, int) or world < 1:
+        raise MaskError(f"world size must be a positive integer, got {world!r}")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise MaskError(f"block must be a positive integer, got {block!r}")
+    nqb, nkb = -(-lq // block), -(-lk // block)
+    if world > min(nqb, nkb):
+        raise MaskError(
+            f"world size {world} is larger than the number of blocks (lq={lq}: {nqb}, lk={lk}: {nkb} blocks "
+            f"of {block} tokens): every rank needs a block; pass a smaller block="
+        )
+    if schedule is None:
+        schedule = plan_schedule(program, lq, lk, heads, block, bindings, layout)
+    cost = np.ones(nqb) if schedule is None else block_cost(schedule)[0]
+    q_owner = balancing.assign(balance, cost, world)
+    k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
+    plan = Plan(lq, lk, block, world, heads, balance, q_owner, k_owner, None, dict(bindings), program.source(), rank)
+    if schedule is None:
+        plan.recv = [np.zeros(0, dtype=np.int64) for _ in range(world)]
+        return plan
+    return plan.with_schedule(schedule)
