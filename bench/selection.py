@@ -1,6 +1,6 @@
 """Content-dependent selection: what scoring costs, and what each scorer keeps.
 
-    .venv/bin/python bench/selection.py [cost] [quality] [--lengths 16384 65536] [--json PATH]
+    .venv/bin/python bench/selection.py [cost] [quality] [--lengths 16384 65536] [--only NAME ...] [--json PATH]
 
 Two parts (both by default):
 
@@ -117,7 +117,9 @@ def search_vs(
 # ---------------------------------------------------------------- cost
 
 
-def cost(lengths: list[int]) -> list[dict]:
+def cost(lengths: list[int], only: list[str] | None = None) -> list[dict]:
+    """Cost rows per length and scorer (`only`: the scorers whose name starts with one of these)."""
+    only = tuple(only) if only else None
     rows = []
     for lq in lengths:
         g = torch.Generator().manual_seed(lq)
@@ -125,10 +127,13 @@ def cost(lengths: list[int]) -> list[dict]:
         nb = -(-lq // COST_BLOCK)
         topk = max(1, round(DENSITY * nb))
         specs = {name: (spec.format(k=topk, b=COST_BLOCK), False) for name, spec in ROUTE_SCORERS.items()}
-        progress(f"L={lq}: searching vertical_slash's budget for {DENSITY:.0%} of the causal blocks")
-        # one head's budget (random data: the heads alike), 8x cheaper to search
-        specs[VERTICAL_SLASH] = (search_vs(DENSITY, lq, COST_BLOCK, True, 30, q[:, :1], k[:, :1])[0], True)
+        if only is None or VERTICAL_SLASH.startswith(only):
+            progress(f"L={lq}: searching vertical_slash's budget for {DENSITY:.0%} of the causal blocks")
+            # one head's budget (random data: the heads alike), 8x cheaper to search
+            specs[VERTICAL_SLASH] = (search_vs(DENSITY, lq, COST_BLOCK, True, 30, q[:, :1], k[:, :1])[0], True)
         for name, (spec, causal) in specs.items():
+            if only is not None and not name.startswith(only):
+                continue
             if not compiles(spec):
                 rows.append({"L": lq, "scorer": name, "spec": spec, "error": "not available in this checkout"})
                 continue
@@ -308,6 +313,7 @@ def main() -> None:
     parser.add_argument("parts", nargs="*", choices=["cost", "quality", []], default=[])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "selection.json"))
+    parser.add_argument("--only", nargs="+", help="cost: only the scorers whose names start so (e.g. mean vertical)")
     args = parser.parse_args()
     parts = args.parts or ["cost", "quality"]
     results: dict = {"threads": torch.get_num_threads()}
@@ -316,7 +322,7 @@ def main() -> None:
         print("\nRelative output error vs full attention, MiniLM, mean over 6 layers (blocks / pairs kept)")
         print_quality(results["quality"])
     if "cost" in parts:
-        results["cost"] = cost(args.lengths)
+        results["cost"] = cost(args.lengths, args.only)
         print(f"\nSelection cost per call vs the attention it schedules (B=1, H={HEADS}, D={DIM}, fp32, CPU)")
         print_cost(results["cost"])
     write_json(args.json, results)

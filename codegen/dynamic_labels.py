@@ -135,19 +135,30 @@ def _range(table, b0, b1, op) -> torch.Tensor:
 
 
 def _incidence(geometry, regions: tuple[ir.Coord, ...], n: int) -> torch.Tensor:
-    """Tokens of each block in each region: [blocks, regions] float64."""
+    """Tokens of each block in each region: sparse [blocks, regions] float64 (a block
+    meets few regions, so products with it cost what it holds, not blocks x regions)."""
     pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
     ids = region_ids(pos, regions).clamp(0, n - 1)
-    out = torch.zeros(geometry.num_blocks, n, dtype=torch.float64)
-    out.scatter_add_(1, ids, (valid & in_regions(pos, regions)).double())
-    return out
+    rows = torch.arange(geometry.num_blocks)[:, None].expand_as(ids)
+    weights = (valid & in_regions(pos, regions)).double()
+    index = torch.stack([rows.reshape(-1), ids.reshape(-1)])
+    shape = (geometry.num_blocks, n)
+    return torch.sparse_coo_tensor(index, weights.reshape(-1), shape, check_invariants=False).coalesce()
+
+
+def _apply_rows(incidence: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """incidence [m, n] (sparse) applied to the second-last dim of x [B, n, c]: [B, m, c]."""
+    b, n, c = x.shape
+    out = torch.sparse.mm(incidence, x.permute(1, 0, 2).reshape(n, b * c))
+    return out.reshape(-1, b, c).permute(1, 0, 2)
 
 
 def _route(node: ir.Route, r) -> torch.Tensor:
     def build():
         sel = evaluate.route_table(r.tensors, node).double()  # [B, query regions, key regions]
         nq, nk = sel.shape[-2:]
-        counts = _incidence(r.q, node.query_regions, nq) @ sel @ _incidence(r.k, node.regions, nk).T
+        per_query_block = _apply_rows(_incidence(r.q, node.query_regions, nq), sel)  # [B, q blocks, nk]
+        counts = _apply_rows(_incidence(r.k, node.regions, nk), per_query_block.transpose(1, 2)).transpose(1, 2)
         return _prefix2d(counts.round()), _prefix2d(_block_pairs(r))
 
     counts, pairs = _cached(r, ("route", node), build)
