@@ -66,16 +66,9 @@ def route_selection(
     if node.head is not None and scores is not None:
         scores = scores[:, node.head : node.head + 1]
     if scores is None:
-        k = expand_kv_heads(k, q.shape[1])
-        if node.head is not None:
-            q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q, k = q.detach().to(compute), k.detach().to(compute)
+        q, k = _route_heads(node, q, k)
     q_positions, k_positions = q_positions.to(device), k_positions.to(device)
-    q_inside = in_regions(q_positions, node.query_regions)
-    k_inside = in_regions(k_positions, node.regions)
-    rq = region_ids(q_positions[q_inside], node.query_regions)
-    rk = region_ids(k_positions[k_inside], node.regions)
+    q_inside, k_inside, rq, rk = _route_regions(node, q_positions, k_positions)
     if scores is not None:
         logits = scores.detach().to(device=device, dtype=torch.float64)
     else:
@@ -116,6 +109,26 @@ def _choose(
     return selection.select(node, logits, eligible, forced, normalised)[:, None]
 
 
+def _route_heads(node: ir.Route, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as routing scores them: kv heads repeated (GQA), the route's head alone
+    when it is per head, detached, in the compute dtype."""
+    k = expand_kv_heads(k, q.shape[1])
+    if node.head is not None:
+        q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.detach().to(compute), k.detach().to(compute)
+
+
+def _route_regions(
+    node: ir.Route, q_positions: torch.Tensor, k_positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which queries and keys lie in the route's regions, and the region of each that does."""
+    q_inside = in_regions(q_positions, node.query_regions)
+    k_inside = in_regions(k_positions, node.regions)
+    rq = region_ids(q_positions[q_inside], node.query_regions)
+    return q_inside, k_inside, rq, region_ids(k_positions[k_inside], node.regions)
+
+
 def own_regions(node: ir.Route, device: torch.device | str = "cpu") -> torch.Tensor:
     """For each query region, the key region holding its last position (per axis):
     the diagonal block, the query's own block for `own` and `causal`.  With equal
@@ -150,15 +163,8 @@ def route_sums(
         )
     nq = math.prod(c.size for c in node.query_regions)
     nk = math.prod(c.size for c in node.regions)
-    k = expand_kv_heads(k, q.shape[1])
-    if node.head is not None:
-        q, k = q[:, node.head : node.head + 1], k[:, node.head : node.head + 1]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k = q.detach().to(compute), k.detach().to(compute)
-    q_positions, k_positions = q_positions.to(q.device), k_positions.to(q.device)
-    q_inside, k_inside = in_regions(q_positions, node.query_regions), in_regions(k_positions, node.regions)
-    rq = region_ids(q_positions[q_inside], node.query_regions)
-    rk = region_ids(k_positions[k_inside], node.regions)
+    q, k = _route_heads(node, q, k)
+    q_inside, k_inside, rq, rk = _route_regions(node, q_positions.to(q.device), k_positions.to(q.device))
     return (*_region_sums(q[:, :, q_inside], rq, nq), *_region_sums(k[:, :, k_inside], rk, nk))
 
 
