@@ -156,17 +156,6 @@ def weights(args) -> None:
 # ---------------------------------------------------------------- processes
 
 
-def best_time_cpu(fn, repeat: int) -> float:
-    """Fewest CPU seconds of this process over `repeat` runs (unlike wall time, not inflated
-    by other processes on a shared machine; waits in collectives do not count)."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,7 +188,7 @@ def _rank(rank: int, world: int, port: int, length: int, repeat: int, path: str)
 
     step()
     seconds = best_time(step, repeat)
-    cpu = best_time_cpu(step, repeat)
+    cpu = best_time(step, repeat, clock=time.process_time)
     sent = cp.last_exchange_bytes
     simulated = summarize(plan, kv_heads=4, head_dim=64, dtype_bytes=4).recv_bytes
     # what rank r sends is what the others receive from it
@@ -229,7 +218,7 @@ def processes(args) -> None:
 
     one()
     single = best_time(one, args.repeat)
-    single_cpu = best_time_cpu(one, args.repeat)
+    single_cpu = best_time(one, args.repeat, clock=time.process_time)
     progress(f"one rank: {single:.3f} s")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rank")
