@@ -188,6 +188,20 @@ def parse(text: str) -> list[Instruction]:
     return out
 
 
+# The Counts field each base opcode adds to (MUFU.EX2 is told apart by its modifier).
+_FIELD = {
+    **dict.fromkeys(MMA, "mma"),
+    **dict.fromkeys(TMA, "tma"),
+    **dict.fromkeys(INTEGER, "integer"),
+    **dict.fromkeys(("LDSM", "STSM"), "ldsm"),
+    **dict.fromkeys(("LDL", "STL"), "spill"),
+    **{
+        op: op.lower()
+        for op in ("LDG", "STG", "LDS", "STS", "LDGSTS", "FMUL", "FADD", "FFMA", "FSEL", "FMNMX", "ISETP")
+    },
+}
+
+
 def count(instructions: list[Instruction]) -> Counts:
     c = Counts()
     opcodes: Counter[str] = Counter()
@@ -197,40 +211,9 @@ def count(instructions: list[Instruction]) -> Counts:
             continue
         opcodes[op] += 1
         c.total += 1
-        if base in MMA:
-            c.mma += 1
-        elif op.startswith("MUFU.EX2"):
-            c.ex2 += 1
-        elif base == "LDG":
-            c.ldg += 1
-        elif base == "STG":
-            c.stg += 1
-        elif base == "LDS":
-            c.lds += 1
-        elif base == "STS":
-            c.sts += 1
-        elif base in ("LDSM", "STSM"):
-            c.ldsm += 1
-        elif base == "LDGSTS":
-            c.ldgsts += 1
-        elif base in TMA:
-            c.tma += 1
-        elif base == "FMUL":
-            c.fmul += 1
-        elif base == "FADD":
-            c.fadd += 1
-        elif base == "FFMA":
-            c.ffma += 1
-        elif base == "FSEL":
-            c.fsel += 1
-        elif base == "FMNMX":
-            c.fmnmx += 1
-        elif base == "ISETP":
-            c.isetp += 1
-        elif base in INTEGER:
-            c.integer += 1
-        elif base in ("LDL", "STL"):
-            c.spill += 1
+        name = "ex2" if op.startswith("MUFU.EX2") else _FIELD.get(base)
+        if name is not None:
+            setattr(c, name, getattr(c, name) + 1)
     c.opcodes = dict(opcodes.most_common())
     return c
 
