@@ -18,7 +18,6 @@ import math
 
 import pytest
 import torch
-from maskc.codegen import schedule as schedule_module
 from maskc.dsl import dynamic, ir
 
 import maskc
@@ -171,16 +170,9 @@ def test_schedule_exact_and_decided_from_prefix_sums(monkeypatch, block):
     row-major layouts the atom decides every block from its prefix sums; only where
     `causal` cuts a partial block (at most two per block row) is a block settled on
     its pairs."""
-    from test_schedule import union_block_states
+    from test_schedule import count_settled, union_block_states
 
-    settled = []
-    real_settle = schedule_module.settle
-
-    def counting(mask, q, k, rows, cols, tensors):
-        settled.append(rows.numel())
-        return real_settle(mask, q, k, rows, cols, tensors)
-
-    monkeypatch.setattr(schedule_module, "settle", counting)
+    settled = count_settled(monkeypatch)
     q, k = qk(2, 2, 1, 100, 8, seed=6)
     for spec in ["vertical_slash(3, 40, last = 5)", "causal & vertical_slash(6, 9, last = 12, sink = 2, local = 5)"]:
         program = maskc.compile(spec)
