@@ -49,7 +49,7 @@ query blocks `q_blocks` (a 1-D integer tensor of distinct global block
 indices) in that order, each `glob.block` tokens except the last block of the
 sequence, which may be short; `k_buf`, `v_buf` [batch, kv_heads, n_k, dim]
 likewise hold key blocks `k_blocks`.  It returns out [batch, heads, n_q, dv]
-(and the float32 log-sum-exp [batch, heads, n_q] with `return_lse`), equal to
+(and the log-sum-exp [batch, heads, n_q] with `return_lse`: float32, float64 for float64 inputs on the CPU), equal to
 the rows of a one-process call, differentiable in q_local, k_buf and v_buf
 (gradients of k_buf and v_buf are the partial sums of this rank's queries;
 the owners add them up).  GQA, lq != lk, per-head patterns, modifiers and
@@ -269,7 +269,6 @@ def attend_block_subset(glob: GlobalSchedule, q_local: torch.Tensor, k_buf: torc
     local = glob.subset(q_blocks, k_blocks)
     if 0 in (q_run.shape[0], q_run.shape[2], k_run.shape[2]):
         out, lse = empty_attention(q_run, k_run, v_run, scale)
-        lse = lse.float()
     else:
         out, lse = backend_function(glob.backend)(q_run, k_run, v_run, local, scale)
     if q_order is not None:

@@ -66,7 +66,7 @@ def plan(prepared: Prepared) -> list[ClusterHead] | None:
 def clustered_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Prepared, scale: float, heads: list[ClusterHead]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out like q with v's head dim, lse float32 [batch, heads, lq])."""
+    """(out like q with v's head dim, lse [batch, heads, lq]: float32, float64 for float64 inputs)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
     outs, lses = [], []
@@ -75,7 +75,7 @@ def clustered_attention(
         out, lse = _head(q[:, h].to(compute), k[:, h].to(compute), v[:, h].to(compute), prepared, scale, plan_h)
         outs.append(out)
         lses.append(lse)
-    return torch.stack(outs, 1).to(q.dtype), torch.stack(lses, 1).to(torch.float32)
+    return torch.stack(outs, 1).to(q.dtype), torch.stack(lses, 1)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """Attention when a dimension is 0 (batch, lq or lk), as SDPA gives it: empty output,
     or rows of zeros when there are no keys; (out, lse), differentiable."""
     k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
-    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, H, lq, 0] or empty
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = torch.matmul(q, k.transpose(-1, -2)).to(wide) * scale  # [B, H, lq, 0] or empty
     return torch.matmul(logits.to(v.dtype), v), torch.logsumexp(logits, -1)
 
 

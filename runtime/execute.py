@@ -8,7 +8,7 @@ Clustered patterns on maskc's own backends are gathered into cluster order
 instead (runtime/clustered.py, runtime/clustered_triton.py).
 
 Backends take execution-order q, k, v and a `Prepared`, and return
-(out, lse): out like q (with v's head dim), lse float32 [batch, heads, lq]
+(out, lse): out like q (with v's head dim), lse [batch, heads, lq] float32 (float64 for float64 inputs on the CPU)
 (-inf for rows with no allowed key).  `run_prepared` is differentiable (the
 backends are: runtime/autograd.py); `backward_prepared` computes gradients from
 a saved output and log-sum-exp with the backend's own backward kernels.

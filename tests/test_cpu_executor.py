@@ -49,7 +49,7 @@ def check(program, q, k, v, extra=(), tol=None, **bindings):
     ref_in = [x.detach().to(wide).requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = program.reference(*ref_in, return_lse=True, **bindings)
     assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1])
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert lse.dtype == wide and lse.shape == q.shape[:3]
     close(out, ref_out, tol, "out")
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without keys differ"
     finite = torch.isfinite(ref_lse)

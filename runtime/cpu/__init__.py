@@ -44,7 +44,7 @@ FUSED = Kernels(fused.forward, fused.backward_from_state, reads_output=False)
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Prepared, scale: float,
                   dropout: Dropout | None = None):  # fmt: skip
     """Attention over the schedule in `prepared`: (out like q with v's head dim,
-    lse float32 [batch, heads, lq], -inf for rows with no allowed key), differentiable.
+    lse [batch, heads, lq] float32 (float64 for float64 inputs), -inf for rows with no allowed key), differentiable.
     With `dropout`, the generic path (autograd differentiates it)."""
     if dropout is not None or needs_generic(prepared):
         return generic.attention(q, k, v, prepared, scale, dropout)

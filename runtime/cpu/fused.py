@@ -208,7 +208,7 @@ def forward(q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None =
             results.append(_group_forward(prepared, group, qg, kg, vg, scale, batch, threads))
         dv = v.shape[-1]
         out = ungroup([r[0][..., :dv] for r in results], groups, batch, heads, lq, (dv,), compute).to(q.dtype)
-        lse = ungroup([r[1] for r in results], groups, batch, heads, lq, (), compute).to(torch.float32)
+        lse = ungroup([r[1] for r in results], groups, batch, heads, lq, (), compute)
     return out, lse, (groups, results)
 
 

@@ -70,7 +70,7 @@ def attention(q, k, v, prepared: Prepared, scale: float, dropout: Dropout | None
         lses.append(lse.view(n, lq_pad // bq, bq))
     dv = v.shape[-1]
     out = ungroup(outs, groups, batch, heads, lq, (dv,), compute).to(q.dtype)
-    lse = ungroup(lses, groups, batch, heads, lq, (), compute).to(torch.float32)
+    lse = ungroup(lses, groups, batch, heads, lq, (), compute)
     return out, lse
 
 
