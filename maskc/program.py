@@ -258,7 +258,8 @@ class Program:
         "triton" (on CPU tensors: the generated kernels under TRITON_INTERPRET=1),
         "cpu", "flex" (FlexAttention with maskc's schedule) or "reference".
         `return_lse=True` also returns the log-sum-exp per query row, float32
-        [batch, heads, lq] (float64 for float64 inputs on the CPU, as FlexAttention), so results over key shards can be merged exactly.
+        [batch, heads, lq] (float64 for float64 inputs on the CPU, as FlexAttention),
+        so results over key shards can be merged exactly.
         `dropout_p` (0 <= p < 1) drops attention probabilities like SDPA's: the keep
         mask hashes (seed, batch, head, query and key positions), the seed drawn from
         torch's default generator (`dropout_seed()`); "cpu", "triton", "reference".
