@@ -12,7 +12,7 @@ queries over the *whole* pattern, computed from those key blocks only.
                             q_offset=None, layout="rowmajor", device="cpu", route_sums=None,
                             **bindings)
     out = attend_block_subset(glob, q_local, k_buf, v_buf, q_blocks, k_blocks,
-                              *, scale=None, return_lse=False)
+                              *, scale=None, return_lse=False, only_buffer=False)
 
 `prepare_blockset` prepares the program for the global problem, the same on
 every rank: the global block schedule over square blocks of `glob.block`
@@ -60,7 +60,10 @@ executor (sum it over ranks); there is no dropout.  Inputs are checked like a
 call's: a block listed twice or out of range, or tensors whose length is not
 that of their blocks, raise `MaskTypeError`, and so does a key block that the
 query blocks visit and that is missing from the buffer (naming both blocks);
-keys in the buffer that no query visits are ignored.
+keys in the buffer that no query visits are ignored.  With `only_buffer=True`
+missing key blocks are skipped instead: the result is the rows' attention over
+the buffer's keys alone, a piece to merge by log-sum-exp with the pieces over
+the other keys (context parallelism's split rows, maskc/parallel/plan.py).
 
 How: the global schedule's rows `q_blocks` are cut out and their key blocks
 renumbered to buffer positions; the local tensors become the backend's
@@ -178,13 +181,13 @@ class GlobalSchedule:
         return full, partial
 
     @_one_thread
-    def subset(self, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> Prepared:
+    def subset(self, q_blocks: torch.Tensor, k_blocks: torch.Tensor, only_buffer: bool = False) -> Prepared:
         """The local preparation for these block lists (kept for static patterns)."""
-        key = (tuple(q_blocks.tolist()), tuple(k_blocks.tolist()))
+        key = (tuple(q_blocks.tolist()), tuple(k_blocks.tolist()), only_buffer)
         if key in self.subsets:
             self.subsets.move_to_end(key)
             return self.subsets[key]
-        local = _subset(self.prepared, q_blocks, k_blocks)
+        local = _subset(self.prepared, q_blocks, k_blocks, only_buffer)
         if not any(ir.reads_qk(p.mask) for p in self.prepared.instance.patterns):
             self.subsets[key] = local
             while len(self.subsets) > SUBSETS_KEPT:
@@ -241,7 +244,8 @@ def schedule_block(program, lq: int, lk: int | None = None, **kwargs) -> int:
 
 
 def attend_block_subset(glob: GlobalSchedule, q_local: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-                        q_blocks, k_blocks, *, scale: float | None = None, return_lse: bool = False):  # fmt: skip
+                        q_blocks, k_blocks, *, scale: float | None = None, return_lse: bool = False,
+                        only_buffer: bool = False):  # fmt: skip
     """The listed query blocks' exact attention over the whole pattern, from the listed key blocks
     (see the module docstring)."""
     if not isinstance(glob, GlobalSchedule):
@@ -266,7 +270,7 @@ def attend_block_subset(glob: GlobalSchedule, q_local: torch.Tensor, k_buf: torc
         q_blocks, q_run = q_blocks[q_order[0]], q_local[:, :, q_order[1]]
     if k_order is not None:
         k_blocks, k_run, v_run = k_blocks[k_order[0]], k_buf[:, :, k_order[1]], v_buf[:, :, k_order[1]]
-    local = glob.subset(q_blocks, k_blocks)
+    local = glob.subset(q_blocks, k_blocks, only_buffer)
     if 0 in (q_run.shape[0], q_run.shape[2], k_run.shape[2]):
         out, lse = empty_attention(q_run, k_run, v_run, scale)
     else:
@@ -360,8 +364,10 @@ def _local_geometry(geometry: Geometry, blocks: torch.Tensor) -> Geometry:
     return Geometry(tokens.numel(), geometry.block, geometry.offset, tokens)
 
 
-def _subset(prepared: Prepared, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> SubsetPrepared:
-    """The global schedule's rows `q_blocks`, key blocks renumbered to positions in `k_blocks`."""
+def _subset(prepared: Prepared, q_blocks: torch.Tensor, k_blocks: torch.Tensor,
+            only_buffer: bool = False) -> SubsetPrepared:  # fmt: skip
+    """The global schedule's rows `q_blocks`, key blocks renumbered to positions in `k_blocks`
+    (`only_buffer`: blocks not in `k_blocks` dropped, else an error)."""
     glob = prepared.schedule
     where = torch.full((glob.num_k_blocks,), -1, dtype=torch.long)
     where[k_blocks] = torch.arange(k_blocks.numel())
@@ -370,7 +376,9 @@ def _subset(prepared: Prepared, q_blocks: torch.Tensor, k_blocks: torch.Tensor) 
         rows, cols, full = _row_blocks(runs, q_blocks)
         local = where[cols]
         missing = local < 0
-        if bool(missing.any()):
+        if only_buffer:
+            rows, local, full = rows[~missing], local[~missing], full[~missing]
+        elif bool(missing.any()):
             i = int(torch.nonzero(missing)[0])
             raise MaskTypeError(
                 f"query block {int(q_blocks[rows[i]])} visits key block {int(cols[i])}, which is not in k_blocks "

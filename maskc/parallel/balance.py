@@ -9,7 +9,9 @@ runs out greedily, most expensive first, to the least loaded rank that still has
 room, trying 1, 2, 4, ... runs per rank and keeping the coarsest dealing within
 `BALANCE_TOLERANCE` of perfect: coarse runs keep neighbours on one rank, so local
 patterns (windows, neighborhoods) receive few remote blocks.  Each rank gets the
-same number of blocks, to within one.
+same number of blocks, to within one.  `base` (optional, per rank) is load a rank
+carries before any block is dealt (pieces of split rows computed where their keys
+live, maskc/parallel/plan.py).
 """
 
 from __future__ import annotations
@@ -57,13 +59,13 @@ def _units(num_blocks: int, world: int, per_rank: int) -> tuple[np.ndarray, np.n
     return ends - all_sizes, ends, is_single
 
 
-def deal(cost: np.ndarray, world: int, per_rank: int) -> np.ndarray:
+def deal(cost: np.ndarray, world: int, per_rank: int, base: np.ndarray | None = None) -> np.ndarray:
     """Owner of each block when units (see `_units`) are dealt greedily by cost."""
     num_blocks = cost.size
     starts, ends, single = _units(num_blocks, world, per_rank)
     prefix = np.concatenate([[0.0], np.cumsum(cost)])
     unit_cost = prefix[ends] - prefix[starts]
-    load = np.zeros(world)
+    load = np.zeros(world) if base is None else np.array(base, dtype=np.float64)
     owner_of_unit = np.empty(starts.size, dtype=np.int64)
     # runs first (each rank takes per_rank of them), then single blocks: the first
     # world * (left // world) at most left // world per rank, the rest at most one more
@@ -85,20 +87,22 @@ def deal(cost: np.ndarray, world: int, per_rank: int) -> np.ndarray:
     return np.repeat(owner_of_unit, ends - starts)
 
 
-def imbalance(cost: np.ndarray, owner: np.ndarray, world: int) -> float:
+def imbalance(cost: np.ndarray, owner: np.ndarray, world: int, base: np.ndarray | None = None) -> float:
     """max / mean of the per-rank cost (1.0: perfect; an all-zero cost counts as balanced)."""
     per_rank = np.bincount(owner, weights=cost, minlength=world)
+    if base is not None:
+        per_rank = per_rank + base
     mean = per_rank.mean()
     return float(per_rank.max() / mean) if mean > 0 else 1.0
 
 
-def balanced(cost: np.ndarray, world: int) -> np.ndarray:
+def balanced(cost: np.ndarray, world: int, base: np.ndarray | None = None) -> np.ndarray:
     """The coarsest greedy dealing within BALANCE_TOLERANCE (else the best one tried)."""
     best, best_score = None, np.inf
     per_rank = 1
     while world * per_rank <= cost.size:
-        owner = deal(cost, world, per_rank)
-        score = imbalance(cost, owner, world)
+        owner = deal(cost, world, per_rank, base)
+        score = imbalance(cost, owner, world, base)
         if score < best_score - 1e-12:
             best, best_score = owner, score
         if score <= BALANCE_TOLERANCE:

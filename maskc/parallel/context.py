@@ -30,6 +30,7 @@ from maskc.dsl import ir
 from maskc.dsl.errors import MaskError
 from maskc.runtime.autograd import exchange
 from maskc.runtime.blockset import GlobalSchedule, attend_block_subset, prepare_blockset, route_partials
+from maskc.runtime.merge import merge_partials
 from maskc.runtime.prepare import Prepared, instantiate
 from maskc.runtime.tuning import Tiles
 
@@ -52,6 +53,26 @@ def _joined(out: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> torc
     if out.grad_fn is not None or not (k_buf.requires_grad or v_buf.requires_grad):
         return out
     return out + (k_buf[..., :0].sum() + v_buf[..., :0].sum()).to(out.dtype)
+
+
+def _local_attention(plan: Plan, glob: GlobalSchedule, backend: str, scale: float | None):
+    """`attend(q_blocks, q, k_buf, v_buf, buffer_blocks, only_buffer) -> (out, lse)`: the listed
+    query blocks against a buffer of key blocks on the chosen backend (see
+    `runtime.blockset.attend_block_subset`; "reference": dense tiles, maskc/parallel/local.py)."""
+    if backend == "reference":
+        p = glob.prepared
+
+        def reference(q_blocks, q, k_buf, v_buf, buffer_blocks, only_buffer: bool):
+            return local.attend(plan, p.instance, p.tensors, q, k_buf, v_buf, buffer_blocks, scale, q_blocks,
+                                only_buffer)  # fmt: skip
+
+        return reference
+
+    def kernels(q_blocks, q, k_buf, v_buf, buffer_blocks, only_buffer: bool):
+        return attend_block_subset(glob, q, k_buf, v_buf, torch.as_tensor(q_blocks), torch.as_tensor(buffer_blocks),
+                                   scale=scale, return_lse=True, only_buffer=only_buffer)  # fmt: skip
+
+    return kernels
 
 
 class ContextParallel:
@@ -121,14 +142,57 @@ class ContextParallel:
         if plan.schedule is None:
             plan = plan.with_schedule(glob.schedule)
         k_buf, v_buf = self.gather_kv(plan, k, v)
-        buffer_blocks = plan.buffer_blocks(self.rank)
-        if backend == "reference":
-            p = glob.prepared
-            out = local.attend(plan, p.instance, p.tensors, q, k_buf, v_buf, buffer_blocks, scale)
-            return _joined(out, k_buf, v_buf)
-        q_blocks = torch.as_tensor(plan.q_blocks(self.rank))
-        out = attend_block_subset(glob, q, k_buf, v_buf, q_blocks, torch.as_tensor(buffer_blocks), scale=scale)
+        attend = _local_attention(plan, glob, backend, scale)
+        if plan.split.size:
+            return self._split_call(plan, attend, q, k, v, k_buf, v_buf)
+        out, _ = attend(plan.q_blocks(self.rank), q, k_buf, v_buf, plan.buffer_blocks(self.rank), False)
         return _joined(out, k_buf, v_buf)
+
+    def _split_call(self, plan: Plan, attend, q, k, v, k_buf, v_buf) -> torch.Tensor:
+        """Whole rows against the buffer; split rows (`plan.split`) in pieces where their keys
+        live: their queries go to the helpers (an all-to-all), each attends them over its own
+        keys, and the pieces (out, lse) come back by the reverse all-to-all and are merged by
+        log-sum-exp.  Every exchanged tensor reaches the output on every rank, so that every
+        rank's backward runs the same reverse exchanges (dQ of the pieces back to the owners,
+        the pieces' gradients to the helpers)."""
+        rank, group = self.rank, self.group
+        own = plan.q_blocks(rank)
+        lengths = plan.block_lengths(own, plan.lq)
+        start_of = np.zeros(plan.num_q_blocks, dtype=np.int64)
+        start_of[own] = np.cumsum(lengths) - lengths
+        split = np.isin(own, plan.split)
+        whole, heavy = own[~split], own[split]
+
+        def tokens(blocks: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(token_ranges(blocks, start_of, plan, plan.lq), device=q.device)
+
+        whole_idx, heavy_idx = tokens(whole), tokens(heavy)
+        sends, guests = plan.split_sends(rank), plan.guests[rank]
+        send_idx = tokens(np.concatenate(sends))
+        send = [int(plan.block_lengths(b, plan.lq).sum()) for b in sends]
+        recv = [int(plan.block_lengths(guests[plan.q_owner[guests] == s], plan.lq).sum()) for s in range(self.world)]
+        q_guest = exchange(q.index_select(2, send_idx).permute(2, 0, 1, 3), send, recv, group).permute(1, 2, 0, 3)
+        out_whole, _ = attend(whole, q.index_select(2, whole_idx), k_buf, v_buf, plan.buffer_blocks(rank), False)
+        out_whole = out_whole + (k_buf[..., :0].sum() + v_buf[..., :0].sum()).to(out_whole.dtype)
+        n = heavy_idx.numel()
+        q_pieces = torch.cat([q.index_select(2, heavy_idx), q_guest], dim=2)
+        out_p, lse_p = attend(np.concatenate([heavy, guests]), q_pieces, k, v, plan.k_blocks(rank), True)
+        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out_p = out_p.to(wide) + q_guest[..., :0].sum().to(wide)
+        lse_p = lse_p.to(wide)
+        packed = torch.cat([out_p[:, :, n:], lse_p[:, :, n:, None]], dim=-1).permute(2, 0, 1, 3)
+        back = exchange(packed, recv, send, group).permute(1, 2, 0, 3)
+        position = torch.full((q.shape[2],), -1, dtype=torch.long, device=q.device)
+        position[heavy_idx] = torch.arange(n, device=q.device)
+        rows = torch.cat([torch.arange(n, device=q.device), position[send_idx]])
+        pieces_out = torch.cat([out_p[:, :, :n], back[..., :-1]], dim=2)
+        pieces_lse = torch.cat([lse_p[:, :, :n], back[..., -1]], dim=2)
+        merged, _ = merge_partials(pieces_out.flatten(0, 1), pieces_lse.flatten(0, 1), rows, n)
+        merged = merged.view(*q.shape[:2], n, v.shape[-1]).to(q.dtype)
+        order = torch.cat([whole_idx, heavy_idx])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=q.device)
+        return torch.cat([out_whole, merged], dim=2).index_select(2, inverse)
 
     def _clustered_call(self, plan: Plan, q, k, v, scale: float | None) -> torch.Tensor:
         """`cluster` patterns: q and k all-gathered (detached) to find the clusters, then the
@@ -140,7 +204,7 @@ class ContextParallel:
         plan = plan.with_schedule(schedule)
         k_buf, v_buf = self.gather_kv(plan, k, v)
         instance, tensors = instantiate(self.program.spec, plan.lq, plan.lk, q.shape[1], None, q.shape[0], values)
-        out = local.attend(plan, instance, tensors, q, k_buf, v_buf, plan.buffer_blocks(self.rank), scale)
+        out, _ = local.attend(plan, instance, tensors, q, k_buf, v_buf, plan.buffer_blocks(self.rank), scale)
         return _joined(out, k_buf, v_buf)
 
     def global_schedule(self, plan: Plan, backend: str, q: torch.Tensor, v: torch.Tensor,

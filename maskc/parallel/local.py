@@ -9,6 +9,8 @@ outputs 0 with finite gradients.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -21,22 +23,26 @@ from .plan import Plan
 ROWS_PER_STEP = 512
 
 
-def visited_pairs(plan: Plan, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(query block, key block) pairs visited by any head, for this rank's query blocks."""
+def visited_pairs(plan: Plan, q_blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(query block, key block) pairs visited by any head, for the listed query blocks, in
+    the list's order (then by key block)."""
+    position = np.full(plan.num_q_blocks, -1, dtype=np.int64)
+    position[q_blocks] = np.arange(q_blocks.size)
     rows, cols = [], []
     for runs in plan.schedule.groups:
         r, c, _ = runs.blocks()
         r, c = r.numpy(), c.numpy()
-        mine = plan.q_owner[r] == rank
-        rows.append(r[mine])
-        cols.append(c[mine])
+        listed = position[r] >= 0
+        rows.append(position[r[listed]])
+        cols.append(c[listed])
     codes = np.unique(np.concatenate(rows) * plan.num_k_blocks + np.concatenate(cols))
-    return codes // plan.num_k_blocks, codes % plan.num_k_blocks
+    return q_blocks[codes // plan.num_k_blocks], codes % plan.num_k_blocks
 
 
-def token_ranges(blocks: np.ndarray, start_of: np.ndarray, plan: Plan) -> np.ndarray:
-    """Buffer indices of the tokens of key `blocks`, whose tokens start at `start_of[block]`."""
-    lengths = plan.block_lengths(blocks, plan.lk)
+def token_ranges(blocks: np.ndarray, start_of: np.ndarray, plan: Plan, length: int | None = None) -> np.ndarray:
+    """Buffer indices of the tokens of key `blocks` (query blocks with `length=plan.lq`),
+    whose tokens start at `start_of[block]`."""
+    lengths = plan.block_lengths(blocks, plan.lk if length is None else length)
     first = np.repeat(start_of[blocks] - (np.cumsum(lengths) - lengths), lengths)
     return first + np.arange(int(lengths.sum()))
 
@@ -62,11 +68,13 @@ def _mask_and_mod(instance, tensors, qp: torch.Tensor, kp: torch.Tensor):
 
 
 def attend(plan: Plan, instance, tensors, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-           buffer_blocks: np.ndarray, scale: float | None) -> torch.Tensor:  # fmt: skip
-    """Attention of rank `plan.rank`'s queries q [B, H, n, D] against the buffer's keys and
-    values [B, Hk, m, D], which hold the tokens of `buffer_blocks` (global key blocks) in order."""
-    rank = plan.rank
-    q_blocks = plan.q_blocks(rank)
+           buffer_blocks: np.ndarray, scale: float | None, q_blocks: np.ndarray | None = None,
+           only_buffer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out, lse) of the queries q [B, H, n, D] of `q_blocks` (default: rank `plan.rank`'s)
+    against the buffer's keys and values [B, Hk, m, D], which hold the tokens of
+    `buffer_blocks` (global key blocks) in order.  `only_buffer`: visited key blocks
+    missing from the buffer are skipped (a piece of a split row), else they must be there."""
+    q_blocks = plan.q_blocks(plan.rank) if q_blocks is None else np.asarray(q_blocks, dtype=np.int64)
     offset = instance.sizes.q_offset
     # where each key block's tokens start in the buffer
     lengths = plan.block_lengths(buffer_blocks, plan.lk)
@@ -76,12 +84,14 @@ def attend(plan: Plan, instance, tensors, q: torch.Tensor, k_buf: torch.Tensor, 
     q_start = np.cumsum(q_lengths) - q_lengths
     local_index = np.full(plan.num_q_blocks, -1, dtype=np.int64)
     local_index[q_blocks] = np.arange(q_blocks.size)
-    rows, cols = visited_pairs(plan, rank)
+    rows, cols = visited_pairs(plan, q_blocks)
+    if only_buffer:
+        rows, cols = rows[start_of[cols] >= 0], cols[start_of[cols] >= 0]
     assert (start_of[cols] >= 0).all(), "a visited key block is missing from the buffer"
     per_step = max(1, ROWS_PER_STEP // plan.block)
     step_of = local_index[rows] // per_step
     bounds = np.searchsorted(step_of, np.arange(0, -(-q_blocks.size // per_step) + 1))
-    outs = []
+    outs, lses = [], []
     dv = v_buf.shape[-1]
     for s in range(bounds.size - 1):
         first, last = s * per_step, min((s + 1) * per_step, q_blocks.size)
@@ -91,11 +101,22 @@ def attend(plan: Plan, instance, tensors, q: torch.Tensor, k_buf: torch.Tensor, 
         if blocks.size == 0:
             keep = (q_s.sum() + k_buf.sum() + v_buf.sum()) * 0  # zeros that stay in the graph
             outs.append(q_s.new_zeros((*q_s.shape[:-1], dv)) + keep)
+            lses.append(torch.full(q_s.shape[:-1], -math.inf, dtype=_wide(q), device=q.device))
             continue
         index = torch.as_tensor(token_ranges(blocks, start_of, plan))
         qp = plan.block_tokens(q_blocks[first:last], plan.lq) + offset
         kp = plan.block_tokens(blocks, plan.lk)
         mask, score_mod = _mask_and_mod(instance, tensors, qp, kp)
         k_s, v_s = k_buf.index_select(2, index.to(k_buf.device)), v_buf.index_select(2, index.to(v_buf.device))
-        outs.append(reference_attention(q_s, k_s, v_s, mask, score_mod, scale))
-    return torch.cat(outs, dim=2)
+        out, lse = reference_attention(q_s, k_s, v_s, mask, score_mod, scale, return_lse=True)
+        outs.append(out)
+        lses.append(lse.to(_wide(q)))
+    if not outs:  # no query rows
+        none = torch.zeros((1, 1, q.shape[2], 0), dtype=torch.bool)
+        out, lse = reference_attention(q, k_buf[:, :, :0], v_buf[:, :, :0], none, None, scale, return_lse=True)
+        return out, lse.to(_wide(q))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _wide(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -8,6 +8,16 @@ key and value live together), otherwise keys are cut into `world` contiguous run
 of equal length.  For each rank the plan lists the remote key blocks its queries
 visit, in (owner, block) order: what one all-to-all must bring, each block once.
 
+Rows too heavy for one rank are split.  BigBird's global query blocks attend
+every key: the rank holding one would do a whole row of work (more than its
+share once there are many ranks) and receive all KV.  When dealing whole rows
+cannot balance (`balance="blocks"` only), query blocks costing more than
+SPLIT_OUTLIER times the median row are *split*: each rank holding keys of such
+a row computes the row's attention over its own keys (its queries are sent
+there: one block of q, not many blocks of KV), and the owner merges the pieces
+by log-sum-exp.  `plan.split` lists them; `plan.guests[r]` the split blocks of
+other ranks whose piece rank r computes, in (owner, block) order.
+
 Patterns that read q and k (route, cluster) have no schedule until called: their
 plan shards blocks contiguously (uniform cost) and each call lists the blocks to
 move from the call's q and k (`with_schedule`).
@@ -33,6 +43,9 @@ from . import balance as balancing
 # 555 us per partial block (`keys(% 2 == 0)`) against 421 us per full one (`all`), 1.32.
 PARTIAL_BLOCK_COST = 1.3
 FULL_BLOCK_COST = 1.0
+# A query block is split over the ranks holding its keys when its cost exceeds this
+# many times the median row's (and whole rows cannot be dealt within BALANCE_TOLERANCE).
+SPLIT_OUTLIER = 4.0
 # Tokens per block when the plan is not told: the CPU executor's tile (runtime/tuning.py).
 DEFAULT_BLOCK = 64
 
@@ -60,6 +73,8 @@ class Plan:
     source: str  # the program's text, part of the fingerprint
     rank: int | None = None  # the rank this process is (None: a simulation)
     recv: list[np.ndarray] = field(default_factory=list)  # per rank: remote key blocks, (owner, block) order
+    split: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # query blocks split by keys
+    guests: list[np.ndarray] = field(default_factory=list)  # per rank: others' split blocks it computes a piece of
     cost: np.ndarray | None = None  # per rank: weighted visited blocks
     visited: np.ndarray | None = None  # per rank: visited blocks summed over heads
     kernels: dict = field(default_factory=dict, repr=False)  # prepared global schedules (ContextParallel)
@@ -93,6 +108,11 @@ class Plan:
     def sends(self, rank: int) -> list[np.ndarray]:
         """Per destination, the key blocks `rank` sends it, in increasing order."""
         return [r[self.k_owner[r] == rank] for r in self.recv]
+
+    def split_sends(self, rank: int) -> list[np.ndarray]:
+        """Per helper, the split query blocks of `rank` whose piece it computes (increasing):
+        their queries go there, and their partial results come back in the same order."""
+        return [g[self.q_owner[g] == rank] for g in self.guests]
 
     def block_tokens(self, blocks: np.ndarray, length: int) -> torch.Tensor:
         """Token indices (original order) of the given blocks, concatenated."""
@@ -174,6 +194,7 @@ class Plan:
                 h.update(repr(value).encode())
         h.update(self.q_owner.tobytes())
         h.update(self.k_owner.tobytes())
+        h.update(np.asarray(self.split, dtype=np.int64).tobytes())
         for r in self.recv:
             h.update(np.int64(r.size).tobytes())
             h.update(r.tobytes())
@@ -181,8 +202,8 @@ class Plan:
 
     def with_schedule(self, schedule: BlockSchedule) -> Plan:
         """The same sharding with the exchange lists of another schedule (a call's route or clusters)."""
-        recv, cost, visited = exchange_lists(schedule, self.q_owner, self.k_owner, self.world)
-        return replace(self, schedule=schedule, recv=recv, cost=cost, visited=visited, kernels={})
+        recv, guests, cost, visited = exchange_lists(schedule, self.q_owner, self.k_owner, self.world, self.split)
+        return replace(self, schedule=schedule, recv=recv, guests=guests, cost=cost, visited=visited, kernels={})
 
 
 # ---------------------------------------------------------------- making a plan
@@ -211,28 +232,96 @@ def block_cost(schedule: BlockSchedule) -> tuple[np.ndarray, np.ndarray]:
     return cost, visited
 
 
-def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.ndarray, world: int):
-    """(remote key blocks per rank in (owner, block) order, weighted cost per rank, visited per rank).
+def split_blocks(schedule: BlockSchedule, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every visited block of the marked query blocks (`rows`: a mask over query blocks) as
+    (query block, key block, weighted cost, heads visiting it), one entry per head group."""
+    heads_per_group = np.bincount(np.asarray(schedule.head_group), minlength=len(schedule.groups))
+    parts = []
+    for runs, n in zip(schedule.groups, heads_per_group, strict=True):
+        run_rows = _run_rows(runs)
+        keep = rows[run_rows] if n else np.zeros(run_rows.size, dtype=bool)
+        start, end = runs.start.numpy()[keep].astype(np.int64), runs.end.numpy()[keep].astype(np.int64)
+        lengths = end - start
+        first = np.repeat(start - (np.cumsum(lengths) - lengths), lengths)
+        weight = np.where(runs.full.numpy()[keep], FULL_BLOCK_COST, PARTIAL_BLOCK_COST) * n
+        parts.append((np.repeat(run_rows[keep], lengths), first + np.arange(int(lengths.sum())),
+                      np.repeat(weight, lengths), np.full(int(lengths.sum()), float(n))))  # fmt: skip
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4)) if parts else (np.zeros(0),) * 4
 
-    Each rank's needed key blocks are the union of its runs' intervals, found with one
-    difference array per rank ([world, key blocks + 1]) rather than block by block."""
-    nkb = k_owner.size
+
+def _by_owner(blocks: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Blocks sorted by (owner, block)."""
+    blocks = np.sort(blocks)
+    return blocks[np.argsort(owner[blocks], kind="stable")].astype(np.int64)
+
+
+def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.ndarray, world: int,
+                   split: np.ndarray | None = None):  # fmt: skip
+    """(remote key blocks per rank, guest split blocks per rank, both in (owner, block) order;
+    weighted cost per rank, visited blocks per rank).
+
+    A rank's needed key blocks are the union of its unsplit rows' intervals, found with one
+    difference array per rank ([world, key blocks + 1]) rather than block by block.  A split
+    row's blocks are computed, and counted, where their keys live."""
+    nkb, nqb = k_owner.size, q_owner.size
+    is_split = np.zeros(nqb, dtype=bool)
+    if split is not None:
+        is_split[split] = True
     width = nkb + 1
     diff = np.zeros(world * width, dtype=np.int64)
     for runs in schedule.groups:
-        needer = q_owner[_run_rows(runs)]
-        diff += np.bincount(needer * width + runs.start.numpy(), minlength=diff.size)
-        diff -= np.bincount(needer * width + runs.end.numpy(), minlength=diff.size)
+        rows = _run_rows(runs)
+        whole = ~is_split[rows]
+        needer = q_owner[rows[whole]]
+        diff += np.bincount(needer * width + runs.start.numpy()[whole], minlength=diff.size)
+        diff -= np.bincount(needer * width + runs.end.numpy()[whole], minlength=diff.size)
     needed = np.cumsum(diff.reshape(world, width), axis=1)[:, :nkb] > 0
     needed &= k_owner[None, :] != np.arange(world)[:, None]
-    recv = []
-    for r in range(world):
-        blocks = np.flatnonzero(needed[r])
-        recv.append(blocks[np.argsort(k_owner[blocks], kind="stable")].astype(np.int64))
+    recv = [_by_owner(np.flatnonzero(needed[r]), k_owner) for r in range(world)]
     cost, visited = block_cost(schedule)
-    per_rank = np.bincount(q_owner, weights=cost, minlength=world)
-    visited_per_rank = np.bincount(q_owner, weights=visited, minlength=world)
-    return recv, per_rank, visited_per_rank
+    per_rank = np.bincount(q_owner[~is_split], weights=cost[~is_split], minlength=world)
+    visited_per_rank = np.bincount(q_owner[~is_split], weights=visited[~is_split], minlength=world)
+    guests = [np.zeros(0, dtype=np.int64) for _ in range(world)]
+    if is_split.any():
+        rows, cols, weight, heads = split_blocks(schedule, is_split)
+        helper = k_owner[cols]
+        per_rank += np.bincount(helper, weights=weight, minlength=world)
+        visited_per_rank += np.bincount(helper, weights=heads, minlength=world)
+        pairs = np.unique(helper * nqb + rows)
+        helper, rows = pairs // nqb, pairs % nqb
+        remote = helper != q_owner[rows]
+        guests = [_by_owner(rows[remote & (helper == r)], q_owner) for r in range(world)]
+    return recv, guests, per_rank, visited_per_rank
+
+
+def split_heavy_rows(schedule: BlockSchedule, cost: np.ndarray, q_owner: np.ndarray, k_owner: np.ndarray,
+                     world: int, self_attention: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(q_owner, k_owner, split): the dealing of whole rows, or, when it misses
+    BALANCE_TOLERANCE and splitting the outlier rows (see the module docstring) balances
+    better, a dealing with those rows split.  With lq == lk a block's owner computes both
+    its row (when whole) and the split rows' pieces over its keys, so blocks are dealt by
+    the sum; otherwise keys stay contiguous and the pieces are load the ranks start with."""
+    none = np.zeros(0, dtype=np.int64)
+    score = balancing.imbalance(cost, q_owner, world)
+    positive = cost[cost > 0]
+    if score <= balancing.BALANCE_TOLERANCE or positive.size == 0:
+        return q_owner, k_owner, none
+    heavy = cost > SPLIT_OUTLIER * np.median(positive)
+    if not heavy.any():
+        return q_owner, k_owner, none
+    _, cols, weight, _ = split_blocks(schedule, heavy)
+    whole = np.where(heavy, 0.0, cost)
+    if self_attention:
+        combined = whole + np.bincount(cols, weights=weight, minlength=cost.size)
+        owner = balancing.balanced(combined, world)
+        new_score, new_k_owner = balancing.imbalance(combined, owner, world), owner.copy()
+    else:
+        base = np.bincount(k_owner[cols], weights=weight, minlength=world)
+        owner = balancing.balanced(whole, world, base)
+        new_score, new_k_owner = balancing.imbalance(whole, owner, world, base), k_owner
+    if new_score < score:
+        return owner, new_k_owner, np.flatnonzero(heavy).astype(np.int64)
+    return q_owner, k_owner, none
 
 
 def plan_schedule(program, lq: int, lk: int, heads: int, block: int, bindings: dict,
@@ -271,8 +360,13 @@ def make_plan(program, lq: int, lk: int | None, *, heads: int = 1, balance: str 
     cost = np.ones(nqb) if schedule is None else block_cost(schedule)[0]
     q_owner = balancing.assign(balance, cost, world)
     k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
-    plan = Plan(lq, lk, block, world, heads, balance, q_owner, k_owner, None, dict(bindings), program.source(), rank)
+    split = np.zeros(0, dtype=np.int64)
+    if balance == "blocks" and schedule is not None:
+        q_owner, k_owner, split = split_heavy_rows(schedule, cost, q_owner, k_owner, world, lq == lk)
+    plan = Plan(lq, lk, block, world, heads, balance, q_owner, k_owner, None, dict(bindings), program.source(), rank,
+                split=split)  # fmt: skip
     if schedule is None:
         plan.recv = [np.zeros(0, dtype=np.int64) for _ in range(world)]
+        plan.guests = [np.zeros(0, dtype=np.int64) for _ in range(world)]
         return plan
     return plan.with_schedule(schedule)
