@@ -14,6 +14,7 @@ import pytest
 import torch
 from maskc.dsl.errors import MaskTypeError
 from maskc.runtime.blockset import attend_block_subset, prepare_blockset, route_partials, schedule_block
+from maskc.runtime.merge import merge_partials
 
 import maskc
 
@@ -270,3 +271,40 @@ def test_bad_input_names_the_problem():
     with pytest.raises(MaskTypeError, match="cluster"):
         x = torch.randn(1, 1, 64, 8)
         prepare_blockset(maskc.compile("routing", n=2, w=16), 64, q=x, k=x, centroids=torch.randn(1, 2, 8))
+
+
+def test_pieces_over_disjoint_key_sets_merge_to_one_process():
+    """`only_buffer=True`: each piece is the rows' attention over one buffer's keys alone (the
+    missing visited blocks skipped); merged by log-sum-exp the pieces equal one process, and so
+    do the gradients through the merge (which reach each piece's lse): context parallelism's
+    split rows."""
+    program = maskc.compile("causal & window(40) | queries(0 .. 30) with alibi")
+    lq, heads, kv_heads = 300, 4, 2
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, heads, lq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, lq, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    ref, ref_lse = program.reference(q, k, v, return_lse=True)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    glob = prepare_blockset(program, lq, heads=heads)
+    rows = torch.tensor([3, 0, 4])  # in any order; block 4 is the short last one
+    qt = glob.q_tokens(rows)
+    key_sets = [[2, 0], [4], [1, 3]]  # disjoint, together every key block; the middle one short
+    pieces = []
+    for keys in key_sets:
+        kt = glob.k_tokens(keys)
+        pieces.append(attend_block_subset(glob, q[:, :, qt], k[:, :, kt], v[:, :, kt], rows, keys, return_lse=True,
+                                          only_buffer=True))  # fmt: skip
+    n = qt.numel()
+    out = torch.cat([o for o, _ in pieces], 2).flatten(0, 1)
+    lse = torch.cat([s for _, s in pieces], 2).flatten(0, 1)
+    merged, merged_lse = merge_partials(out, lse, torch.arange(n).repeat(len(key_sets)), n)
+    merged = merged.view(2, heads, n, 8)
+    torch.testing.assert_close(merged, ref[:, :, qt], **F64)
+    torch.testing.assert_close(merged_lse.view(2, heads, n), ref_lse[:, :, qt], **F64)
+    got = torch.autograd.grad(merged, (q, k, v), dout[:, :, qt])
+    ref_rows = torch.autograd.grad(ref[:, :, qt], (q, k, v), dout[:, :, qt])
+    for name, a, b in zip("qkv", got, ref_rows, strict=True):
+        torch.testing.assert_close(a, b, **F64, msg=lambda m, name=name: f"d{name}: {m}")
+    # without only_buffer a missing visited block is an error naming it
+    with pytest.raises(MaskTypeError, match="not in k_blocks"):
+        attend_block_subset(glob, q[:, :, qt], k[:, :, :128], v[:, :, :128], rows, [0, 1])

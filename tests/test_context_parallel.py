@@ -36,6 +36,8 @@ PLAN_CASES = [
     ("natten2d", 96, None, {"k": 3, "h": 8, "w": 12}),
     ("bigbird", 160, None, {"b": 16, "r": 1}),
     ("causal", 40, 130, {}),
+    ("window(3) | queries(0 .. 9)", 150, None, {}),  # global rows: split over the ranks holding their keys
+    ("window(3) | queries(110 .. 114)", 121, 117, {}),  # the same with lq != lk
 ]
 
 
@@ -46,21 +48,39 @@ def test_plan_covers_every_visited_pair_once_and_receives_only_what_is_needed(sp
     program = maskc.compile(spec, **params)
     schedule = plan_schedule(program, lq, lk or lq, 1, 8, bindings)
     visited = _visited(schedule)
+    splits = 0
     for world in (2, 3, 5):
         for balance in ("blocks", "contiguous", "zigzag"):
             kw = dict(world=world, balance=balance, block=8, bindings=bindings, schedule=schedule)
             plan = make_plan(program, lq, lk, **kw)
-            # every visited (query block, key block) pair: computed by the one rank owning the query
-            # block, which holds the key block itself or receives it
+            split = set(plan.split.tolist())
+            assert not split or balance == "blocks"
+            splits += len(split)
+            # every visited (query block, key block) pair is computed by exactly one rank: a whole
+            # row's by the rank owning the query block, which holds the key block or receives it; a
+            # split row's by the rank holding the key block, which owns the query block or is its guest
             for qb, kb in visited:
-                r = plan.q_owner[qb]
-                assert plan.k_owner[kb] == r or kb in set(plan.recv[r].tolist())
+                if qb in split:
+                    helper = plan.k_owner[kb]
+                    assert plan.q_owner[qb] == helper or qb in set(plan.guests[helper].tolist())
+                else:
+                    r = plan.q_owner[qb]
+                    assert plan.k_owner[kb] == r or kb in set(plan.recv[r].tolist())
+            computed = np.zeros(world)
+            for qb, kb in visited:
+                computed[plan.k_owner[kb] if qb in split else plan.q_owner[qb]] += 1
+            assert np.array_equal(computed, plan.visited)  # one head: visited blocks per rank
             for r in range(world):
-                needed = {kb for qb, kb in visited if plan.q_owner[qb] == r and plan.k_owner[kb] != r}
+                needed = {
+                    kb for qb, kb in visited if qb not in split and plan.q_owner[qb] == r and plan.k_owner[kb] != r
+                }
                 assert set(plan.recv[r].tolist()) == needed  # exactly what is needed, each once
                 assert plan.recv[r].size == len(needed)
                 owners = plan.k_owner[plan.recv[r]]
                 assert (np.diff(owners) >= 0).all()  # grouped by sender, as the all-to-all delivers
+                guests = {qb for qb, kb in visited if qb in split and plan.k_owner[kb] == r and plan.q_owner[qb] != r}
+                assert set(plan.guests[r].tolist()) == guests and plan.guests[r].size == len(guests)
+                assert (np.diff(plan.q_owner[plan.guests[r]]) >= 0).all()
             # tokens: every query and key token on exactly one rank; block counts within one
             q_all = torch.cat([plan.q_tokens(r) for r in range(world)]).sort().values
             assert torch.equal(q_all, torch.arange(plan.lq))
@@ -68,6 +88,7 @@ def test_plan_covers_every_visited_pair_once_and_receives_only_what_is_needed(sp
             assert torch.equal(k_all, torch.arange(plan.lk))
             counts = [plan.q_blocks(r).size for r in range(world)]
             assert max(counts) - min(counts) <= 1
+    assert splits > 0 or "queries" not in spec  # the global rows were split for some world size
 
 
 def test_blocks_balance_beats_contiguous_and_zigzag_on_documents():
@@ -81,6 +102,21 @@ def test_blocks_balance_beats_contiguous_and_zigzag_on_documents():
     assert scores["blocks"] < scores["zigzag"] and scores["blocks"] < scores["contiguous"]
     plan = make_plan(maskc.compile("causal"), 1000, None, world=3, balance="blocks", block=10, bindings={})
     assert plan.cost.max() / plan.cost.mean() <= 1.02
+
+
+def test_split_rows_balance_bigbird():
+    """BigBird's global rows attend every key: dealt whole, the rank holding one has more than
+    its share; split over the ranks holding their keys, every rank does about the same."""
+    program = maskc.compile("bigbird")
+    schedule = plan_schedule(program, 16384, 16384, 1, 64, {})
+    for world in (8, 32):
+        whole = make_plan(program, 16384, None, world=world, balance="contiguous", block=64, bindings={},
+                          schedule=schedule)  # fmt: skip
+        plan = make_plan(program, 16384, None, world=world, block=64, bindings={}, schedule=schedule)
+        assert plan.split.size > 0
+        assert plan.visited.max() / plan.visited.mean() <= 1.05 < whole.visited.max() / whole.visited.mean()
+        assert plan.visited.sum() == whole.visited.sum()
+        assert max(r.size for r in plan.recv) < 0.5 * max(r.size for r in whole.recv)
 
 
 def test_plan_errors():
@@ -119,6 +155,8 @@ CASES = [
     ("lq != lk", "causal & window(9)", {}, 21, 43, 1, 1, 4, {}, "blocks"),
     ("empty rows", "causal & window(4) & ~queries(3 .. 14)", {}, 30, None, 1, 1, 4, {}, "contiguous"),
     ("only remote", "keys(0 .. 4)", {}, 32, None, 1, 1, 4, {}, "contiguous"),
+    ("split rows", "window(3) | queries(0 .. 4)", {}, 60, None, 2, 1, 4, {}, "blocks"),
+    ("split rows, lq != lk", "window(3) | queries(52 .. 56)", {}, 61, 57, 1, 1, 4, {}, "blocks"),
     ("cluster", "routing_causal", {"n": 2, "w": 9}, 30, None, 1, 1, 4, {"centroids": CENTROIDS}, "blocks"),
 ]
 
@@ -161,6 +199,8 @@ def _run_case(cp_cls, case, rank: int, dtype=torch.float64, backend: str = "auto
             errors.append(f"{name} (rank {rank}): {key} differs by {err:.3g}")
     if name == "empty rows" and not (got["out"][:, :, 3:14] == 0).all():
         errors.append("empty rows: rows with no key are not 0")
+    if name.startswith("split rows") and plan.split.size == 0:
+        errors.append(f"{name}: no query block was split")
     if name == "natten2d" and not plan.schedule.layout.startswith("tiled"):
         errors.append(f"natten2d: expected a tiled layout, got {plan.schedule.layout}")
     # "only remote": rank 0 receives nothing; every other rank's queries visit only block 0, remote
@@ -200,7 +240,9 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         for case in CASES:
             errors += _run_case(maskc.ContextParallel, case, rank)
         errors += _run_case(maskc.ContextParallel, CASES[0], rank, torch.float32)
-        for case in (CASES[1], CASES[6], CASES[8]):  # dense tiles (what cluster patterns run)
+        split = [c for c in CASES if c[0].startswith("split rows")]
+        errors += _run_case(maskc.ContextParallel, split[0], rank, torch.float32)
+        for case in (CASES[1], CASES[6], CASES[8], *split):  # dense tiles (what cluster patterns run)
             errors += _run_case(maskc.ContextParallel, case, rank, backend="reference")
         errors += _error_cases(maskc.ContextParallel, rank)
     except Exception:

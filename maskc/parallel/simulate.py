@@ -2,7 +2,10 @@
 
 Bytes count keys and values of the received blocks (`kv_heads` x (`head_dim` keys
 + `head_dim` values) x `dtype_bytes` per token, batch 1), against ring attention
-and all-gather, which both bring every other rank's KV: (P - 1) / P of it.
+and all-gather, which both bring every other rank's KV: (P - 1) / P of it.  Split
+rows add what their pieces move: a helper receives their queries (`q_heads` x
+`head_dim` x `dtype_bytes` per token), the owner each helper's partial output and
+log-sum-exp (`q_heads` x (`head_dim` + 1) in float32).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ class Summary:
     world: int
     balance: str
     block: int
-    recv_bytes: np.ndarray  # per rank
+    recv_bytes: np.ndarray  # per rank, everything: KV, and split rows' queries and pieces
     recv_blocks: np.ndarray  # per rank
     visited: np.ndarray  # per rank, summed over heads
     cost: np.ndarray  # per rank, weighted (partial blocks cost more)
     ring_bytes: float  # per rank: (P - 1) / P of all KV
+    split_rows: int = 0  # query blocks split over the ranks holding their keys
+    split_bytes: np.ndarray | None = None  # per rank, the part of recv_bytes that split rows move
 
     @property
     def imbalance(self) -> float:
@@ -49,6 +54,11 @@ class Summary:
             f"visited blocks per rank: max {self.visited.max():.0f}, mean {self.visited.mean():.1f}, "
             f"imbalance {self.imbalance:.3f} (weighted by cost: {self.cost_imbalance:.3f})",
         ]
+        if self.split_rows:
+            lines.append(
+                f"{self.split_rows} query blocks split over the ranks holding their keys: their queries and "
+                f"pieces move up to {self.split_bytes.max() / mib:.3f} MiB a rank (in the figures above)"
+            )
         if self.world <= 16:
             lines.append("rank  received KV (KiB)  blocks in  visited blocks")
             for r in range(self.world):
@@ -57,17 +67,28 @@ class Summary:
         return "\n".join(lines)
 
 
-def summarize(plan: Plan, *, kv_heads: int = 1, head_dim: int = 64, dtype_bytes: int = 2) -> Summary:
+def summarize(plan: Plan, *, kv_heads: int = 1, head_dim: int = 64, dtype_bytes: int = 2,
+              q_heads: int | None = None) -> Summary:  # fmt: skip
+    """`q_heads` defaults to `kv_heads`."""
     per_token = kv_heads * 2 * head_dim * dtype_bytes
+    q_heads = kv_heads if q_heads is None else q_heads
     tokens = np.array([plan.block_lengths(r, plan.lk).sum() for r in plan.recv], dtype=np.float64)
     ring = plan.lk * per_token * (plan.world - 1) / plan.world
+    guest_tokens = np.array([plan.block_lengths(g, plan.lq).sum() for g in plan.guests], dtype=np.float64)
+    piece_tokens = np.array(
+        [sum(plan.block_lengths(b, plan.lq).sum() for b in plan.split_sends(r)) for r in range(plan.world)],
+        dtype=np.float64,
+    )
+    split_bytes = guest_tokens * q_heads * head_dim * dtype_bytes + piece_tokens * q_heads * (head_dim + 1) * 4
     return Summary(
         plan.world,
         plan.balance,
         plan.block,
-        tokens * per_token,
+        tokens * per_token + split_bytes,
         np.array([r.size for r in plan.recv]),
         np.asarray(plan.visited),
         np.asarray(plan.cost),
         ring,
+        int(np.asarray(plan.split).size),
+        split_bytes,
     )
