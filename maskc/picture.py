@@ -293,8 +293,8 @@ def write_schedule_png(schedule, path: str) -> PngLayout:
 
 def write_plan_png(plan, path: str) -> PngLayout:
     """Which rank computes each visited block of a context-parallel plan: one colour per
-    rank (the query block's owner), darker where the key block is received from another
-    rank; empty blocks white.  A legend strip names the block size and any reduction."""
+    rank (the query block's owner; for a split row the key block's), darker where the key
+    block is received from another rank; empty blocks white.  A legend strip names the block size and any reduction."""
     import colorsys
 
     import numpy as np
@@ -307,13 +307,16 @@ def write_plan_png(plan, path: str) -> PngLayout:
     for runs in plan.schedule.groups:
         r, c, _ = runs.blocks()
         visited[r.numpy() // cell, c.numpy() // cell] = True
-    owner = plan.q_owner[np.minimum(np.arange(h) * cell, rows - 1)]
-    remote = plan.k_owner[np.minimum(np.arange(w) * cell, cols - 1)][None, :] != owner[:, None]
+    row_blocks = np.minimum(np.arange(h) * cell, rows - 1)
+    owner = plan.q_owner[row_blocks]
+    key_owner = plan.k_owner[np.minimum(np.arange(w) * cell, cols - 1)]
+    split = np.isin(row_blocks, plan.split)[:, None]
+    remote = (key_owner[None, :] != owner[:, None]) & ~split
     hues = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.55, 0.95) for i in range(plan.world)]
     light = np.array([[int(255 * x) for x in rgb] for rgb in hues], dtype=np.uint8)
     dark = (light.astype(np.float64) * 0.55).astype(np.uint8)
     pixels = np.full((h, w, 3), 255, dtype=np.uint8)
-    rank = np.broadcast_to(owner[:, None], (h, w))
+    rank = np.where(split, key_owner[None, :], owner[:, None])
     pixels[visited & ~remote] = light[rank[visited & ~remote]]
     pixels[visited & remote] = dark[rank[visited & remote]]
     s = png_scale(h, w)
@@ -324,6 +327,8 @@ def write_plan_png(plan, path: str) -> PngLayout:
         f"{plan.world} ranks, balance {plan.balance!r}: colour = rank computing the block, darker = key block received",
         f"blocks of {plan.block} tokens, {rows} x {cols} blocks",
     ]
+    if len(plan.split):
+        notes.append(f"{len(plan.split)} split query blocks: computed by the ranks holding their keys")
     if cell > 1:
         notes.append(f"each {s} x {s} px square is {cell} x {cell} blocks")
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

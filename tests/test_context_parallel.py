@@ -300,3 +300,16 @@ def test_simulator_and_cli(capsys, tmp_path):
     assert png.stat().st_size > 0
     assert main(["plan", "causal", "--lq", "16", "--world", "4", "--block", "8"]) == 1
     assert "larger than the number of blocks" in capsys.readouterr().err
+    # split rows: each (split block, remote rank holding its keys) pair moves the block's queries
+    # there (q_heads x head_dim x dtype bytes a token) and its piece back (q_heads x (head_dim + 1) x 4)
+    program = maskc.compile("window(3) | queries(0 .. 9)")
+    plan = make_plan(program, 150, None, world=3, block=8, bindings={})
+    assert plan.split.size
+    visited = _visited(plan_schedule(program, 150, 150, 1, 8, {}))
+    pairs = {(qb, plan.k_owner[kb]) for qb, kb in visited if qb in set(plan.split.tolist())}
+    tokens = sum(min(8, 150 - 8 * qb) for qb, helper in pairs if helper != plan.q_owner[qb])
+    s = summarize(plan, kv_heads=2, q_heads=4, head_dim=8, dtype_bytes=2)
+    assert s.split_rows == plan.split.size
+    assert s.split_bytes.sum() == tokens * (4 * 8 * 2 + 4 * 9 * 4)
+    assert main(["plan", "window(3) | queries(0 .. 9)", "--lq", "150", "--world", "3", "--block", "8"]) == 0
+    assert "split over the ranks holding their keys" in capsys.readouterr().out

@@ -48,7 +48,7 @@ class Summary:
         mib = 1 << 20
         lines = [
             f"{self.world} ranks, balance {self.balance!r}, blocks of {self.block} tokens",
-            f"KV received per rank: max {self.recv_bytes.max() / mib:.3f} MiB, mean {self.recv_bytes.mean() / mib:.3f}"
+            f"received per rank: max {self.recv_bytes.max() / mib:.3f} MiB, mean {self.recv_bytes.mean() / mib:.3f}"
             f" MiB ({self.recv_blocks.max()} blocks max); ring attention / all-gather: {self.ring_bytes / mib:.3f} MiB"
             f" (max is {100 * self.ring_fraction:.2f}% of it)",
             f"visited blocks per rank: max {self.visited.max():.0f}, mean {self.visited.mean():.1f}, "
@@ -60,10 +60,10 @@ class Summary:
                 f"pieces move up to {self.split_bytes.max() / mib:.3f} MiB a rank (in the figures above)"
             )
         if self.world <= 16:
-            lines.append("rank  received KV (KiB)  blocks in  visited blocks")
+            lines.append("rank  received (KiB)  KV blocks in  visited blocks")
             for r in range(self.world):
                 kib = self.recv_bytes[r] / 1024
-                lines.append(f"{r:4d}  {kib:17.1f}  {self.recv_blocks[r]:9d}  {self.visited[r]:14.0f}")
+                lines.append(f"{r:4d}  {kib:14.1f}  {self.recv_blocks[r]:12d}  {self.visited[r]:14.0f}")
         return "\n".join(lines)
 
 
