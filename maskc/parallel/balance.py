@@ -96,8 +96,14 @@ def imbalance(cost: np.ndarray, owner: np.ndarray, world: int, base: np.ndarray 
     return float(per_rank.max() / mean) if mean > 0 else 1.0
 
 
-def balanced(cost: np.ndarray, world: int, base: np.ndarray | None = None) -> np.ndarray:
-    """The coarsest greedy dealing within BALANCE_TOLERANCE (else the best one tried)."""
+def balanced(cost: np.ndarray, world: int, base: np.ndarray | None = None,
+             order: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """The coarsest greedy dealing within BALANCE_TOLERANCE (else the best one tried).
+    `order`: the blocks' order for dealing contiguous runs (default: their own)."""
+    if order is not None:
+        owner = np.empty(cost.size, dtype=np.int64)
+        owner[order] = balanced(cost[order], world, base)
+        return owner
     best, best_score = None, np.inf
     per_rank = 1
     while world * per_rank <= cost.size:

@@ -18,6 +18,14 @@ there: one block of q, not many blocks of KV), and the owner merges the pieces
 by log-sum-exp.  `plan.split` lists them; `plan.guests[r]` the split blocks of
 other ranks whose piece rank r computes, in (owner, block) order.
 
+Which dealing: "blocks" tries a few and keeps, among those within
+BALANCE_TOLERANCE, the one whose busiest rank receives least (else the best
+balanced): whole runs of blocks in sequence order (and split rows), contiguous
+and zigzag shards, and on a row-major grid the same dealing along each inner
+axis — a video's frames cut by position within the frame, not by frame, so
+that radial attention's query blocks find the bands they visit in other
+frames at home.
+
 Patterns that read q and k (route, cluster) have no schedule until called: their
 plan shards blocks contiguously (uniform cost) and each call lists the blocks to
 move from the call's q and k (`with_schedule`).
@@ -26,6 +34,7 @@ move from the call's q and k (`with_schedule`).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -295,7 +304,8 @@ def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.nda
 
 
 def split_heavy_rows(schedule: BlockSchedule, cost: np.ndarray, q_owner: np.ndarray, k_owner: np.ndarray,
-                     world: int, self_attention: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+                     world: int, self_attention: bool,
+                     order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """(q_owner, k_owner, split): the dealing of whole rows, or, when it misses
     BALANCE_TOLERANCE and splitting the outlier rows (see the module docstring) balances
     better, a dealing with those rows split.  With lq == lk a block's owner computes both
@@ -313,15 +323,100 @@ def split_heavy_rows(schedule: BlockSchedule, cost: np.ndarray, q_owner: np.ndar
     whole = np.where(heavy, 0.0, cost)
     if self_attention:
         combined = whole + np.bincount(cols, weights=weight, minlength=cost.size)
-        owner = balancing.balanced(combined, world)
+        owner = balancing.balanced(combined, world, order=order)
         new_score, new_k_owner = balancing.imbalance(combined, owner, world), owner.copy()
     else:
         base = np.bincount(k_owner[cols], weights=weight, minlength=world)
-        owner = balancing.balanced(whole, world, base)
+        owner = balancing.balanced(whole, world, base, order)
         new_score, new_k_owner = balancing.imbalance(whole, owner, world, base), k_owner
     if new_score < score:
         return owner, new_k_owner, np.flatnonzero(heavy).astype(np.int64)
     return q_owner, k_owner, none
+
+
+def _block_coordinates(grid: tuple[int, ...], block: int, num_blocks: int) -> list[tuple[np.ndarray, int]]:
+    """Per grid axis whose ranges blocks never straddle (a block covers one value of it, or
+    a whole number of values within one row of the axis before): each block's coordinate
+    along it, counted in blocks, and the number of such coordinates (axes with one are left out)."""
+    first = np.arange(num_blocks) * block  # each block's first token
+    axes = []
+    for axis in range(len(grid)):
+        stride = math.prod(grid[axis + 1 :])
+        span = max(1, block // stride)  # values of the axis one block covers
+        if (block % stride and stride % block) or (grid[axis] * stride) % block:
+            continue
+        if grid[axis] // span > 1:
+            axes.append(((first // stride) % grid[axis] // span, grid[axis] // span))
+    return axes
+
+
+def grid_orders(program, lq: int, lk: int, heads: int, block: int, world: int, sizes: dict,
+                schedule: BlockSchedule) -> list[np.ndarray]:  # fmt: skip
+    """Block orders of a row-major grid whose contiguous runs are boxes of the grid: sorted
+    by the coordinate along one inner axis (a range of it across every outer coordinate),
+    or by tiles of m x n ranges along two axes with m * n = world (a video's frames cut
+    both by time and by position within the frame).  Only for self-attention over one grid
+    covering the sequence."""
+    if lq != lk or schedule.perm_q is not None:
+        return []
+    grids = program.instantiate(lq, lk, heads=heads, **sizes).grids
+    if len(grids) != 1 or math.prod(grids[0]) != lq:
+        return []
+    num_blocks = -(-lq // block)
+    first = np.arange(num_blocks)
+    axes = _block_coordinates(grids[0], block, num_blocks)
+    orders = [np.lexsort((first, c)) for c, _ in axes[1:] if axes[0][1] > 1] if axes else []
+    for i, (ci, ei) in enumerate(axes):
+        for cj, ej in axes[i + 1 :]:
+            for m in range(2, min(ei, world // 2) + 1):
+                n = world // m
+                if m * n == world and n <= ej:
+                    orders.append(np.lexsort((first, cj * n // ej, ci * m // ei)))
+    return orders
+
+
+def _received_tokens(plan: Plan) -> float:
+    """Tokens the busiest rank receives: keys and values, and split rows' queries and pieces."""
+    q_len = plan.block_lengths(np.arange(plan.num_q_blocks), plan.lq)
+    k_len = plan.block_lengths(np.arange(plan.num_k_blocks), plan.lk)
+    per_rank = np.array([k_len[r].sum() + q_len[g].sum() for r, g in zip(plan.recv, plan.guests, strict=True)])
+    guests = np.concatenate(plan.guests)  # each (split block, helper) pair sends a piece to the block's owner
+    per_rank += np.bincount(plan.q_owner[guests], weights=q_len[guests], minlength=plan.world).astype(np.int64)
+    return float(per_rank.max())
+
+
+def _dealings(program, schedule: BlockSchedule, cost: np.ndarray, lq: int, lk: int, heads: int, block: int,
+              world: int, sizes: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+    """The (q_owner, k_owner, split) candidates "blocks" balance chooses from."""
+    nkb = -(-lk // block)
+    candidates = []
+    for order in [None, *grid_orders(program, lq, lk, heads, block, world, sizes, schedule)]:
+        q_owner = balancing.balanced(cost, world, order=order)
+        k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
+        candidates.append(split_heavy_rows(schedule, cost, q_owner, k_owner, world, lq == lk, order))
+    none = np.zeros(0, dtype=np.int64)
+    for q_owner in (balancing.contiguous(cost.size, world), balancing.zigzag(cost.size, world)):
+        k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
+        candidates.append((q_owner, k_owner, none))
+    return candidates
+
+
+def choose_dealing(program, schedule: BlockSchedule, cost: np.ndarray, lq: int, lk: int, heads: int, block: int,
+                   world: int, sizes: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """ "blocks" balance: of the candidate dealings (see the module docstring), the one within
+    BALANCE_TOLERANCE whose busiest rank receives least; if none is, the best balanced."""
+    scored = []
+    for q_owner, k_owner, split in _dealings(program, schedule, cost, lq, lk, heads, block, world, sizes):
+        recv, guests, per_rank, _ = exchange_lists(schedule, q_owner, k_owner, world, split)
+        mean = per_rank.mean()
+        score = float(per_rank.max() / mean) if mean > 0 else 1.0
+        trial = Plan(lq, lk, block, world, heads, "blocks", q_owner, k_owner, None, {}, "", recv=recv, split=split,
+                     guests=guests)  # fmt: skip
+        scored.append((score, _received_tokens(trial), (q_owner, k_owner, split)))
+    balanced = [s for s in scored if s[0] <= balancing.BALANCE_TOLERANCE]
+    if balanced:
+        return min(balanced, key=lambda s: s[1])[2]  # the first of equals: sequence order
+    return min(scored, key=lambda s: s[0])[2]
 
 
 def plan_schedule(program, lq: int, lk: int, heads: int, block: int, bindings: dict,
@@ -358,11 +453,13 @@ def make_plan(program, lq: int, lk: int | None, *, heads: int = 1, balance: str 
     if schedule is None:
         schedule = plan_schedule(program, lq, lk, heads, block, bindings, layout)
     cost = np.ones(nqb) if schedule is None else block_cost(schedule)[0]
-    q_owner = balancing.assign(balance, cost, world)
-    k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
-    split = np.zeros(0, dtype=np.int64)
     if balance == "blocks" and schedule is not None:
-        q_owner, k_owner, split = split_heavy_rows(schedule, cost, q_owner, k_owner, world, lq == lk)
+        sizes = {n: v for n, v in bindings.items() if not isinstance(v, torch.Tensor)}
+        q_owner, k_owner, split = choose_dealing(program, schedule, cost, lq, lk, heads, block, world, sizes)
+    else:
+        q_owner = balancing.assign(balance, cost, world)
+        k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
+        split = np.zeros(0, dtype=np.int64)
     plan = Plan(lq, lk, block, world, heads, balance, q_owner, k_owner, None, dict(bindings), program.source(), rank,
                 split=split)  # fmt: skip
     if schedule is None:
