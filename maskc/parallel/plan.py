@@ -241,6 +241,36 @@ def block_cost(schedule: BlockSchedule) -> tuple[np.ndarray, np.ndarray]:
     return cost, visited
 
 
+@dataclass(frozen=True)
+class Reach:
+    """What a plan needs of a schedule, computed once for all the dealings it compares: the
+    key-block intervals each query block visits (adjacent runs merged, per head group) and
+    each query block's weighted cost and visited blocks."""
+
+    rows: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    cost: np.ndarray
+    visited: np.ndarray
+
+
+def reach_of(schedule: BlockSchedule) -> Reach:
+    cost, visited = block_cost(schedule)
+    rows, starts, ends = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for runs in schedule.groups:
+        row = _run_rows(runs)
+        start, end = runs.start.numpy().astype(np.int64), runs.end.numpy().astype(np.int64)
+        if row.size == 0:
+            continue
+        first = np.ones(row.size, dtype=bool)  # a run that does not continue the previous one
+        first[1:] = (row[1:] != row[:-1]) | (start[1:] != end[:-1])
+        at = np.flatnonzero(first)
+        rows.append(row[at])
+        starts.append(start[at])
+        ends.append(end[np.append(at[1:] - 1, row.size - 1)])
+    return Reach(np.concatenate(rows), np.concatenate(starts), np.concatenate(ends), cost, visited)
+
+
 def split_blocks(schedule: BlockSchedule, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every visited block of the marked query blocks (`rows`: a mask over query blocks) as
     (query block, key block, weighted cost, heads visiting it), one entry per head group."""
@@ -265,29 +295,30 @@ def _by_owner(blocks: np.ndarray, owner: np.ndarray) -> np.ndarray:
 
 
 def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.ndarray, world: int,
-                   split: np.ndarray | None = None):  # fmt: skip
+                   split: np.ndarray | None = None, reach: Reach | None = None):  # fmt: skip
     """(remote key blocks per rank, guest split blocks per rank, both in (owner, block) order;
     weighted cost per rank, visited blocks per rank).
 
     A rank's needed key blocks are the union of its unsplit rows' intervals, found with one
     difference array per rank ([world, key blocks + 1]) rather than block by block.  A split
-    row's blocks are computed, and counted, where their keys live."""
+    row's blocks are computed, and counted, where their keys live.  `reach`: `reach_of(schedule)`
+    when the caller has it."""
+    reach = reach_of(schedule) if reach is None else reach
     nkb, nqb = k_owner.size, q_owner.size
     is_split = np.zeros(nqb, dtype=bool)
     if split is not None:
         is_split[split] = True
     width = nkb + 1
-    diff = np.zeros(world * width, dtype=np.int64)
-    for runs in schedule.groups:
-        rows = _run_rows(runs)
+    rows, start, end = reach.rows, reach.start, reach.end
+    if is_split.any():
         whole = ~is_split[rows]
-        needer = q_owner[rows[whole]]
-        diff += np.bincount(needer * width + runs.start.numpy()[whole], minlength=diff.size)
-        diff -= np.bincount(needer * width + runs.end.numpy()[whole], minlength=diff.size)
+        rows, start, end = rows[whole], start[whole], end[whole]
+    at = q_owner[rows] * width
+    diff = np.bincount(at + start, minlength=world * width) - np.bincount(at + end, minlength=world * width)
     needed = np.cumsum(diff.reshape(world, width), axis=1)[:, :nkb] > 0
     needed &= k_owner[None, :] != np.arange(world)[:, None]
     recv = [_by_owner(np.flatnonzero(needed[r]), k_owner) for r in range(world)]
-    cost, visited = block_cost(schedule)
+    cost, visited = reach.cost, reach.visited
     per_rank = np.bincount(q_owner[~is_split], weights=cost[~is_split], minlength=world)
     visited_per_rank = np.bincount(q_owner[~is_split], weights=visited[~is_split], minlength=world)
     guests = [np.zeros(0, dtype=np.int64) for _ in range(world)]
@@ -401,18 +432,23 @@ def _dealings(program, schedule: BlockSchedule, cost: np.ndarray, lq: int, lk: i
     return candidates
 
 
-def choose_dealing(program, schedule: BlockSchedule, cost: np.ndarray, lq: int, lk: int, heads: int, block: int,
-                   world: int, sizes: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """ "blocks" balance: of the candidate dealings (see the module docstring), the one within
-    BALANCE_TOLERANCE whose busiest rank receives least; if none is, the best balanced."""
-    scored = []
-    for q_owner, k_owner, split in _dealings(program, schedule, cost, lq, lk, heads, block, world, sizes):
-        recv, guests, per_rank, _ = exchange_lists(schedule, q_owner, k_owner, world, split)
+def choose_dealing(program, schedule: BlockSchedule, reach: Reach, lq: int, lk: int, heads: int, block: int,
+                   world: int, sizes: dict) -> Plan:  # fmt: skip
+    """The "blocks" dealing: of the candidates (see the module docstring), the one within
+    BALANCE_TOLERANCE whose busiest rank receives least, else the best balanced; as a plan
+    without schedule, bindings or rank."""
+    scored, seen = [], set()
+    for q_owner, k_owner, split in _dealings(program, schedule, reach.cost, lq, lk, heads, block, world, sizes):
+        key = (q_owner.tobytes(), k_owner.tobytes(), split.tobytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        recv, guests, per_rank, visited = exchange_lists(schedule, q_owner, k_owner, world, split, reach)
         mean = per_rank.mean()
         score = float(per_rank.max() / mean) if mean > 0 else 1.0
         trial = Plan(lq, lk, block, world, heads, "blocks", q_owner, k_owner, None, {}, "", recv=recv, split=split,
-                     guests=guests)  # fmt: skip
-        scored.append((score, _received_tokens(trial), (q_owner, k_owner, split)))
+                     guests=guests, cost=per_rank, visited=visited)  # fmt: skip
+        scored.append((score, _received_tokens(trial), trial))
     balanced = [s for s in scored if s[0] <= balancing.BALANCE_TOLERANCE]
     if balanced:
         return min(balanced, key=lambda s: s[1])[2]  # the first of equals: sequence order
@@ -452,16 +488,14 @@ def make_plan(program, lq: int, lk: int | None, *, heads: int = 1, balance: str 
         )
     if schedule is None:
         schedule = plan_schedule(program, lq, lk, heads, block, bindings, layout)
-    cost = np.ones(nqb) if schedule is None else block_cost(schedule)[0]
     if balance == "blocks" and schedule is not None:
         sizes = {n: v for n, v in bindings.items() if not isinstance(v, torch.Tensor)}
-        q_owner, k_owner, split = choose_dealing(program, schedule, cost, lq, lk, heads, block, world, sizes)
-    else:
-        q_owner = balancing.assign(balance, cost, world)
-        k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
-        split = np.zeros(0, dtype=np.int64)
-    plan = Plan(lq, lk, block, world, heads, balance, q_owner, k_owner, None, dict(bindings), program.source(), rank,
-                split=split)  # fmt: skip
+        chosen = choose_dealing(program, schedule, reach_of(schedule), lq, lk, heads, block, world, sizes)
+        return replace(chosen, schedule=schedule, bindings=dict(bindings), source=program.source(), rank=rank)
+    cost = np.ones(nqb) if schedule is None else block_cost(schedule)[0]
+    q_owner = balancing.assign(balance, cost, world)
+    k_owner = q_owner.copy() if lq == lk else balancing.contiguous(nkb, world)
+    plan = Plan(lq, lk, block, world, heads, balance, q_owner, k_owner, None, dict(bindings), program.source(), rank)
     if schedule is None:
         plan.recv = [np.zeros(0, dtype=np.int64) for _ in range(world)]
         plan.guests = [np.zeros(0, dtype=np.int64) for _ in range(world)]
