@@ -114,3 +114,17 @@ def test_inference_mode_tensor_bindings_run_and_are_not_cached():
         second = program(q, q, q, ids=ids)
         torch.testing.assert_close(second, program.reference(q, q, q, ids=ids))
     assert not torch.allclose(first, second)
+
+
+def test_fake_kernel_types_the_lse_like_the_real_one():
+    """The op's fake kernel (what torch.compile traces with) and its real kernel agree: the
+    log-sum-exp is float32, float64 for float64 inputs."""
+    from maskc.runtime.call import Call
+
+    program = maskc.compile(SPEC)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (x.to(dtype) for x in qkv(20))
+        args = (q, k, v, *Call(program.key, "cpu", 8**-0.5, None, "", "", ()).op_args([]))
+        _, lse = op.attention_op(*args)
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.library.opcheck(op.attention_op, args, test_utils=("test_faketensor",))
