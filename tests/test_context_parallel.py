@@ -228,6 +228,32 @@ def _run_case(cp_cls, case, rank: int, dtype=torch.float64, backend: str = "auto
     return errors
 
 
+def _compiled_case(rank: int) -> list[str]:
+    """The call inside a function compiled with inductor (split rows: three exchanges), forward
+    and backward equal to one process; the call itself runs eagerly, so every rank runs every
+    exchange, in the same order."""
+    program = maskc.compile("window(3) | queries(0 .. 4)")
+    cp = maskc.ContextParallel(program)
+    qkv = torch.randn(2, 60, 6, 8, generator=torch.Generator().manual_seed(0))
+    q, k, v = qkv.permute(0, 2, 1, 3).split([2, 2, 2], dim=1)
+    plan = cp.plan(60, heads=2, block=4)
+    local = [plan.shard(t).detach().requires_grad_() for t in (q, k, v)]
+    out = torch.compile(lambda a, b, c: torch.tanh(cp(a, b, c, plan=plan)))(*local)
+    out.sum().backward()
+    full = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = torch.tanh(program.reference(*full))
+    want.sum().backward()
+    got = [plan.unshard(out), *(plan.unshard(t.grad, keys=i > 0) for i, t in enumerate(local))]
+    expected = [want, *(t.grad for t in full)]
+    names = ("out", "dq", "dk", "dv")
+    errors = [
+        f"compiled: {n} differs"
+        for n, a, b in zip(names, got, expected, strict=True)
+        if not torch.allclose(a, b, atol=1e-5)
+    ]
+    return errors + ([] if plan.split.size else ["compiled: no split rows"])
+
+
 def _error_cases(cp_cls, rank: int) -> list[str]:
     errors = []
     program = maskc.compile("causal & window(4)")
@@ -264,6 +290,8 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         for case in (CASES[1], CASES[6], CASES[8], *split):  # dense tiles (what cluster patterns run)
             errors += _run_case(maskc.ContextParallel, case, rank, backend="reference")
         errors += _error_cases(maskc.ContextParallel, rank)
+        if world == 2:
+            errors += _compiled_case(rank)
     except Exception:
         errors.append(traceback.format_exc())
     finally:

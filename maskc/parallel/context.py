@@ -121,6 +121,10 @@ class ContextParallel:
                 "bindings or program differ between processes): every rank must call plan() alike"
             )
 
+    # Under torch.compile the call runs eagerly (a graph break): its exchanges must run, and in the
+    # same order, on every rank, which a compiled graph does not promise (it drops the zero-size
+    # terms that keep every exchange in every rank's backward, and may reorder collectives).
+    @torch.compiler.disable
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan: Plan, backend: str = "auto",
                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
         """Exact attention of this rank's queries q [B, H, n, D] against all keys, with
