@@ -12,11 +12,12 @@ are all full or all partial (CSR), so a sliding window costs O(query blocks).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from maskc.dsl import evaluate, ir
 
-from . import labels
+from . import labels, periodic
 from .geometry import Geometry
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -107,15 +108,37 @@ def _merge_intervals(rows, start, end, full, num_rows: int) -> Runs:
 
 def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensors | None) -> Runs:
     """Classify every block pair of one head pattern; see the module docstring."""
-    if ir.is_dynamic(mask) and q.num_blocks * k.num_blocks <= DIRECT_BLOCKS:
+    if not ir.is_dynamic(mask):
+        found = periodic.periodic_runs(mask, q, k, partial(_label_sorted, mask))
+        if found is not None:
+            (row_ptr, start, end, full), tails = found
+            if not tails:
+                return Runs(row_ptr.int(), start, end, full)
+            rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1), row_ptr[1:] - row_ptr[:-1])
+            parts = [(rows, start.long(), end.long(), full), *tails]
+            return _merge_intervals(*(torch.cat(p) for p in zip(*parts, strict=True)), q.num_blocks)
+    return _merge_intervals(*_label_rect(mask, q, k, 0, q.num_blocks, 0, k.num_blocks, tensors), q.num_blocks)
+
+
+def _label_sorted(mask: ir.Mask, q: Geometry, k: Geometry, qb0: int, qb1: int, kb0: int, kb1: int):
+    """Maximal runs of a rectangle of blocks of a static pattern, by row then start."""
+    runs = _merge_intervals(*_label_rect(mask, q, k, qb0, qb1, kb0, kb1, None), q.num_blocks)
+    rows = torch.repeat_interleave(torch.arange(runs.rows), (runs.row_ptr[1:] - runs.row_ptr[:-1]).long())
+    return rows, runs.start.long(), runs.end.long(), runs.full
+
+
+def _label_rect(mask, q: Geometry, k: Geometry, q0: int, q1: int, k0: int, k1: int, tensors):
+    """(rows, start, end, full) intervals, unordered, of the blocks [q0, q1) x [k0, k1)
+    that some pair visits: rectangles are split until proved empty or full, and single
+    blocks still undecided are settled on their pairs."""
+    if ir.is_dynamic(mask) and (q1 - q0) * (k1 - k0) <= DIRECT_BLOCKS:
         # rebuilt on every call and few blocks: label them all at once, not level by level
-        qb0 = torch.arange(q.num_blocks).repeat_interleave(k.num_blocks)
-        kb0 = torch.arange(k.num_blocks).repeat(q.num_blocks)
+        qb0 = torch.arange(q0, q1).repeat_interleave(k1 - k0)
+        kb0 = torch.arange(k0, k1).repeat(q1 - q0)
         qb1, kb1 = qb0 + 1, kb0 + 1
     else:
-        z = torch.zeros(1, dtype=torch.long)
-        qb0, qb1 = z.clone(), torch.tensor([q.num_blocks])
-        kb0, kb1 = z.clone(), torch.tensor([k.num_blocks])
+        qb0, qb1 = torch.tensor([q0]), torch.tensor([q1])
+        kb0, kb1 = torch.tensor([k0]), torch.tensor([k1])
     kept: list[tuple] = []  # (qb0, qb1, kb0, kb1, full) rectangles of final state
     undecided: list[tuple[torch.Tensor, torch.Tensor]] = []
     while qb0.numel():
@@ -144,7 +167,7 @@ def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensor
     starts.append(u_cols[keep])
     ends.append(u_cols[keep] + 1)
     fulls.append(state[keep] == FULL)
-    return _merge_intervals(torch.cat(rows), torch.cat(starts), torch.cat(ends), torch.cat(fulls), q.num_blocks)
+    return torch.cat(rows), torch.cat(starts), torch.cat(ends), torch.cat(fulls)
 
 
 def _ramp(counts: torch.Tensor) -> torch.Tensor:

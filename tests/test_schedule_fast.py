@@ -1,0 +1,98 @@
+"""The fast schedule paths (periodic patterns, random blocks, documents) give exactly
+the schedule of the plain builder and of the dense mask."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from maskc.codegen import periodic
+from test_schedule import assert_exact, fits
+
+import maskc
+
+SHIFT_INVARIANT = [
+    st.builds(lambda w: f"window({w})", st.integers(0, 12)),
+    st.builds(lambda l, r: f"window({l}, {r})", st.integers(0, 9), st.integers(0, 9)),
+    st.builds(lambda o: f"causal({o})", st.integers(-6, 6)),
+    st.just("causal"),
+    st.builds(lambda w, k: f"dilated({w}, {k})", st.integers(0, 5), st.integers(1, 4)),
+    st.builds(lambda b: f"block({b})", st.integers(1, 12)),
+    st.builds(lambda s: f"stride({s})", st.integers(1, 9)),
+    st.builds(lambda b, w: f"on blocks({b}) window({w})", st.integers(1, 8), st.integers(0, 2)),
+]
+
+
+@st.composite
+def shift_invariant_spec(draw, depth: int = 2) -> str:
+    if depth == 0 or draw(st.booleans()):
+        return draw(st.one_of(SHIFT_INVARIANT))
+    op = draw(st.sampled_from(["|", "&", "-", "~"]))
+    left = draw(shift_invariant_spec(depth - 1))
+    if op == "~":
+        return f"~({left})"
+    return f"({left}) {op} ({draw(shift_invariant_spec(depth - 1))})"
+
+
+@contextlib.contextmanager
+def plain_builder():
+    """The schedule builder without the periodic shortcut."""
+    real = periodic.periodic_runs
+    periodic.periodic_runs = lambda *args: None
+    try:
+        yield
+    finally:
+        periodic.periodic_runs = real
+
+
+def assert_same_as_plain(program: maskc.Program, lq: int, lk: int, bq: int, bk: int, **sizes):
+    """Exact against the dense mask, and the same runs (not just the same blocks) as the plain builder."""
+    fast = assert_exact(program, lq, lk, bq, bk, **sizes)
+    with plain_builder():
+        plain = program.schedule(lq, lk, block_q=bq, block_k=bk, layout="rowmajor", **sizes)
+    for a, b in zip(fast.groups, plain.groups, strict=True):
+        for name in ("row_ptr", "start", "end", "full"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spec=shift_invariant_spec(),
+    lq=st.integers(1, 90),
+    extra=st.integers(-20, 30),
+    bq=st.sampled_from([1, 2, 4, 8]),
+    bk=st.sampled_from([1, 3, 4, 8]),
+)
+def test_periodic_schedules_match_plain_builder(spec, lq, extra, bq, bk):
+    """Lengths not multiples of the blocks (cut-short last row and column), lq != lk
+    (query offset), different query and key blocks."""
+    lk = max(1, lq + extra)
+    program = maskc.compile(spec)
+    assume(fits(program, lq, lk))
+    assert_same_as_plain(program, lq, lk, bq, bk)
+
+
+def test_periodic_path_taken_for_frames_and_windows():
+    """Radial attention on a frame grid and a causal window take the periodic path,
+    exactly, with and without a cut-short last block."""
+    calls = []
+    real = periodic.periodic_runs
+
+    def counting(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    periodic.periodic_runs = counting
+    try:
+        radial = maskc.compile("radial", f=32)
+        assert_same_as_plain(radial, 32 * 12, 32 * 12, 8, 8, t=12)
+        assert_same_as_plain(maskc.compile("causal & window(10)"), 203, 203, 8, 8)
+        assert_same_as_plain(maskc.compile("causal & window(10)"), 150, 203, 16, 4)
+    finally:
+        periodic.periodic_runs = real
+    assert calls == [True, True, True]
+    assert periodic.shift_period(maskc.compile("sink(4)").instantiate(64, 64).patterns[0].mask) is None
