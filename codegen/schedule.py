@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from maskc.dsl import evaluate, ir
 
-from . import labels, periodic
+from . import labels, periodic, random_part
 from .geometry import Geometry
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -108,6 +108,11 @@ def _merge_intervals(rows, start, end, full, num_rows: int) -> Runs:
 
 def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensors | None) -> Runs:
     """Classify every block pair of one head pattern; see the module docstring."""
+    if random_part.has_random(mask):
+        drawn = random_part.drawn_blocks(mask, q, k)
+        if drawn is not None:
+            rest = build_runs(random_part.without_random(mask), q, k, tensors)
+            return _relabel(rest, mask, q, k, *drawn, tensors)
     if not ir.is_dynamic(mask):
         found = periodic.periodic_runs(mask, q, k, partial(_label_sorted, mask))
         if found is not None:
@@ -118,6 +123,42 @@ def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensor
             parts = [(rows, start.long(), end.long(), full), *tails]
             return _merge_intervals(*(torch.cat(p) for p in zip(*parts, strict=True)), q.num_blocks)
     return _merge_intervals(*_label_rect(mask, q, k, 0, q.num_blocks, 0, k.num_blocks, tensors), q.num_blocks)
+
+
+def _relabel(runs: Runs, mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors) -> Runs:
+    """`runs` with the given distinct blocks (sorted by row, column) labelled afresh."""
+    width = k.num_blocks + 1
+    run_rows = torch.repeat_interleave(torch.arange(runs.rows), (runs.row_ptr[1:] - runs.row_ptr[:-1]).long())
+    kept = _punch(run_rows, runs.start.long(), runs.end.long(), runs.full, rows * width + cols, width)
+    state = label_blocks(mask, q, k, rows, cols, tensors)
+    keep = state != EMPTY
+    parts = [kept, (rows[keep], cols[keep], cols[keep] + 1, state[keep] == FULL)]
+    return _merge_intervals(*(torch.cat(p) for p in zip(*parts, strict=True)), q.num_blocks)
+
+
+def _punch(rows, start, end, full, holes: torch.Tensor, width: int):
+    """Row intervals [start, end) minus the blocks `holes` (row * width + column, sorted)."""
+    if holes.numel() == 0:
+        return rows, start, end, full
+    first = torch.searchsorted(holes, rows * width + start)
+    count = torch.searchsorted(holes, rows * width + end) - first
+    owner = torch.repeat_interleave(torch.arange(rows.numel()), count + 1)
+    piece = _ramp(count + 1)  # piece j runs from after hole j - 1 to before hole j
+    column = holes % width
+    at = first[owner] + piece
+    left = torch.where(piece == 0, start[owner], column[(at - 1).clamp(min=0)] + 1)
+    right = torch.where(piece == count[owner], end[owner], column[at.clamp(max=holes.numel() - 1)])
+    keep = left < right
+    return rows[owner][keep], left[keep], right[keep], full[owner][keep]
+
+
+def label_blocks(mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors) -> torch.Tensor:
+    """Exact states of single blocks: by reasoning, else on their pairs."""
+    label = labels.classify(mask, labels.Rects(q, k, rows, rows + 1, cols, cols + 1, tensors))
+    state = torch.where(label == labels.F, FULL, torch.where(label == labels.E, EMPTY, PARTIAL)).to(torch.int8)
+    unsure = (label == labels.N) | (label == labels.U)
+    state[unsure] = settle(mask, q, k, rows[unsure], cols[unsure], tensors)
+    return state
 
 
 def _label_sorted(mask: ir.Mask, q: Geometry, k: Geometry, qb0: int, qb1: int, kb0: int, kb1: int):

@@ -8,7 +8,7 @@ import contextlib
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from maskc.codegen import periodic
+from maskc.codegen import periodic, random_part
 from test_schedule import assert_exact, fits
 
 import maskc
@@ -38,20 +38,21 @@ def shift_invariant_spec(draw, depth: int = 2) -> str:
 
 @contextlib.contextmanager
 def plain_builder():
-    """The schedule builder without the periodic shortcut."""
-    real = periodic.periodic_runs
+    """The schedule builder without its shortcuts (periodic patterns, drawn random blocks)."""
+    real = periodic.periodic_runs, random_part.has_random
     periodic.periodic_runs = lambda *args: None
+    random_part.has_random = lambda mask: False
     try:
         yield
     finally:
-        periodic.periodic_runs = real
+        periodic.periodic_runs, random_part.has_random = real
 
 
-def assert_same_as_plain(program: maskc.Program, lq: int, lk: int, bq: int, bk: int, **sizes):
+def assert_same_as_plain(program: maskc.Program, lq: int, lk: int, bq: int, bk: int, heads: int = 1, **sizes):
     """Exact against the dense mask, and the same runs (not just the same blocks) as the plain builder."""
-    fast = assert_exact(program, lq, lk, bq, bk, **sizes)
+    fast = assert_exact(program, lq, lk, bq, bk, heads, **sizes)
     with plain_builder():
-        plain = program.schedule(lq, lk, block_q=bq, block_k=bk, layout="rowmajor", **sizes)
+        plain = program.schedule(lq, lk, block_q=bq, block_k=bk, heads=heads, layout="rowmajor", **sizes)
     for a, b in zip(fast.groups, plain.groups, strict=True):
         for name in ("row_ptr", "start", "end", "full"):
             x, y = getattr(a, name), getattr(b, name)
@@ -96,3 +97,33 @@ def test_periodic_path_taken_for_frames_and_windows():
         periodic.periodic_runs = real
     assert calls == [True, True, True]
     assert periodic.shift_period(maskc.compile("sink(4)").instantiate(64, 64).patterns[0].mask) is None
+
+
+RANDOM = st.builds(
+    lambda r, b, seed, skip: f"random({r}, block = {b}, seed = {seed}, skip = {skip})",
+    st.integers(0, 3),
+    st.integers(1, 9),
+    st.integers(0, 5),
+    st.integers(0, 2),
+)
+OTHERS = st.sampled_from(["window(3)", "causal", "sink(2)", "global(0 .. 2)", "block(5)", "stride(3)", "keys(4 .. 30)"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.tuples(RANDOM, OTHERS, RANDOM),
+    shape=st.sampled_from(["{0} | {1}", "({0} | {2}) & {1}", "~{0} & {1}", "({0}) - ({1}) | {2}", "{0} & {2}"]),
+    lq=st.integers(1, 80),
+    extra=st.integers(-20, 30),
+    bq=st.sampled_from([1, 3, 4, 8]),
+    bk=st.sampled_from([1, 4, 5, 8]),
+    heads=st.integers(1, 2),
+)
+def test_random_blocks_match_plain_builder(parts, shape, lq, extra, bq, bk, heads):
+    """Random blocks anywhere in the expression (under `&`, `~`, two atoms), draw
+    blocks larger and smaller than the schedule's, lengths not multiples of the blocks,
+    lq != lk, per-head draws."""
+    lk = max(1, lq + extra)
+    program = maskc.compile(shape.format(*parts))
+    assume(fits(program, lq, lk))
+    assert_same_as_plain(program, lq, lk, bq, bk, heads=heads)
