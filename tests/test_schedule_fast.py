@@ -109,7 +109,7 @@ RANDOM = st.builds(
 OTHERS = st.sampled_from(["window(3)", "causal", "sink(2)", "global(0 .. 2)", "block(5)", "stride(3)", "keys(4 .. 30)"])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     parts=st.tuples(RANDOM, OTHERS, RANDOM),
     shape=st.sampled_from(["{0} | {1}", "({0} | {2}) & {1}", "~{0} & {1}", "({0}) - ({1}) | {2}", "{0} & {2}"]),
