@@ -9,7 +9,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from maskc.codegen import periodic, random_part
-from test_schedule import assert_exact, fits
+from test_schedule import assert_exact, count_settled, fits, union_block_states
 
 import maskc
 
@@ -127,3 +127,46 @@ def test_random_blocks_match_plain_builder(parts, shape, lq, extra, bq, bk, head
     program = maskc.compile(shape.format(*parts))
     assume(fits(program, lq, lk))
     assert_same_as_plain(program, lq, lk, bq, bk, heads=heads)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    other=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    spec=st.sampled_from(["causal & segments(ids)", "segments(ids)", "segments(ids) & window(9) | sink(1)"]),
+    shuffle=st.booleans(),
+    block=st.sampled_from([1, 4, 8, 16]),
+    lq=st.integers(0, 30),
+)
+def test_document_schedules_exact(lengths, other, spec, shuffle, block, lq):
+    """Packed documents: 1-token documents, documents over many blocks, lengths not
+    multiples of the block, ids that repeat apart (`shuffle`), two batch elements with
+    different documents, fewer queries than keys."""
+    n = sum(lengths)
+    second = (other * n)[:n]
+    rows = []
+    for sizes in (lengths, second):
+        ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[:n]
+        rows.append(ids % 3 if shuffle else ids)
+    ids = torch.stack(rows)
+    lq = max(1, min(n, lq or n))
+    program = maskc.compile(f"pattern p(ids: tensor) = {spec}")
+    sched = program.schedule(lq, n, block_q=block, block_k=block, layout="rowmajor", ids=ids)
+    dense = program.mask(lq, n, ids=ids)
+    assert torch.equal(sched.to_dense(), union_block_states(dense, block, block))
+
+
+def test_document_blocks_with_overlapping_but_disjoint_ids(monkeypatch):
+    """Blocks whose id ranges overlap without a common id are empty; a common id in one
+    batch element only makes the block visited.  Single blocks are decided from their
+    ids, without evaluating pairs."""
+    calls = count_settled(monkeypatch)
+    program = maskc.compile("pattern p(ids: tensor) = segments(ids)")
+    ids = torch.tensor([[0, 0, 2, 2, 1, 1, 1, 1, 3, 1, 3]])
+    sched = program.schedule(11, block_q=4, block_k=4, layout="rowmajor", ids=ids)
+    assert sched.to_dense()[0].tolist() == [[1, 0, 0], [0, 2, 1], [0, 1, 1]]
+    assert sum(calls) == 0
+    both = torch.cat([ids, torch.tensor([[0, 0, 2, 1, 1, 1, 1, 1, 3, 1, 3]])])
+    sched = program.schedule(11, block_q=4, block_k=4, layout="rowmajor", ids=both)
+    assert torch.equal(sched.to_dense(), union_block_states(program.mask(11, ids=both), 4, 4))
+    assert sched.to_dense()[0, 0].tolist() == [1, 1, 1]
