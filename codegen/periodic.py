@@ -1,15 +1,19 @@
-"""Schedules of shift-invariant patterns from one period of query blocks.
+"""Schedules of patterns that repeat along the sequence, from one period of query blocks.
 
-A pattern built only from offsets (`window`, `causal`, `dilated`, `stride`, frame
-windows on a grid) allows (q, k) exactly when it allows (q + P, k + P), for P a
-common multiple of its coordinates' divisors and moduli and of both block sizes.
-Complete query block qb = r + m * (P / block_q) then sees key block kb exactly as
-query block r + M * (P / block_q) sees kb + (M - m) * (P / block_k), for any M >= m.
-So the builder labels only the last period of query rows against a key range
-stretched by M periods (its cost does not grow with the number of periods), and
-each complete row is a window of its representative's runs.  A last query or key
-block cut short by the length is labelled directly, as its missing tokens break
-the shift.
+Take P a common multiple of both block sizes and of the pattern's coordinate moduli and
+divisors.  Atoms on coordinates that wrap every P tokens (`p % m`, m | P: positions in a
+frame or a row) do not see whole periods.  Offsets between unwrapped coordinates
+(`window`, `causal`, `dilated`, `stride`, frame windows) allow (q, k) exactly when they
+allow (q + P, k + P).  A NATTEN neighborhood on the coordinate p // P keeps a window of
+constant width whose start S(m) moves with the query's period m (clamped at the ends), so
+it allows (q, k) exactly when it allows (q + j P, k + (S(m + j) - S(m)) P).  When all the
+unwrapped atoms agree on S (offsets: S(m) = m), complete query block qb = r + m * (P /
+block_q) sees key block kb exactly as query block r + m* (P / block_q) sees kb + (S(m*) -
+S(m)) (P / block_k), with S(m*) the largest.  So the builder labels one period of query
+rows against a key range stretched by S(m*) - min S periods (its cost does not grow with
+the number of periods), and each complete row is a window of its representative's runs.
+A last query or key block cut short by the length is labelled directly, as its missing
+tokens break the shift.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from maskc.dsl import ir
+from maskc.dsl.evaluate import neighborhood_window
 
 from .geometry import Geometry
 
@@ -27,19 +32,47 @@ MIN_PERIODS = 3
 
 
 def shift_period(mask: ir.Mask) -> int | None:
-    """The smallest P > 0 (tokens) with mask(q + P, k + P) == mask(q, k) that this
-    module can prove from the atoms, or None when some atom is not shift-invariant."""
+    """The smallest common multiple P of the atoms' coordinate moduli and divisors, or None
+    when some atom is neither an offset, a neighborhood, nor a position set on a wrapping
+    coordinate (those can shift with the sequence)."""
     period = 1
     for node in ir.walk(mask):
         if isinstance(node, (ir.And, ir.Or, ir.Not, ir.Const)):
             continue
-        if not isinstance(node, (ir.Offset, ir.OffsetMod)):
+        wraps = node.coord.mod is not None if hasattr(node, "coord") else False
+        if not isinstance(node, (ir.Offset, ir.OffsetMod, ir.Neighborhood)) and not (
+            isinstance(node, ir.PosSet) and wraps
+        ):
             return None
         coord = node.coord
-        # (p % mod) // div repeats every mod tokens; p // div moves by one every div tokens,
-        # which an offset between two such coordinates does not see.
-        period = math.lcm(period, coord.mod if coord.mod is not None else coord.div)
+        period = math.lcm(period, coord.mod if wraps else coord.div)
     return period
+
+
+def window_starts(mask: ir.Mask, period: int, offset: int, periods: int) -> torch.Tensor | None:
+    """S(m) for query periods m = 0 .. periods - 1 of queries starting at absolute position
+    `offset`, or None when the unwrapped atoms do not move together; see the module docstring."""
+    first, misaligned = divmod(offset, period)
+    starts = None
+    for node in ir.walk(mask):
+        coord = getattr(node, "coord", None)
+        if coord is None or coord.mod is not None:
+            continue  # a wrapping coordinate: any whole number of periods on either side
+        if isinstance(node, ir.Neighborhood):
+            if coord.div != period or misaligned or node.dilation != 1 or first + periods > coord.size:
+                return None
+            v = torch.arange(coord.size)
+            start, end = neighborhood_window(v, torch.tensor(coord.size), node.window, node.stride, node.causal)
+            if not bool((end - start == node.window).all()):
+                return None
+            moved = start[first : first + periods]
+        else:
+            moved = torch.arange(periods)
+        moved = moved - moved[0]
+        if starts is not None and not torch.equal(starts, moved):
+            return None
+        starts = moved
+    return torch.zeros(periods, dtype=torch.long) if starts is None else starts
 
 
 def periodic_runs(mask: ir.Mask, q: Geometry, k: Geometry, label: Callable):
@@ -58,17 +91,22 @@ def periodic_runs(mask: ir.Mask, q: Geometry, k: Geometry, label: Callable):
     nq, nk = q.length // q.block, k.length // k.block  # complete blocks
     if nq < MIN_PERIODS * sq or nk == 0:
         return None
-    last = (nq - 1) // sq  # periods before the representatives
-    vq = Geometry(sq * q.block, q.block, q.offset + last * period)
-    vk = Geometry((nk + last * sk) * k.block, k.block, k.offset)
+    periods = -(-nq // sq)
+    starts = window_starts(mask, period, q.offset, periods)
+    if starts is None:
+        return None
+    rep = int(torch.argmax(starts))
+    low = int(starts.min())
+    vq = Geometry(sq * q.block, q.block, q.offset + rep * period)
+    vk = Geometry((nk + (int(starts[rep]) - low) * sk) * k.block, k.block, k.offset)
     v_rows, v_start, v_end, v_full = label(vq, vk, 0, sq, 0, vk.num_blocks)
     # row qb = r + m * sq reads its representative r's runs over [shift, shift + nk)
     qb = torch.arange(nq)
-    rep = qb % sq
-    shift = (last - qb // sq) * sk
+    row = qb % sq
+    shift = (starts[rep] - starts[qb // sq]) * sk
     width = vk.num_blocks + 1
-    first = torch.searchsorted(v_rows * width + v_end, rep * width + shift, right=True)
-    stop = torch.searchsorted(v_rows * width + v_start, rep * width + shift + nk)
+    first = torch.searchsorted(v_rows * width + v_end, row * width + shift, right=True)
+    stop = torch.searchsorted(v_rows * width + v_start, row * width + shift + nk)
     counts = stop - first
     row_ptr = torch.zeros(nq + 1, dtype=torch.long)
     torch.cumsum(counts, 0, out=row_ptr[1:])

@@ -77,8 +77,8 @@ def test_periodic_schedules_match_plain_builder(spec, lq, extra, bq, bk):
 
 
 def test_periodic_path_taken_for_frames_and_windows():
-    """Radial attention on a frame grid and a causal window take the periodic path,
-    exactly, with and without a cut-short last block."""
+    """Radial attention on a frame grid, a causal window and NATTEN on a video take the
+    periodic path, exactly, with and without a cut-short last block."""
     calls = []
     real = periodic.periodic_runs
 
@@ -93,10 +93,35 @@ def test_periodic_path_taken_for_frames_and_windows():
         assert_same_as_plain(radial, 32 * 12, 32 * 12, 8, 8, t=12)
         assert_same_as_plain(maskc.compile("causal & window(10)"), 203, 203, 8, 8)
         assert_same_as_plain(maskc.compile("causal & window(10)"), 150, 203, 16, 4)
+        assert_same_as_plain(maskc.compile("natten3d", k=3), 8 * 4 * 8, 8 * 4 * 8, 16, 16, t=8, h=4, w=8)
+        assert_same_as_plain(maskc.compile("natten3d", kt=5, st=2), 9 * 2 * 4, 9 * 2 * 4, 8, 8, t=9, h=2, w=4)
     finally:
         periodic.periodic_runs = real
-    assert calls == [True, True, True]
+    assert calls == [True, True, True, True, True]
     assert periodic.shift_period(maskc.compile("sink(4)").instantiate(64, 64).patterns[0].mask) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    t=st.integers(3, 9),
+    h=st.sampled_from([2, 3, 4]),
+    w=st.sampled_from([2, 4, 8]),
+    kernel=st.sampled_from([(1, 1, 1), (3, 3, 3), (5, 3, 1), (3, 1, 5)]),
+    step=st.sampled_from([(1, 1, 1), (2, 1, 1), (1, 2, 2)]),
+    dilation=st.sampled_from([(1, 1, 1), (1, 2, 1), (2, 1, 1)]),
+    causal=st.sampled_from(["false", "(false, true, true)", "(true, false, false)"]),
+    block=st.sampled_from([2, 4, 8]),
+)
+def test_neighborhood_frames_match_plain_builder(t, h, w, kernel, step, dilation, causal, block):
+    """NATTEN on a video grid: windows clamped at the first and last frames move by
+    steps along the frames; strides, dilations and causal frames (the plain builder)."""
+    program = maskc.compile(
+        f"neighborhood({kernel}, stride = {tuple(min(a, b) for a, b in zip(step, kernel, strict=True))}, "
+        f"dilation = {dilation}, causal = {causal}) on grid(t, h, w)"
+    )
+    n = t * h * w
+    assume(fits(program, n, n, t=t, h=h, w=w))
+    assert_same_as_plain(program, n, n, block, block, t=t, h=h, w=w)
 
 
 RANDOM = st.builds(
