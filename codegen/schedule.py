@@ -7,6 +7,12 @@ and the rest are split in four until single blocks remain; single blocks that
 reasoning cannot decide are settled by evaluating the predicate on their
 pairs.  The result stores, per query block, runs of consecutive key blocks that
 are all full or all partial (CSR), so a sliding window costs O(query blocks).
+
+Two shortcuts give the same runs in less time: a pattern that repeats along the
+sequence labels one period of query blocks and reads the other rows off it
+(`periodic`), and `random` blocks are relabelled where their draws land after
+the pattern without them is built (`random_part`), instead of being isolated
+rectangle by rectangle.
 """
 
 from __future__ import annotations
