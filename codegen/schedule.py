@@ -77,7 +77,7 @@ def runs_from_blocks(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor,
         empty = torch.zeros(0, dtype=torch.int32)
         return Runs(torch.zeros(num_rows + 1, dtype=torch.int32), empty, empty, torch.zeros(0, dtype=torch.bool))
     order = torch.argsort(rows * (int(cols.max()) + 2) + cols)
-    rows, cols, full = rows[order], cols[order], full[order]
+    rows, cols, full = (torch.gather(x, 0, order) for x in (rows, cols, full))
     new_run = torch.ones(rows.numel(), dtype=torch.bool)
     new_run[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1) | (full[1:] != full[:-1])
     return runs_from_intervals(rows[new_run], cols[new_run], _run_ends(cols, new_run), full[new_run], num_rows)
@@ -102,7 +102,7 @@ def _merge_intervals(rows, start, end, full, num_rows: int) -> Runs:
     if rows.numel() == 0:
         return runs_from_blocks(rows, start, full, num_rows)
     order = torch.argsort(rows * (int(end.max()) + 2) + start)
-    rows, start, end, full = rows[order], start[order], end[order], full[order]
+    rows, start, end, full = (torch.gather(x, 0, order) for x in (rows, start, end, full))  # faster than x[order]
     new_run = torch.ones(rows.numel(), dtype=torch.bool)
     new_run[1:] = (rows[1:] != rows[:-1]) | (start[1:] != end[:-1]) | (full[1:] != full[:-1])
     group = torch.cumsum(new_run.long(), 0) - 1
