@@ -136,7 +136,7 @@ def _relabel(runs: Runs, mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, te
     width = k.num_blocks + 1
     run_rows = torch.repeat_interleave(torch.arange(runs.rows), (runs.row_ptr[1:] - runs.row_ptr[:-1]).long())
     kept = _punch(run_rows, runs.start.long(), runs.end.long(), runs.full, rows * width + cols, width)
-    state = label_blocks(mask, q, k, rows, cols, tensors)
+    state = _label_blocks(mask, q, k, rows, cols, tensors)
     keep = state != EMPTY
     parts = [kept, (rows[keep], cols[keep], cols[keep] + 1, state[keep] == FULL)]
     return _merge_intervals(*(torch.cat(p) for p in zip(*parts, strict=True)), q.num_blocks)
@@ -158,7 +158,7 @@ def _punch(rows, start, end, full, holes: torch.Tensor, width: int):
     return rows[owner][keep], left[keep], right[keep], full[owner][keep]
 
 
-def label_blocks(mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors) -> torch.Tensor:
+def _label_blocks(mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors) -> torch.Tensor:
     """Exact states of single blocks: by reasoning, else on their pairs."""
     label = labels.classify(mask, labels.Rects(q, k, rows, rows + 1, cols, cols + 1, tensors))
     state = torch.where(label == labels.F, FULL, torch.where(label == labels.E, EMPTY, PARTIAL)).to(torch.int8)
