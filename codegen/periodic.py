@@ -59,7 +59,7 @@ def window_starts(mask: ir.Mask, period: int, offset: int, periods: int) -> torc
         if coord is None or coord.mod is not None:
             continue  # a wrapping coordinate: any whole number of periods on either side
         if isinstance(node, ir.Neighborhood):
-            if coord.div != period or misaligned or node.dilation != 1 or first + periods > coord.size:
+            if coord.div != period or misaligned or node.dilation != 1 or not 0 <= first <= coord.size - periods:
                 return None
             v = torch.arange(coord.size)
             start, end = neighborhood_window(v, torch.tensor(coord.size), node.window, node.stride, node.causal)
