@@ -5,7 +5,8 @@ any rectangle of blocks is labelled from prefix sums or range extrema:
 
 - `segments`: per block and batch element, the smallest and largest id. No
   common id is possible when the ranges are disjoint (E); one id throughout
-  means every pair matches (F); otherwise undecided (U).
+  means every pair matches (F); otherwise undecided (U), except for a single
+  block, which is E or M by whether its two sides' sorted ids share one.
 - `route`: C[b, qb, kb], the number of allowed pairs in each block pair,
   is Nq @ sel @ Nk^T with N the tokens each block has in each region: exact
   E, F and M for any rectangle, in any layout.
@@ -86,28 +87,43 @@ def _block_pairs(r) -> torch.Tensor:
 def _segments(node: ir.Segments, r) -> torch.Tensor:
     def build():
         ids = r.tensors.get(node.tensor).cpu()
-        ids = ids[None] if ids.dim() == 1 else ids
+        ids = (ids[None] if ids.dim() == 1 else ids).long()
+        top = int(ids.max()) if ids.numel() else 0
+        if top >= torch.iinfo(torch.int64).max - 2:  # no room above the ids for the markers below
+            ids = torch.unique(ids, return_inverse=True)[1]
+            top = int(ids.max())
         out = []
-        for geometry in (r.q, r.k):
+        # a position that is padding or outside the ids matches nothing: a marker above every id,
+        # one for queries and another for keys
+        for geometry, marker in ((r.q, top + 1), (r.k, top + 2)):
             pos, valid = geometry.positions(torch.arange(geometry.num_blocks))
             c = evaluate.coordinate(pos, node.coord)
             inside = evaluate.in_segment_range(c, ids.shape[1])
             values = ids[:, c.clamp(0, ids.shape[1] - 1)]
             big = torch.iinfo(torch.int64).max
-            # positions outside the ids belong to no segment: they match nothing
             lo = torch.where(valid & inside, values, big).amin(-1)
             hi = torch.where(valid & inside, values, -big).amax(-1)
             outside = (valid & ~inside).any(-1).to(torch.int8)
-            out.append((_table(lo, torch.minimum), _table(hi, torch.maximum), _table(outside, torch.maximum)))
+            ranges = (_table(lo, torch.minimum), _table(hi, torch.maximum), _table(outside, torch.maximum))
+            out.append((*ranges, torch.where(valid & inside, values, marker).sort(-1).values))
         return out
 
-    (qlo_t, qhi_t, qout_t), (klo_t, khi_t, kout_t) = _cached(r, ("segments", node), build)
+    (qlo_t, qhi_t, qout_t, q_ids), (klo_t, khi_t, kout_t, k_ids) = _cached(r, ("segments", node), build)
     qlo, qhi = _range(qlo_t, r.qb0, r.qb1, torch.minimum), _range(qhi_t, r.qb0, r.qb1, torch.maximum)
     klo, khi = _range(klo_t, r.kb0, r.kb1, torch.minimum), _range(khi_t, r.kb0, r.kb1, torch.maximum)
     outside = (_range(qout_t, r.qb0, r.qb1, torch.maximum) | _range(kout_t, r.kb0, r.kb1, torch.maximum)) != 0
     empty = ((qhi < klo) | (khi < qlo)).all(0)
     full = ((qlo == qhi) & (klo == khi) & (qlo == klo)).all(0) & ~outside
-    return _label(empty, full, torch.zeros_like(empty))
+    # single blocks: some pair matches exactly when the two blocks' sorted ids share one
+    single = torch.nonzero((r.qb1 - r.qb0 == 1) & (r.kb1 - r.kb0 == 1) & ~empty & ~full).squeeze(1)
+    exact = torch.zeros_like(empty)
+    if single.numel():
+        qs, ks = q_ids[:, r.qb0[single]], k_ids[:, r.kb0[single]]  # [B, n, block]
+        at = torch.searchsorted(ks, qs).clamp(max=ks.shape[-1] - 1)
+        shared = (ks.gather(-1, at) == qs).any(-1).any(0)
+        empty[single] = ~shared
+        exact[single] = shared
+    return _label(empty, full, exact)
 
 
 def _table(values: torch.Tensor, op) -> list[torch.Tensor]:

@@ -7,16 +7,23 @@ and the rest are split in four until single blocks remain; single blocks that
 reasoning cannot decide are settled by evaluating the predicate on their
 pairs.  The result stores, per query block, runs of consecutive key blocks that
 are all full or all partial (CSR), so a sliding window costs O(query blocks).
+
+Two shortcuts give the same runs in less time: a pattern that repeats along the
+sequence labels one period of query blocks and reads the other rows off it
+(`periodic`), and `random` blocks are relabelled where their draws land after
+the pattern without them is built (`random_part`), instead of being isolated
+rectangle by rectangle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from maskc.dsl import evaluate, ir
 
-from . import labels
+from . import labels, periodic, random_part
 from .geometry import Geometry
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -70,7 +77,7 @@ def runs_from_blocks(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor,
         empty = torch.zeros(0, dtype=torch.int32)
         return Runs(torch.zeros(num_rows + 1, dtype=torch.int32), empty, empty, torch.zeros(0, dtype=torch.bool))
     order = torch.argsort(rows * (int(cols.max()) + 2) + cols)
-    rows, cols, full = rows[order], cols[order], full[order]
+    rows, cols, full = (torch.gather(x, 0, order) for x in (rows, cols, full))
     new_run = torch.ones(rows.numel(), dtype=torch.bool)
     new_run[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1) | (full[1:] != full[:-1])
     return runs_from_intervals(rows[new_run], cols[new_run], _run_ends(cols, new_run), full[new_run], num_rows)
@@ -95,7 +102,7 @@ def _merge_intervals(rows, start, end, full, num_rows: int) -> Runs:
     if rows.numel() == 0:
         return runs_from_blocks(rows, start, full, num_rows)
     order = torch.argsort(rows * (int(end.max()) + 2) + start)
-    rows, start, end, full = rows[order], start[order], end[order], full[order]
+    rows, start, end, full = (torch.gather(x, 0, order) for x in (rows, start, end, full))  # faster than x[order]
     new_run = torch.ones(rows.numel(), dtype=torch.bool)
     new_run[1:] = (rows[1:] != rows[:-1]) | (start[1:] != end[:-1]) | (full[1:] != full[:-1])
     group = torch.cumsum(new_run.long(), 0) - 1
@@ -107,15 +114,78 @@ def _merge_intervals(rows, start, end, full, num_rows: int) -> Runs:
 
 def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensors | None) -> Runs:
     """Classify every block pair of one head pattern; see the module docstring."""
-    if ir.is_dynamic(mask) and q.num_blocks * k.num_blocks <= DIRECT_BLOCKS:
+    if random_part.has_random(mask):
+        drawn = random_part.drawn_blocks(mask, q, k)
+        if drawn is not None:
+            rest = build_runs(random_part.without_random(mask), q, k, tensors)
+            return _relabel(rest, mask, q, k, *drawn, tensors)
+    if not ir.is_dynamic(mask):
+        found = periodic.periodic_runs(mask, q, k, partial(_label_sorted, mask))
+        if found is not None:
+            (row_ptr, start, end, full), tails = found
+            if not tails:
+                return Runs(row_ptr.int(), start, end, full)
+            rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1), row_ptr[1:] - row_ptr[:-1])
+            parts = [(rows, start.long(), end.long(), full), *tails]
+            return _merge_intervals(*(torch.cat(p) for p in zip(*parts, strict=True)), q.num_blocks)
+    return _merge_intervals(*_label_rect(mask, q, k, 0, q.num_blocks, 0, k.num_blocks, tensors), q.num_blocks)
+
+
+def _relabel(runs: Runs, mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors) -> Runs:
+    """`runs` with the given distinct blocks (sorted by row, column) labelled afresh."""
+    width = k.num_blocks + 1
+    run_rows = torch.repeat_interleave(torch.arange(runs.rows), (runs.row_ptr[1:] - runs.row_ptr[:-1]).long())
+    kept = _punch(run_rows, runs.start.long(), runs.end.long(), runs.full, rows * width + cols, width)
+    state = _label_blocks(mask, q, k, rows, cols, tensors)
+    keep = state != EMPTY
+    parts = [kept, (rows[keep], cols[keep], cols[keep] + 1, state[keep] == FULL)]
+    return _merge_intervals(*(torch.cat(p) for p in zip(*parts, strict=True)), q.num_blocks)
+
+
+def _punch(rows, start, end, full, holes: torch.Tensor, width: int):
+    """Row intervals [start, end) minus the blocks `holes` (row * width + column, sorted)."""
+    if holes.numel() == 0:
+        return rows, start, end, full
+    first = torch.searchsorted(holes, rows * width + start)
+    count = torch.searchsorted(holes, rows * width + end) - first
+    owner = torch.repeat_interleave(torch.arange(rows.numel()), count + 1)
+    piece = _ramp(count + 1)  # piece j runs from after hole j - 1 to before hole j
+    column = holes % width
+    at = first[owner] + piece
+    left = torch.where(piece == 0, start[owner], column[(at - 1).clamp(min=0)] + 1)
+    right = torch.where(piece == count[owner], end[owner], column[at.clamp(max=holes.numel() - 1)])
+    keep = left < right
+    return rows[owner][keep], left[keep], right[keep], full[owner][keep]
+
+
+def _label_blocks(mask: ir.Mask, q: Geometry, k: Geometry, rows, cols, tensors) -> torch.Tensor:
+    """Exact states of single blocks: by reasoning, else on their pairs."""
+    label = labels.classify(mask, labels.Rects(q, k, rows, rows + 1, cols, cols + 1, tensors))
+    state = torch.where(label == labels.F, FULL, torch.where(label == labels.E, EMPTY, PARTIAL)).to(torch.int8)
+    unsure = (label == labels.N) | (label == labels.U)
+    state[unsure] = settle(mask, q, k, rows[unsure], cols[unsure], tensors)
+    return state
+
+
+def _label_sorted(mask: ir.Mask, q: Geometry, k: Geometry, qb0: int, qb1: int, kb0: int, kb1: int):
+    """Maximal runs of a rectangle of blocks of a static pattern, by row then start."""
+    runs = _merge_intervals(*_label_rect(mask, q, k, qb0, qb1, kb0, kb1, None), q.num_blocks)
+    rows = torch.repeat_interleave(torch.arange(runs.rows), (runs.row_ptr[1:] - runs.row_ptr[:-1]).long())
+    return rows, runs.start.long(), runs.end.long(), runs.full
+
+
+def _label_rect(mask, q: Geometry, k: Geometry, q0: int, q1: int, k0: int, k1: int, tensors):
+    """(rows, start, end, full) intervals, unordered, of the blocks [q0, q1) x [k0, k1)
+    that some pair visits: rectangles are split until proved empty or full, and single
+    blocks still undecided are settled on their pairs."""
+    if ir.is_dynamic(mask) and (q1 - q0) * (k1 - k0) <= DIRECT_BLOCKS:
         # rebuilt on every call and few blocks: label them all at once, not level by level
-        qb0 = torch.arange(q.num_blocks).repeat_interleave(k.num_blocks)
-        kb0 = torch.arange(k.num_blocks).repeat(q.num_blocks)
+        qb0 = torch.arange(q0, q1).repeat_interleave(k1 - k0)
+        kb0 = torch.arange(k0, k1).repeat(q1 - q0)
         qb1, kb1 = qb0 + 1, kb0 + 1
     else:
-        z = torch.zeros(1, dtype=torch.long)
-        qb0, qb1 = z.clone(), torch.tensor([q.num_blocks])
-        kb0, kb1 = z.clone(), torch.tensor([k.num_blocks])
+        qb0, qb1 = torch.tensor([q0]), torch.tensor([q1])
+        kb0, kb1 = torch.tensor([k0]), torch.tensor([k1])
     kept: list[tuple] = []  # (qb0, qb1, kb0, kb1, full) rectangles of final state
     undecided: list[tuple[torch.Tensor, torch.Tensor]] = []
     while qb0.numel():
@@ -144,7 +214,7 @@ def build_runs(mask: ir.Mask, q: Geometry, k: Geometry, tensors: evaluate.Tensor
     starts.append(u_cols[keep])
     ends.append(u_cols[keep] + 1)
     fulls.append(state[keep] == FULL)
-    return _merge_intervals(torch.cat(rows), torch.cat(starts), torch.cat(ends), torch.cat(fulls), q.num_blocks)
+    return torch.cat(rows), torch.cat(starts), torch.cat(ends), torch.cat(fulls)
 
 
 def _ramp(counts: torch.Tensor) -> torch.Tensor:
