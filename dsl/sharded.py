@@ -230,11 +230,11 @@ def vertical_slash_selection(
     total = (parts[:, 1] * torch.exp(parts[:, 0] - peak_safe)).sum(0)
     probs = torch.exp(logits - peak_safe[..., None]) / total.clamp(min=torch.finfo(compute).tiny)[..., None]
     flat = batch * heads
-    probs = probs.reshape(flat, n, -1)
+    probs = probs.reshape(flat, n, k_tokens.numel())
     columns = torch.zeros(flat, lk, dtype=compute, device=device).index_add_(1, k_tokens, probs.sum(1))
     # diagonal table entry j: k - row = j - (n - 1), row i of the n scored queries
     diagonal = (k_tokens[None, :] + (n - 1) - torch.arange(n, device=device)[:, None]).reshape(-1)
     slash = torch.zeros(flat, lk + n - 1, dtype=compute, device=device)
-    slash.index_add_(1, diagonal, probs.reshape(flat, -1))
+    slash.index_add_(1, diagonal, probs.reshape(flat, diagonal.numel()))
     both = coll.all_reduce(torch.cat([columns, slash], dim=1), "sum")
     return vs_pick(node, both[:, :lk], both[:, lk:], lq, q_offset, (batch, heads))
