@@ -165,7 +165,7 @@ def _antidiagonal(
     groups = every_q // stride
     count = int(groups.max()) + 1 if groups.numel() else 0
     whole = torch.bincount(groups, minlength=count)
-    first = torch.full_like(whole, every_q.numel() and int(every_q.max())).scatter_reduce_(0, groups, every_q, "amin")
+    first = torch.zeros_like(whole).scatter_reduce_(0, groups, every_q, "amin", include_self=False)
     held = torch.bincount(q_positions // stride, minlength=count)
     send = ((held > 0) & (held < whole))[q_positions // stride]
     k_rows, k_pos, cut_rows, cut_pos = gather_rows(
@@ -173,7 +173,7 @@ def _antidiagonal(
         [k[:, :, k_inside].permute(2, 0, 1, 3), k_positions[k_inside], q[:, :, send].permute(2, 0, 1, 3),
          q_positions[send]],
     )  # fmt: skip
-    leads = torch.zeros(count, dtype=torch.bool, device=q.device)
+    leads = torch.zeros(count, dtype=torch.bool, device=q.device)  # the groups whose first position is here
     leads[q_positions[q_positions == first[q_positions // stride]] // stride] = True
     take = leads[cut_pos // stride]
     q_rows = torch.cat([q[:, :, ~send].permute(2, 0, 1, 3), cut_rows[take]])

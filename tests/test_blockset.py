@@ -232,32 +232,45 @@ SELECTIONS = [
 def test_selections_from_shares_match_one_process(spec, params, bindings):
     """Route (every scorer, scores = NAME) and vertical_slash selected from each fake rank's
     own tokens (dealt in chunks of 13 tokens, so strided groups and regions straddle ranks;
-    GQA; lq = 201, no multiple of anything) give every rank one process's schedule."""
-    program = maskc.compile(spec, **params)
-    lq, heads, kv_heads = 201, 4, 2
-    g = torch.Generator().manual_seed(len(spec))
+    GQA; lq = 201, no multiple of anything) give every rank one process's tables and schedule."""
+    check_shares(maskc.compile(spec, **params), 201, 201, bindings, (2, 3))
+
+
+@pytest.mark.parametrize("lq,lk", [(40, 130), (130, 40)])
+def test_selections_from_shares_with_lq_ne_lk(lq, lk):
+    """Queries at an offset (lq < lk) and queries past the keys (lq > lk)."""
+    for spec in (
+        "causal & vertical_slash(5, 7, last = 9, sink = 1, local = 2)",
+        'causal & route(topk = 2, block = 16, score = "minmax", causal = true, own = true)',
+        'causal & route(mass = 0.5, block = 12, score = "antidiagonal", stride = 4, causal = true, shared = false)',
+    ):
+        check_shares(maskc.compile(spec), lq, lk, {}, (3,))
+
+
+def check_shares(program, lq: int, lk: int, bindings: dict, worlds) -> None:
+    heads, kv_heads = 4, 2
+    g = torch.Generator().manual_seed(lq + lk)
     q = torch.randn(2, heads, lq, 8, generator=g, dtype=torch.float64)
-    k = torch.randn(2, kv_heads, lq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, lk, 8, generator=g, dtype=torch.float64)
     kw = dict(heads=heads, dtype=torch.float64, head_dim=8, **bindings)
-    one = prepare_blockset(program, lq, q=q, k=k, **kw)
+    one = prepare_blockset(program, lq, lk, q=q, k=k, **kw)
     whole = one.schedule.to_dense()
     cache = one.prepared.tensors.cache  # one process's selection tables, filled by the schedule
-    for world in (2, 3):
-        shares = _shares(lq, world, 13)
+    for world in worlds:
+        q_shares, k_shares = _shares(lq, world, 13), _shares(lk, world, 11)
 
-        def share(r, coll, s=shares):
-            return route_tables(program, lq, lq, q[:, :, s[r]], k[:, :, s[r]], s[r], s[r], coll, **bindings)
+        def share(r, coll, qs=q_shares, ks=k_shares):
+            return route_tables(program, lq, lk, q[:, :, qs[r]], k[:, :, ks[r]], qs[r], ks[r], coll, **bindings)
 
         tables = ThreadRanks(world).run(share)
         for table in tables:
             assert bool(table) != ("gate" in bindings)  # scores = NAME: read from the bindings
             for key, selected in table.items():
-                for got, want in zip(
-                    *(x if isinstance(x, tuple) else (x,) for x in (selected, cache[key])), strict=True
-                ):
+                pairs = zip(*(x if isinstance(x, tuple) else (x,) for x in (selected, cache[key])), strict=True)
+                for got, want in pairs:
                     assert torch.equal(got, want), key
                     assert 0 < int(want.sum()) < want.numel()  # a selection, not everything or nothing
-            assert torch.equal(prepare_blockset(program, lq, routes=table, **kw).schedule.to_dense(), whole)
+            assert torch.equal(prepare_blockset(program, lq, lk, routes=table, **kw).schedule.to_dense(), whole)
 
 
 def test_remote_only_keys_and_empty_rows():
