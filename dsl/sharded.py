@@ -120,8 +120,12 @@ def route_selection(
         extrema[0].scatter_reduce_(2, index, k, "amax")
         extrema[1].scatter_reduce_(2, index, -k, "amax")
         extrema = coll.all_reduce(extrema, "max").nan_to_num(neginf=0.0)  # regions without keys: 0
-        bounds = coll.all_reduce(selection.minmax_bounds(q, rq, nq, extrema[0], -extrema[1]), "max")
-        logits = bounds.nan_to_num(neginf=0.0)
+        # the bounds of the query regions this rank holds (numbered densely: a contiguous share
+        # of whole regions takes minmax_bounds' reshape), maxima over the ranks
+        held, local = torch.unique(rq, return_inverse=True)
+        bounds = torch.full((b, h, nq, nk), -math.inf, dtype=q.dtype, device=device)
+        bounds[:, :, held] = selection.minmax_bounds(q, local, held.numel(), extrema[0], -extrema[1])
+        logits = coll.all_reduce(bounds, "max").nan_to_num(neginf=0.0)
     else:
         q_sums = torch.zeros(b, h, nq, d, dtype=q.dtype, device=device).index_add_(2, rq, q)
         if node.score == "max":
