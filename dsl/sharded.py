@@ -127,19 +127,26 @@ def route_selection(
         bounds[:, :, held] = selection.minmax_bounds(q, local, held.numel(), extrema[0], -extrema[1])
         logits = coll.all_reduce(bounds, "max").nan_to_num(neginf=0.0)
     else:
-        q_sums = torch.zeros(b, h, nq, d, dtype=q.dtype, device=device).index_add_(2, rq, q)
+        q_means = torch.zeros(b, h, nq, d, dtype=q.dtype, device=device).index_add_(2, rq, q)
+        q_means = q_means / q_counts.clamp(min=1).to(q.dtype)[:, None]  # this rank's share of each mean
         if node.score == "max":
             k_pooled = torch.full((b, h, nk, d), -math.inf, dtype=k.dtype, device=device)
             k_pooled.scatter_reduce_(2, rk[None, None, :, None].expand_as(k), k, "amax")
-            q_sums = coll.all_reduce(q_sums, "sum")
-            k_pooled = coll.all_reduce(k_pooled, "max").nan_to_num(neginf=0.0)
         else:
-            k_sums = torch.zeros(b, h, nk, d, dtype=k.dtype, device=device).index_add_(2, rk, k)
-            both = coll.all_reduce(torch.cat([q_sums, k_sums], dim=2), "sum")
-            q_sums, k_sums = both[:, :, :nq], both[:, :, nq:]
-            k_pooled = k_sums / k_counts.clamp(min=1).to(k.dtype)[:, None]
-        q_pooled = q_sums / q_counts.clamp(min=1).to(q.dtype)[:, None]
-        logits = q_pooled @ k_pooled.transpose(-1, -2)
+            k_pooled = torch.zeros(b, h, nk, d, dtype=k.dtype, device=device).index_add_(2, rk, k)
+            k_pooled = k_pooled / k_counts.clamp(min=1).to(k.dtype)[:, None]
+        if nk < h * d:
+            # Logits are linear in the query means: after the key side, each rank's share of the
+            # logits (heads summed, as `choose` does) is fewer values than its share of the means.
+            k_pooled = coll.all_reduce(k_pooled, "max" if node.score == "max" else "sum").nan_to_num(neginf=0.0)
+            logits = coll.all_reduce((q_means @ k_pooled.transpose(-1, -2)).sum(1, keepdim=True), "sum")
+        elif node.score == "max":
+            q_means = coll.all_reduce(q_means, "sum")
+            k_pooled = coll.all_reduce(k_pooled, "max").nan_to_num(neginf=0.0)
+            logits = q_means @ k_pooled.transpose(-1, -2)
+        else:
+            both = coll.all_reduce(torch.cat([q_means, k_pooled], dim=2), "sum")
+            logits = both[:, :, :nq] @ both[:, :, nq:].transpose(-1, -2)
     logits = logits * d**-0.5
     return choose(node, logits, q_counts > 0, k_counts > 0, normalised=False)
 

@@ -218,6 +218,10 @@ SELECTIONS = [
     # (spec, params, bindings): every scorer, per-head and shared routes, query regions of one token
     ("moba", {"b": 24, "topk": 2}, {}),
     ('causal & route(topk = 3, block = 20, score = "max", causal = true, own = true)', {}, {}),
+    # key regions fewer than heads x dim or not: logits or query means cross ranks
+    ("sparge", {"bq": 32, "bk": 40, "tau": 0.5}, {}),
+    ("route(topk = 3, block = 40)", {}, {}),
+    ('route(topk = 5, block = 8, score = "max", shared = false)', {}, {}),
     ("quest", {"page": 16, "pages": 3}, {}),
     ('route(topk = 4, block = 16, query_block = 1, score = "minmax", shared = false)', {}, {}),
     ("xattention", {"b": 24, "s": 8, "tau": 0.6}, {}),
