@@ -6,11 +6,14 @@ its own queries and keys (any subset, at the absolute positions given) and a
 on the whole q and k (`dsl.dynamic`), up to the rounding of sums taken in
 another order.  What crosses ranks, per scorer:
 
-- mean: the region sums of q and k, one SUM all-reduce (counts follow from
-  positions alone, as do the regions present);
-- max: q's region sums (SUM) and K's region maxima (MAX): two all-reduces, as a
-  sum is no max; an all-gather of both would be one collective but `world`
-  times the bytes;
+- mean: each rank's share of the region means of q and k, one SUM all-reduce
+  (counts follow from positions alone, as do the regions present); with fewer
+  key regions than heads x dim, the k means first, then each rank's share of
+  the logits (linear in the q means, heads summed when shared): fewer bytes,
+  one more collective;
+- max: q's region means (SUM) and K's region maxima (MAX): two all-reduces, as
+  a sum is no max (an all-gather of both would be one collective but `world`
+  times the bytes); logits instead of q means as for mean;
 - minmax: K's region extrema (one MAX, the minimum as the max of its negation),
   then each rank's largest bounds of its queries against them (a second MAX:
   the bound needs the global extrema first);
