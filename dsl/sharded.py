@@ -33,7 +33,7 @@ Routes with `scores = NAME` read a bound tensor, not q and k: nothing to share.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -107,51 +107,97 @@ def route_selection(
     nq = math.prod(c.size for c in node.query_regions)
     nk = math.prod(c.size for c in node.regions)
     _, _, all_rq, all_rk = route_regions(node, every_q, every_k)
-    q_counts = torch.bincount(all_rq, minlength=nq)
-    k_counts = torch.bincount(all_rk, minlength=nk)
+    counts = (torch.bincount(all_rq, minlength=nq), torch.bincount(all_rk, minlength=nk))
     q_positions, k_positions = q_positions.to(device), k_positions.to(device)
     if node.score == "antidiagonal":
-        logits = _antidiagonal(node, q, k, q_positions, k_positions, every_q, (nq, nk), coll)
-        return choose(node, logits, q_counts > 0, k_counts > 0, normalised=True)
+        mass, scored = _antidiagonal(node, q, k, q_positions, k_positions, every_q, (nq, nk), coll)
+        rows = _rows(scored, counts[0])
+        cut = coll.all_reduce(rows.partial.to(mass.dtype), "max") > 0
+        mass = _cut_rows(coll, mass, cut, "sum")
+        return _share_rows(node, mass, rows.whole, cut, counts, coll, normalised=True)
     q, k = route_heads(node, q, k)
     q_inside, k_inside, rq, rk = route_regions(node, q_positions, k_positions)
     q, k = q[:, :, q_inside], k[:, :, k_inside]
     b, h, _, d = q.shape
+    rows = _rows(rq, counts[0])
+    index = rk[None, None, :, None].expand_as(k)
+    if node.score == "minmax":  # elementwise extrema, the minimum as the max of the negation
+        keys = torch.full((2, b, h, nk, d), -math.inf, dtype=k.dtype, device=device)
+        keys[0].scatter_reduce_(2, index, k, "amax")
+        keys[1].scatter_reduce_(2, index, -k, "amax")
+    elif node.score == "max":
+        keys = torch.full((b, h, nk, d), -math.inf, dtype=k.dtype, device=device).scatter_reduce_(2, index, k, "amax")
+    else:  # this rank's share of each key region's mean
+        keys = torch.zeros(b, h, nk, d, dtype=k.dtype, device=device).index_add_(2, rk, k)
+        keys = keys / counts[1].clamp(min=1).to(k.dtype)[:, None]
+    op = "sum" if node.score == "mean" else "max"
+    keys, cut = _with_flags(coll, keys, rows.partial, op)
+    keys = keys.nan_to_num(neginf=0.0)  # regions without keys: 0, as one process pools them
     if node.score == "minmax":
-        extrema = torch.full((2, b, h, nk, d), -math.inf, dtype=q.dtype, device=device)
-        index = rk[None, None, :, None].expand_as(k)
-        extrema[0].scatter_reduce_(2, index, k, "amax")
-        extrema[1].scatter_reduce_(2, index, -k, "amax")
-        extrema = coll.all_reduce(extrema, "max").nan_to_num(neginf=0.0)  # regions without keys: 0
-        # the bounds of the query regions this rank holds (numbered densely: a contiguous share
-        # of whole regions takes minmax_bounds' reshape), maxima over the ranks
+        # bounds of the query regions this rank holds (numbered densely: a contiguous share of
+        # whole regions takes minmax_bounds' reshape); a region cut between ranks: their max
         held, local = torch.unique(rq, return_inverse=True)
-        bounds = torch.full((b, h, nq, nk), -math.inf, dtype=q.dtype, device=device)
-        bounds[:, :, held] = selection.minmax_bounds(q, local, held.numel(), extrema[0], -extrema[1])
-        logits = coll.all_reduce(bounds, "max").nan_to_num(neginf=0.0)
-    else:
+        logits = torch.full((b, h, nq, nk), -math.inf, dtype=q.dtype, device=device)
+        logits[:, :, held] = selection.minmax_bounds(q, local, held.numel(), keys[0], -keys[1])
+        logits = _cut_rows(coll, logits, cut, "max").nan_to_num(neginf=0.0)
+    else:  # logits are linear in the query means: a region cut between ranks adds up their shares
         q_means = torch.zeros(b, h, nq, d, dtype=q.dtype, device=device).index_add_(2, rq, q)
-        q_means = q_means / q_counts.clamp(min=1).to(q.dtype)[:, None]  # this rank's share of each mean
-        if node.score == "max":
-            k_pooled = torch.full((b, h, nk, d), -math.inf, dtype=k.dtype, device=device)
-            k_pooled.scatter_reduce_(2, rk[None, None, :, None].expand_as(k), k, "amax")
-        else:
-            k_pooled = torch.zeros(b, h, nk, d, dtype=k.dtype, device=device).index_add_(2, rk, k)
-            k_pooled = k_pooled / k_counts.clamp(min=1).to(k.dtype)[:, None]
-        if nk < h * d:
-            # Logits are linear in the query means: after the key side, each rank's share of the
-            # logits (heads summed, as `choose` does) is fewer values than its share of the means.
-            k_pooled = coll.all_reduce(k_pooled, "max" if node.score == "max" else "sum").nan_to_num(neginf=0.0)
-            logits = coll.all_reduce((q_means @ k_pooled.transpose(-1, -2)).sum(1, keepdim=True), "sum")
-        elif node.score == "max":
-            q_means = coll.all_reduce(q_means, "sum")
-            k_pooled = coll.all_reduce(k_pooled, "max").nan_to_num(neginf=0.0)
-            logits = q_means @ k_pooled.transpose(-1, -2)
-        else:
-            both = coll.all_reduce(torch.cat([q_means, k_pooled], dim=2), "sum")
-            logits = both[:, :, :nq] @ both[:, :, nq:].transpose(-1, -2)
-    logits = logits * d**-0.5
-    return choose(node, logits, q_counts > 0, k_counts > 0, normalised=False)
+        q_means = q_means / counts[0].clamp(min=1).to(q.dtype)[:, None]
+        logits = _cut_rows(coll, q_means @ keys.transpose(-1, -2), cut, "sum")
+    return _share_rows(node, logits * d**-0.5, rows.whole, cut, counts, coll, normalised=False)
+
+
+class _Rows(NamedTuple):
+    whole: torch.Tensor  # bool [nq]: query regions whose every query is on this rank
+    partial: torch.Tensor  # bool [nq]: regions this rank holds some, not all, queries of
+
+
+def _rows(rq: torch.Tensor, q_counts: torch.Tensor) -> _Rows:
+    """Which query regions (rows of the selection) this rank holds whole or in part, from
+    the regions `rq` of the queries it scores and each region's count over all ranks."""
+    held = torch.bincount(rq, minlength=q_counts.numel())
+    return _Rows((held == q_counts) & (q_counts > 0), (held > 0) & (held < q_counts))
+
+
+def _with_flags(coll: Collective, x: torch.Tensor, flags: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x reduced over the ranks with `op`, and the regions some rank flags (cut between
+    ranks), in one all-reduce: the flags ride along as 0 / 1 (a sum or max of them > 0)."""
+    both = coll.all_reduce(torch.cat([x.reshape(-1), flags.to(x.dtype)]), op)
+    return both[: x.numel()].view(x.shape), both[x.numel() :] > 0
+
+
+def _cut_rows(coll: Collective, stats: torch.Tensor, cut: torch.Tensor, op: str) -> torch.Tensor:
+    """stats [B, h, nq, nk] with the rows of regions cut between ranks reduced over them (the
+    same on every rank); other rows as this rank has them.  No collective when none is cut."""
+    if bool(cut.any()):
+        stats = stats.clone()
+        stats[:, :, cut] = coll.all_reduce(stats[:, :, cut].contiguous(), op)
+    return stats
+
+
+def _share_rows(
+    node: ir.Route,
+    logits: torch.Tensor,
+    whole: torch.Tensor,
+    cut: torch.Tensor,
+    counts: tuple[torch.Tensor, torch.Tensor],
+    coll: Collective,
+    normalised: bool,
+) -> torch.Tensor:
+    """The selection [B, 1, nq, nk] of every rank's rows.  Rows are selected independently,
+    so each rank selects the rows it holds whole and the cut rows (complete after
+    `_cut_rows`, the same everywhere), and the ranks add up their rows as bits (one
+    byte per 8 key regions, one SUM all-reduce of disjoint bits) rather than the logits."""
+    selected = choose(node, logits, counts[0] > 0, counts[1] > 0, normalised)[:, 0]  # [B, nq, nk]
+    nk = selected.shape[-1]
+    mine = selected & whole[:, None]
+    padded = torch.zeros(*mine.shape[:-1], -(-nk // 8) * 8, dtype=torch.uint8, device=mine.device)
+    padded[..., :nk] = mine
+    weights = 2 ** torch.arange(8, dtype=torch.uint8, device=mine.device)
+    packed = (padded.unflatten(-1, (-1, 8)) * weights).sum(-1, dtype=torch.uint8)
+    total = coll.all_reduce(packed, "sum")
+    bits = (total[..., None] >> torch.arange(8, dtype=torch.uint8, device=mine.device)) & 1
+    return (bits.flatten(-2)[..., :nk].bool() | (selected & cut[:, None]))[:, None]
 
 
 def _antidiagonal(
@@ -163,8 +209,9 @@ def _antidiagonal(
     every_q: torch.Tensor,
     sizes: tuple[int, int],
     coll: Collective,
-) -> torch.Tensor:
-    """XAttention's block masses [B, H, nq, nk] summed over the ranks (see the module docstring)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of XAttention's block masses [B, H, nq, nk] (the query groups it
+    scores; see the module docstring), and the regions of the queries it scored."""
     heads, stride = q.shape[1], node.stride
     q, k = q.detach(), k.detach()
     if node.head is not None:  # only the route's own head and the key head it reads cross ranks
@@ -200,7 +247,7 @@ def _antidiagonal(
     rq = region_ids(q_pos, node.query_regions)
     rk = region_ids(k_pos, node.regions)
     mass = selection.antidiagonal_mass(q_all, k_all.to(compute), q_pos, k_pos, rq, rk, sizes, stride, node.causal)
-    return coll.all_reduce(mass, "sum")
+    return mass, rq
 
 
 # ---------------------------------------------------------------- vertical_slash
