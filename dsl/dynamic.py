@@ -86,15 +86,24 @@ def route_selection(
 
 
 def choose(
-    node: ir.Route, logits: torch.Tensor, q_present: torch.Tensor, k_present: torch.Tensor, normalised: bool
+    node: ir.Route,
+    logits: torch.Tensor,
+    q_present: torch.Tensor,
+    k_present: torch.Tensor,
+    normalised: bool,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The selection from block logits [B, H, nq, nk] and which regions hold tokens."""
+    """The selection from block logits [B, H, nq, nk] and which regions hold tokens.
+    Rows are selected independently: `rows` (query regions) selects those alone, from
+    their logits [B, H, len(rows), nk]."""
     from . import selection
 
     device = logits.device
     nk = k_present.numel()
     logits = logits.sum(1)  # [B, nq, nk]: one head, or all heads shared
     own = own_regions(node, device)  # [nq]: the key region holding each query region's last position
+    if rows is not None:
+        own, q_present = own[rows], q_present[rows]
     ids = torch.arange(nk, device=device)
     eligible = q_present[:, None] & k_present[None, :]
     if node.causal:

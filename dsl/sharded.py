@@ -4,24 +4,26 @@ Context parallelism splits the tokens over ranks.  Each rank calls these with
 its own queries and keys (any subset, at the absolute positions given) and a
 `Collective` joining the ranks; every rank gets the selection one process makes
 on the whole q and k (`dsl.dynamic`), up to the rounding of sums taken in
-another order.  What crosses ranks, per scorer:
+another order.
 
-- mean: each rank's share of the region means of q and k, one SUM all-reduce
-  (counts follow from positions alone, as do the regions present); with fewer
-  key regions than heads x dim, the k means first, then each rank's share of
-  the logits (linear in the q means, heads summed when shared): fewer bytes,
-  one more collective;
-- max: q's region means (SUM) and K's region maxima (MAX): two all-reduces, as
-  a sum is no max (an all-gather of both would be one collective but `world`
-  times the bytes); logits instead of q means as for mean;
-- minmax: K's region extrema (one MAX, the minimum as the max of its negation),
-  then each rank's largest bounds of its queries against them (a second MAX:
-  the bound needs the global extrema first);
-- antidiagonal: the score of a query group sums products with every key group
-  before its softmax, so it does not pool per region: K (inside the regions) is
-  all-gathered, each rank scores the query groups it holds whole (a group cut
-  by a shard border goes, gathered, to the rank holding its first position) and
-  the per-region masses add up (SUM);
+`route` selects each query region's row of key regions independently, so a
+rank selects the rows of the query regions it holds whole, and the ranks add
+up their rows as bits (one SUM all-reduce of a byte per 8 key regions) rather
+than the [B, H, query regions, key regions] scores.  A region cut between ranks
+(a few at shard borders) has its scores reduced over the ranks first; every
+rank then selects it alike.  What crosses ranks before that, per scorer:
+
+- mean: each rank's share of the key regions' means (SUM, with the flags of the
+  cut regions riding along); logits are linear in the query means, so a cut
+  row adds up the ranks' shares of its logits;
+- max: the key regions' elementwise maxima (MAX), then as for mean;
+- minmax: the key regions' extrema (MAX, the minimum as the max of the
+  negation); a cut row takes the max of the ranks' bounds;
+- antidiagonal: a query group's score sums products with every key group
+  before its softmax, so it does not pool per region: K (inside the regions)
+  is all-gathered, each rank scores the query groups it holds whole (a group
+  cut by a shard border goes, gathered, to the rank holding its first
+  position); a cut row adds up the ranks' masses;
 - vertical_slash: the last queries are all-gathered (small), each rank scores
   them against its keys; the softmax normalisers combine from each rank's row
   maxima and sums (one all-gather of [2, B, H, n]); then the per-key column sums
@@ -141,9 +143,12 @@ def route_selection(
         logits[:, :, held] = selection.minmax_bounds(q, local, held.numel(), keys[0], -keys[1])
         logits = _cut_rows(coll, logits, cut, "max").nan_to_num(neginf=0.0)
     else:  # logits are linear in the query means: a region cut between ranks adds up their shares
-        q_means = torch.zeros(b, h, nq, d, dtype=q.dtype, device=device).index_add_(2, rq, q)
-        q_means = q_means / counts[0].clamp(min=1).to(q.dtype)[:, None]
-        logits = _cut_rows(coll, q_means @ keys.transpose(-1, -2), cut, "sum")
+        held = torch.unique(rq)
+        q_means = torch.zeros(b, h, nq, d, dtype=q.dtype, device=device).index_add_(2, rq, q)[:, :, held]
+        q_means = q_means / counts[0][held].clamp(min=1).to(q.dtype)[:, None]
+        logits = torch.zeros(b, h, nq, nk, dtype=q.dtype, device=device)
+        logits[:, :, held] = q_means @ keys.transpose(-1, -2)
+        logits = _cut_rows(coll, logits, cut, "sum")
     return _share_rows(node, logits * d**-0.5, rows.whole, cut, counts, coll, normalised=False)
 
 
@@ -185,10 +190,12 @@ def _share_rows(
     normalised: bool,
 ) -> torch.Tensor:
     """The selection [B, 1, nq, nk] of every rank's rows.  Rows are selected independently,
-    so each rank selects the rows it holds whole and the cut rows (complete after
+    so each rank selects only the rows it holds whole and the cut rows (complete after
     `_cut_rows`, the same everywhere), and the ranks add up their rows as bits (one
     byte per 8 key regions, one SUM all-reduce of disjoint bits) rather than the logits."""
-    selected = choose(node, logits, counts[0] > 0, counts[1] > 0, normalised)[:, 0]  # [B, nq, nk]
+    rows = torch.nonzero(whole | cut).flatten()
+    selected = torch.zeros(logits.shape[0], *logits.shape[2:], dtype=torch.bool, device=logits.device)
+    selected[:, rows] = choose(node, logits[:, :, rows], counts[0] > 0, counts[1] > 0, normalised, rows)[:, 0]
     nk = selected.shape[-1]
     mine = selected & whole[:, None]
     padded = torch.zeros(*mine.shape[:-1], -(-nk // 8) * 8, dtype=torch.uint8, device=mine.device)
