@@ -25,8 +25,9 @@ either bind the global `q` and `k`, or pass `routes`, what
 `route_tables(program, lq, lk, q_local, k_local, q_tokens, k_tokens,
 collective, **bindings)` gives every rank from its own tokens (`dsl.sharded`:
 a few small collectives); every rank then selects as one process does (up to
-the rounding of sums taken in another order).  `backend` is "cpu" (the CPU executor) or "triton" (the
-generated kernels; under Triton's interpreter on CPU tensors); "auto" picks
+the rounding of sums taken in another order).  `backend` is "cpu" (the CPU
+executor) or "triton" (the generated kernels; under Triton's interpreter on
+CPU tensors); "auto" picks
 Triton on a CUDA `device`.  `dtype`, `head_dim` and `device` only choose
 Triton's tile rung.  FlexAttention and clustered patterns (`cluster(...)`)
 raise `MaskTypeError`: context parallel runs the block schedule on cpu and
@@ -218,6 +219,8 @@ def prepare_blockset(program, lq: int, lk: int | None = None, *, heads: int = 1,
     for what, n in (("lq", lq), ("lk", lk), ("heads", heads)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise MaskTypeError(f"{what} must be a positive integer, got {n!r}")
+    if routes is not None and not isinstance(routes, dict):
+        raise MaskTypeError(f"routes must be what route_tables returns (a dict), not {type(routes).__name__}")
     derived = None if routes is None else lambda _: dict(routes)
     instance, tensors = instantiate(program.spec, lq, lk, heads, q_offset, None, bindings, derived)
     if any(isinstance(n, ir.Cluster) for p in instance.patterns for n in ir.walk(p.mask)):

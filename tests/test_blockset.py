@@ -158,6 +158,8 @@ def test_tiled_grid_layout_and_route():
             qt, kt = glob.q_tokens(q_blocks), glob.k_tokens(k_blocks)
             out[:, :, qt] = attend_block_subset(glob, q[:, :, qt], k[:, :, kt], k[:, :, kt], q_blocks, k_blocks)
     torch.testing.assert_close(out, ref, **F64)
+    with pytest.raises(MaskTypeError, match="routes must be what route_tables returns"):
+        prepare_blockset(biformer, 196, heads=2, head_dim=8, h=14, w=14, routes=torch.zeros(5))
 
 
 class ThreadRanks:
