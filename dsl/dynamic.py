@@ -9,7 +9,6 @@ import math
 import torch
 
 from . import ir
-from .errors import MaskTypeError
 
 
 def _regions(positions: torch.Tensor, regions: tuple[ir.Coord, ...]) -> list[torch.Tensor]:
@@ -66,9 +65,9 @@ def route_selection(
     if node.head is not None and scores is not None:
         scores = scores[:, node.head : node.head + 1]
     if scores is None:
-        q, k = _route_heads(node, q, k)
+        q, k = route_heads(node, q, k)
     q_positions, k_positions = q_positions.to(device), k_positions.to(device)
-    q_inside, k_inside, rq, rk = _route_regions(node, q_positions, k_positions)
+    q_inside, k_inside, rq, rk = route_regions(node, q_positions, k_positions)
     if scores is not None:
         logits = scores.detach().to(device=device, dtype=torch.float64)
     else:
@@ -83,19 +82,28 @@ def route_selection(
     q_present[rq] = True
     k_present = torch.zeros(nk, dtype=torch.bool, device=device)
     k_present[rk] = True
-    return _choose(node, logits, q_present, k_present, normalised=scores is None and node.score == "antidiagonal")
+    return choose(node, logits, q_present, k_present, normalised=scores is None and node.score == "antidiagonal")
 
 
-def _choose(
-    node: ir.Route, logits: torch.Tensor, q_present: torch.Tensor, k_present: torch.Tensor, normalised: bool
+def choose(
+    node: ir.Route,
+    logits: torch.Tensor,
+    q_present: torch.Tensor,
+    k_present: torch.Tensor,
+    normalised: bool,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The selection from block logits [B, H, nq, nk] and which regions hold tokens."""
+    """The selection from block logits [B, H, nq, nk] and which regions hold tokens.
+    Rows are selected independently: `rows` (query regions) selects those alone, from
+    their logits [B, H, len(rows), nk]."""
     from . import selection
 
     device = logits.device
     nk = k_present.numel()
     logits = logits.sum(1)  # [B, nq, nk]: one head, or all heads shared
     own = own_regions(node, device)  # [nq]: the key region holding each query region's last position
+    if rows is not None:
+        own, q_present = own[rows], q_present[rows]
     ids = torch.arange(nk, device=device)
     eligible = q_present[:, None] & k_present[None, :]
     if node.causal:
@@ -109,7 +117,7 @@ def _choose(
     return selection.select(node, logits, eligible, forced, normalised)[:, None]
 
 
-def _route_heads(node: ir.Route, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def route_heads(node: ir.Route, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k as routing scores them: kv heads repeated (GQA), the route's head alone
     when it is per head, detached, in the compute dtype."""
     k = expand_kv_heads(k, q.shape[1])
@@ -119,7 +127,7 @@ def _route_heads(node: ir.Route, q: torch.Tensor, k: torch.Tensor) -> tuple[torc
     return q.detach().to(compute), k.detach().to(compute)
 
 
-def _route_regions(
+def route_regions(
     node: ir.Route, q_positions: torch.Tensor, k_positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which queries and keys lie in the route's regions, and the region of each that does."""
@@ -145,43 +153,6 @@ def own_regions(node: ir.Route, device: torch.device | str = "cpu") -> torch.Ten
         last = ((coordinate + 1) * qc.div - 1) // kc.div
         index = index * kc.size + last.clamp(max=kc.size - 1)
     return index
-
-
-def route_sums(
-    node: ir.Route, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What a mean-scored `route` pools, as sums that add up over any split of the
-    tokens (context-parallel ranks add theirs with one all_reduce): (q sums
-    [B, h, query regions, D], q counts, k sums [B, h, key regions, D], k counts),
-    h = 1 for a per-head route, in the compute dtype.  Other scorers (maxima,
-    per-query bounds, antidiagonal softmaxes) and external scores do not split so."""
-    if node.score != "mean" or node.scores is not None:
-        what = f"scores = {node.scores}" if node.scores is not None else f'score = "{node.score}"'
-        raise MaskTypeError(
-            f"route with {what} cannot be split over ranks: context parallel routes with the "
-            'mean scorer (score = "mean"), whose pooled sums add up'
-        )
-    nq = math.prod(c.size for c in node.query_regions)
-    nk = math.prod(c.size for c in node.regions)
-    q, k = _route_heads(node, q, k)
-    q_inside, k_inside, rq, rk = _route_regions(node, q_positions.to(q.device), k_positions.to(q.device))
-    return (*_region_sums(q[:, :, q_inside], rq, nq), *_region_sums(k[:, :, k_inside], rk, nk))
-
-
-def route_choose(
-    node: ir.Route, q_sums: torch.Tensor, q_counts: torch.Tensor, k_sums: torch.Tensor, k_counts: torch.Tensor
-) -> torch.Tensor:
-    """`route_selection` (mean scorer) from the pooled sums of `route_sums`."""
-    pooled_q = q_sums / q_counts.clamp(min=1)[None, None, :, None]
-    pooled_k = k_sums / k_counts.clamp(min=1)[None, None, :, None]
-    logits = (pooled_q @ pooled_k.transpose(-1, -2)) * q_sums.shape[-1] ** -0.5
-    return _choose(node, logits, q_counts > 0, k_counts > 0, normalised=False)
-
-
-def _region_sums(x: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    b, h, _, d = x.shape
-    sums = torch.zeros(b, h, n, d, dtype=x.dtype, device=x.device).index_add_(2, ids, x)
-    return sums, torch.bincount(ids, minlength=n).to(x.dtype)
 
 
 def cluster_indices(x: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
@@ -256,29 +227,58 @@ def vertical_slash_selection(
     logits = torch.matmul(qs, k.detach().to(compute).transpose(2, 3)).view(batch, heads, n, lk) / math.sqrt(dim)
     q_pos = torch.arange(lq - n, lq, device=device) + q_offset
     k_pos = torch.arange(lk, device=device)
-    seen = k_pos[None, :] <= q_pos[:, None] if node.causal else torch.ones(n, lk, dtype=torch.bool, device=device)
+    seen = vs_seen(node, q_pos, k_pos)
     if node.causal:  # only keys after the first scored query need the mask
         cut = int(min(max(int(q_pos[0]) + 1, 0), lk)) if n else lk
         logits[..., cut:] = logits[..., cut:].masked_fill(~seen[:, cut:], -math.inf)
     probs = torch.softmax(logits, dim=-1).masked_fill(~seen.any(-1)[:, None], 0.0)
     flat = batch * heads
+    slash = _diagonal_sums(probs.view(flat, n, lk))
+    return vs_pick(node, probs.sum(2).view(flat, lk), slash, lq, q_offset, (batch, heads))
 
+
+def vs_seen(node: ir.VerticalSlash, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Which keys (positions `k_pos`) each scored query (positions `q_pos`) sees: bool [n, keys]."""
+    if node.causal:
+        return k_pos[None, :] <= q_pos[:, None]
+    return torch.ones(q_pos.numel(), k_pos.numel(), dtype=torch.bool, device=q_pos.device)
+
+
+def vs_pick(
+    node: ir.VerticalSlash,
+    columns: torch.Tensor,
+    slash: torch.Tensor,
+    lq: int,
+    q_offset: int,
+    batch_heads: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vertical_slash_selection` from the scored queries' probabilities summed per key,
+    columns [B * H, lk] (`batch_heads`: (B, H)), and per diagonal of the scored rows, slash [B * H, lk + n - 1]
+    (entry j: k - row = j - (n - 1) for the n scored rows).  Everything else (which keys
+    and diagonals the scored queries reach) follows from positions alone, so context
+    parallel ranks reduce just these two sums."""
+    flat, lk = columns.shape
+    n = slash.shape[1] - lk + 1
+    device = columns.device
+    q_pos = torch.arange(lq - n, lq, device=device) + q_offset
+    k_pos = torch.arange(lk, device=device)
+    seen = vs_seen(node, q_pos, k_pos)
     forced_cols = k_pos < node.sink
-    columns = _select(probs.sum(2).view(flat, lk), seen.any(0) | forced_cols, forced_cols, node.vertical)
+    picked_columns = _select(columns, seen.any(0) | forced_cols, forced_cols, node.vertical)
 
     # Diagonal i of the table is k - row + lq - 1; the scored rows reach i < lk + n - 1.
     width, reach = lq + lk - 1, lk + n - 1
-    slash = torch.zeros(flat, width, dtype=compute, device=device)
-    slash[:, :reach] = _diagonal_sums(probs.view(flat, n, lk))
+    table = torch.zeros(flat, width, dtype=slash.dtype, device=device)
+    table[:, :reach] = slash
     reached = torch.zeros(width, dtype=torch.bool, device=device)
-    reached[:reach] = _diagonal_sums(seen[None].to(compute))[0] > 0
+    reached[:reach] = _diagonal_sums(seen[None].to(slash.dtype))[0] > 0
     offset = torch.arange(width, device=device) - (lq - 1) - q_offset  # k - q
     forced_diags = reached & (offset.abs() < node.local)
     # Nearer diagonals first among equals: rank the table in that order, then map back.
     order = torch.argsort(offset.abs() * 2 + (offset > 0), stable=True)
-    picked = _select(slash[:, order], reached[order], forced_diags[order], node.slash)
+    picked = _select(table[:, order], reached[order], forced_diags[order], node.slash)
     diagonals = torch.zeros_like(picked).index_copy_(1, order, picked)
-    return columns.view(batch, heads, lk), diagonals.view(batch, heads, width)
+    return picked_columns.view(*batch_heads, lk), diagonals.view(*batch_heads, width)
 
 
 def _diagonal_sums(x: torch.Tensor) -> torch.Tensor:

@@ -63,22 +63,30 @@ def block_logits(
         return antidiagonal_mass(q, k, q_positions, k_positions, rq, rk, sizes, node.stride, node.causal)
     if node.score == "minmax":
         kmax, kmin = region_reduce(k, rk, nk, "amax"), region_reduce(k, rk, nk, "amin")
-        run = _equal_runs(rq, nq)
-        chunk = _CHUNK if run is None else max(1, _CHUNK // run) * run
-        # sum_d max(q_d max_d, q_d min_d) = relu(q) . max - relu(-q) . min: one product
-        extrema = torch.cat([kmax, -kmin], dim=-1).transpose(-1, -2)
-        out = torch.full((*q.shape[:2], nq, nk), -math.inf, dtype=q.dtype, device=q.device)
-        for s in range(0, q.shape[2], chunk):
-            part = q[:, :, s : s + chunk]
-            bound = torch.cat([part.clamp(min=0), (-part).clamp(min=0)], dim=-1) @ extrema
-            if run is not None:  # region i holds queries [i run, (i + 1) run): a reshape
-                out[:, :, s // run : (s + part.shape[2]) // run] = bound.unflatten(2, (-1, run)).amax(3)
-            else:
-                index = rq[s : s + chunk][None, None, :, None].expand_as(bound)
-                out.scatter_reduce_(2, index, bound, "amax")
-        return out.nan_to_num(neginf=0.0)  # regions without queries
+        return minmax_bounds(q, rq, nq, kmax, kmin).nan_to_num(neginf=0.0)  # regions without queries
     pooled_k = region_reduce(k, rk, nk, "amax" if node.score == "max" else "mean")
     return region_reduce(q, rq, nq, "mean") @ pooled_k.transpose(-1, -2)
+
+
+def minmax_bounds(q: torch.Tensor, rq: torch.Tensor, nq: int, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
+    """Quest's bounds [B, H, nq, nk]: the largest, over each query region's queries q
+    [B, H, tokens, D] (in regions `rq`), of sum_d max(q_d kmax_d, q_d kmin_d) against
+    each key region's extrema [B, H, nk, D]; -inf for regions without queries.  A max
+    over queries: context-parallel ranks combine theirs with a MAX all-reduce."""
+    run = _equal_runs(rq, nq)
+    chunk = _CHUNK if run is None else max(1, _CHUNK // run) * run
+    # sum_d max(q_d max_d, q_d min_d) = relu(q) . max - relu(-q) . min: one product
+    extrema = torch.cat([kmax, -kmin], dim=-1).transpose(-1, -2)
+    out = torch.full((*q.shape[:2], nq, kmax.shape[2]), -math.inf, dtype=q.dtype, device=q.device)
+    for s in range(0, q.shape[2], chunk):
+        part = q[:, :, s : s + chunk]
+        bound = torch.cat([part.clamp(min=0), (-part).clamp(min=0)], dim=-1) @ extrema
+        if run is not None:  # region i holds queries [i run, (i + 1) run): a reshape
+            out[:, :, s // run : (s + part.shape[2]) // run] = bound.unflatten(2, (-1, run)).amax(3)
+        else:
+            index = rq[s : s + chunk][None, None, :, None].expand_as(bound)
+            out.scatter_reduce_(2, index, bound, "amax")
+    return out
 
 
 def _equal_runs(ids: torch.Tensor, n: int) -> int | None:
@@ -131,15 +139,15 @@ def antidiagonal_mass(
     key_groups = torch.arange(ngk, device=q.device)
     scale = 1.0 / (math.sqrt(d) * stride)
     chunk = max(1, _SCORES_PER_CHUNK // (b * h * ngk))  # rows of [B, H, rows, ngk] logits at a time
-    for s in range(0, ngq, chunk):
-        rows = torch.arange(s, min(s + chunk, ngq), device=q.device)
+    present_rows = torch.nonzero(q_present).flatten()  # a context-parallel rank holds a few groups
+    for s in range(0, present_rows.numel(), chunk):
+        rows = present_rows[s : s + chunk]
         logits = (qr[:, :, rows] @ kr.transpose(-1, -2)) * scale
         masked = ~k_present[None, :]
         if causal:
             masked = masked | (key_groups[None, :] > rows[:, None])
         logits = logits.masked_fill(masked, -math.inf)
         p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a group with no eligible key: no mass
-        p = p * q_present[rows][:, None]
         per_key_region = torch.zeros(b, h, len(rows), nk, dtype=p.dtype, device=p.device)
         per_key_region.index_add_(3, region_of_k, p)
         out.index_add_(2, region_of_q[rows], per_key_region)

@@ -9,7 +9,7 @@ queries over the *whole* pattern, computed from those key blocks only.
 
     glob = prepare_blockset(program, lq, lk=None, *, heads=1, backend="cpu",
                             dtype=torch.float32, head_dim=64, head_dim_v=None,
-                            q_offset=None, layout="rowmajor", device="cpu", route_sums=None,
+                            q_offset=None, layout="rowmajor", device="cpu", routes=None,
                             **bindings)
     out = attend_block_subset(glob, q_local, k_buf, v_buf, q_blocks, k_blocks,
                               *, scale=None, return_lse=False, only_buffer=False)
@@ -20,13 +20,14 @@ tokens (queries and keys alike, the smaller of the backend's two tile sides,
 so a rank's query and key tokens are the same blocks when lq == lk).
 `bindings` are those of a one-process call over the whole sequence: grid
 sizes, tensor parameters (`segments` ids over all lk keys, bias tables, ALiBi
-slopes).  Route patterns read q and k's pooled regions: either bind the
-global `q` and `k`, or pass `route_sums`, the sum over the ranks (one
-all_reduce) of each rank's `route_partials(program, lq, lk, q_local, k_local,
-q_tokens, k_tokens, **bindings)`, the region sums and counts of its own
-tokens; every rank then routes as one process does (up to the rounding of
-the sums' order).  `backend` is "cpu" (the CPU executor) or "triton" (the
-generated kernels; under Triton's interpreter on CPU tensors); "auto" picks
+slopes).  Patterns that select from q and k (`route`, `vertical_slash`):
+either bind the global `q` and `k`, or pass `routes`, what
+`route_tables(program, lq, lk, q_local, k_local, q_tokens, k_tokens,
+collective, **bindings)` gives every rank from its own tokens (`dsl.sharded`:
+a few small collectives); every rank then selects as one process does (up to
+the rounding of sums taken in another order).  `backend` is "cpu" (the CPU
+executor) or "triton" (the generated kernels; under Triton's interpreter on
+CPU tensors); "auto" picks
 Triton on a CUDA `device`.  `dtype`, `head_dim` and `device` only choose
 Triton's tile rung.  FlexAttention and clustered patterns (`cluster(...)`)
 raise `MaskTypeError`: context parallel runs the block schedule on cpu and
@@ -76,8 +77,8 @@ list is moved to the end (a copy) so that padding stays at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -85,7 +86,7 @@ import torch
 from maskc.codegen import plan
 from maskc.codegen.geometry import Geometry
 from maskc.codegen.schedule import BlockSchedule, Runs, runs_from_blocks
-from maskc.dsl import dynamic, ir
+from maskc.dsl import ir, sharded
 from maskc.dsl.errors import MaskTypeError
 
 from .dispatch import empty_attention
@@ -211,7 +212,7 @@ class SubsetPrepared(Prepared):
 def prepare_blockset(program, lq: int, lk: int | None = None, *, heads: int = 1, backend: str = "cpu",
                      dtype: torch.dtype = torch.float32, head_dim: int = 64, head_dim_v: int | None = None,
                      q_offset: int | None = None, layout: str = "rowmajor", device="cpu",
-                     route_sums: torch.Tensor | None = None, **bindings) -> GlobalSchedule:  # fmt: skip
+                     routes: dict | None = None, **bindings) -> GlobalSchedule:  # fmt: skip
     """The program prepared for the global problem (see the module docstring)."""
     device = torch.device(device)
     name = backend_for(backend, device.type == "cuda")
@@ -221,7 +222,9 @@ def prepare_blockset(program, lq: int, lk: int | None = None, *, heads: int = 1,
     for what, n in (("lq", lq), ("lk", lk), ("heads", heads)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise MaskTypeError(f"{what} must be a positive integer, got {n!r}")
-    derived = None if route_sums is None else functools.partial(_route_tables, route_sums=route_sums, dim=head_dim)
+    if routes is not None and not isinstance(routes, dict):
+        raise MaskTypeError(f"routes must be what route_tables returns (a dict), not {type(routes).__name__}")
+    derived = None if routes is None else lambda _: dict(routes)
     instance, tensors = instantiate(program.spec, lq, lk, heads, q_offset, None, bindings, derived)
     if any(isinstance(n, ir.Cluster) for p in instance.patterns for n in ir.walk(p.mask)):
         raise MaskTypeError(
@@ -393,54 +396,47 @@ def _subset(prepared: Prepared, q_blocks: torch.Tensor, k_blocks: torch.Tensor,
                           _tiles=prepared.tiles, _schedule=schedule)  # fmt: skip
 
 
-# ---------------------------------------------------------------- routing from every rank's sums
+# ---------------------------------------------------------------- selections from every rank's share
 
 
-def route_partials(program, lq: int, lk: int | None, q_local: torch.Tensor, k_local: torch.Tensor,
-                   q_tokens: torch.Tensor, k_tokens: torch.Tensor, *, q_offset: int | None = None,
-                   **bindings) -> torch.Tensor:  # fmt: skip
-    """This rank's share of what the pattern's `route` atoms pool, flat: the region sums and
-    counts of its queries `q_local` (global indices `q_tokens`) and keys `k_local`
-    (`k_tokens`).  Summed over the ranks (one all_reduce; any split of the tokens gives
-    the same sums up to rounding) it is `prepare_blockset(..., route_sums=...)`: every
-    rank then routes as one process does on the whole q and k.  Empty without `route`."""
+def route_tables(program, lq: int, lk: int | None, q_local: torch.Tensor, k_local: torch.Tensor,
+                 q_tokens: torch.Tensor, k_tokens: torch.Tensor, collective: sharded.Collective, *,
+                 q_offset: int | None = None, **bindings) -> dict:  # fmt: skip
+    """The selections of the pattern's `route` and `vertical_slash` atoms over the whole q
+    and k, from this rank's queries `q_local` (global token indices `q_tokens`) and keys
+    `k_local` (`k_tokens`), the ranks joined by `collective` (`dsl.sharded`: a collective
+    call, every rank alike).  Pass them as `prepare_blockset(..., routes=...)`: every rank
+    then schedules as one process does on the whole q and k.  Routes scored by a bound
+    tensor (`scores = NAME`) are left to the bindings; empty without such atoms."""
+    lk = lq if lk is None else lk
     sizes = {n: x for n, x in bindings.items() if not isinstance(x, torch.Tensor)}
     instance = program.spec.instantiate(lq, lk, heads=q_local.shape[1], q_offset=q_offset, sizes=sizes)
-    q_positions = torch.as_tensor(q_tokens).long().cpu() + instance.sizes.q_offset
-    k_positions = torch.as_tensor(k_tokens).long().cpu()
-    parts = [torch.zeros(0, dtype=torch.float64 if q_local.dtype == torch.float64 else torch.float32)]
-    for node in _routes(instance):
-        parts.extend(x.reshape(-1).cpu() for x in dynamic.route_sums(node, q_local, k_local, q_positions, k_positions))
-    return torch.cat(parts)
-
-
-def _routes(instance) -> list[ir.Route]:
-    """The distinct route atoms of an instance, in a fixed order (the same on every rank)."""
-    nodes = (n for p in instance.patterns for n in ir.walk(p.mask) if isinstance(n, ir.Route))
-    return list(dict.fromkeys(nodes))
-
-
-def _route_tables(instance, route_sums: torch.Tensor, dim: int) -> dict:
-    """Route selections from summed `route_partials`, keyed as `evaluate.route_table` keeps them."""
-    nodes = _routes(instance)
-    sizes = [(1 if node.head is not None else instance.sizes.heads, math.prod(c.size for c in node.query_regions),
-              math.prod(c.size for c in node.regions)) for node in nodes]  # fmt: skip
-    counts = sum(nq + nk for _, nq, nk in sizes)
-    per_batch = sum(h * (nq + nk) * dim for h, nq, nk in sizes)
-    flat = torch.as_tensor(route_sums).reshape(-1).cpu()
-    if not nodes or per_batch == 0 or (flat.numel() - counts) % per_batch or flat.numel() <= counts:
-        raise MaskTypeError(
-            f"route_sums holds {flat.numel()} values, not what route_partials gives for this pattern "
-            f"(head dim {dim}, {len(nodes)} route atoms)"
-        )
-    batch = (flat.numel() - counts) // per_batch
-    tables, at = {}, 0
-    for node, (h, nq, nk) in zip(nodes, sizes, strict=True):
-        shapes = [(batch, h, nq, dim), (nq,), (batch, h, nk, dim), (nk,)]
-        parts = []
-        for shape in shapes:
-            size = math.prod(shape)
-            parts.append(flat[at : at + size].view(shape))
-            at += size
-        tables[("route", node)] = dynamic.route_choose(node, *parts)[:, 0].cpu()
+    offset = instance.sizes.q_offset
+    q_tokens = torch.as_tensor(q_tokens).long().to(q_local.device)
+    k_tokens = torch.as_tensor(k_tokens).long().to(q_local.device)
+    whole = (lq, lk, offset)
+    tables = {}
+    for node in _selections(instance):
+        if isinstance(node, ir.Route):
+            selected = sharded.route_selection(node, q_local, k_local, q_tokens + offset, k_tokens, whole, collective)
+            tables[("route", node)] = selected[:, 0].cpu()
+        else:
+            columns, diagonals = sharded.vertical_slash_selection(
+                node, q_local, k_local, q_tokens, k_tokens, whole, collective
+            )
+            tables[("vertical_slash", node)] = (columns.cpu(), diagonals.cpu())
     return tables
+
+
+def _selections(instance) -> list:
+    """The distinct route atoms that read q and k, and the vertical_slash selections (one
+    for all heads, keyed as `evaluate.vertical_slash_table` keeps it), in a fixed order
+    (the same on every rank)."""
+    found = {}
+    for p in instance.patterns:
+        for n in ir.walk(p.mask):
+            if isinstance(n, ir.Route) and n.scores is None:
+                found[n] = None
+            elif isinstance(n, ir.VerticalSlash):
+                found[dataclasses.replace(n, head=0)] = None
+    return list(found)

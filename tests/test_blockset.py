@@ -10,10 +10,12 @@ tolerances, on the CPU executor; float32 under the Triton interpreter.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from maskc.dsl.errors import MaskTypeError
-from maskc.runtime.blockset import attend_block_subset, prepare_blockset, route_partials, schedule_block
+from maskc.runtime.blockset import attend_block_subset, prepare_blockset, route_tables, schedule_block
 from maskc.runtime.merge import merge_partials
 
 import maskc
@@ -142,12 +144,15 @@ def test_tiled_grid_layout_and_route():
     with torch.no_grad():
         whole = prepare_blockset(biformer, 196, heads=2, dtype=torch.float64, head_dim=8, h=14, w=14, q=q, k=k)
         ranks = [torch.tensor(r) for r in zigzag(whole.num_q_blocks, 2)]
-        # each rank pools its own tokens; the sums over ranks route as one process does
-        sums = sum(
-            route_partials(biformer, 196, 196, q[:, :, t], k[:, :, t], t, t, h=14, w=14)
-            for t in (whole.q_tokens(r) for r in ranks)
-        )
-        glob = prepare_blockset(biformer, 196, heads=2, dtype=torch.float64, head_dim=8, h=14, w=14, route_sums=sums)
+        # each rank pools its own tokens (its blocks in tile order); the ranks route as one process does
+        tokens = [whole.q_tokens(r) for r in ranks]
+
+        def share(r, coll):
+            t = tokens[r]
+            return route_tables(biformer, 196, 196, q[:, :, t], k[:, :, t], t, t, coll, h=14, w=14)
+
+        tables = ThreadRanks(2).run(share)
+        glob = prepare_blockset(biformer, 196, heads=2, dtype=torch.float64, head_dim=8, h=14, w=14, routes=tables[1])
         assert torch.equal(glob.schedule.to_dense(), whole.schedule.to_dense())
         ref = biformer.reference(q, k, k, h=14, w=14)
         out = torch.zeros_like(ref)
@@ -156,20 +161,125 @@ def test_tiled_grid_layout_and_route():
             qt, kt = glob.q_tokens(q_blocks), glob.k_tokens(k_blocks)
             out[:, :, qt] = attend_block_subset(glob, q[:, :, qt], k[:, :, kt], k[:, :, kt], q_blocks, k_blocks)
     torch.testing.assert_close(out, ref, **F64)
-    with pytest.raises(MaskTypeError, match="route_sums holds 5 values"):
-        prepare_blockset(biformer, 196, heads=2, head_dim=8, h=14, w=14, route_sums=torch.zeros(5))
-    # Per-query selection (query regions of one token) pools queries and keys apart.
-    moba = maskc.compile("moba", b=32, topk=2)
-    t = torch.arange(196)
-    sums = route_partials(moba, 196, 196, q[:, :, :98], k[:, :, :98], t[:98], t[:98])
-    sums += route_partials(moba, 196, 196, q[:, :, 98:], k[:, :, 98:], t[98:], t[98:])
-    glob = prepare_blockset(moba, 196, heads=2, dtype=torch.float64, head_dim=8, route_sums=sums)
-    whole = prepare_blockset(moba, 196, heads=2, dtype=torch.float64, head_dim=8, q=q, k=k)
-    assert torch.equal(glob.schedule.to_dense(), whole.schedule.to_dense())
-    # Scorers whose pooling does not add up over ranks are refused by name.
-    quest = maskc.compile('causal & route(topk = 2, block = 16, score = "minmax")')
-    with pytest.raises(MaskTypeError, match='score = "minmax" cannot be split over ranks'):
-        route_partials(quest, 196, 196, q, k, t, t)
+    with pytest.raises(MaskTypeError, match="routes must be what route_tables returns"):
+        prepare_blockset(biformer, 196, heads=2, head_dim=8, h=14, w=14, routes=torch.zeros(5))
+
+
+class ThreadRanks:
+    """Fake ranks as threads: each runs a function with its rank and a `dsl.sharded.Collective`
+    whose calls meet at a barrier (no processes: fast)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots = [None] * world
+
+    def run(self, fn) -> list:
+        results, errors = [None] * self.world, []
+
+        def main(rank: int) -> None:
+            try:
+                results[rank] = fn(rank, _ThreadCollective(self, rank))
+            except BaseException as e:  # re-raised below; the other ranks must not wait forever
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=main, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+class _ThreadCollective:
+    def __init__(self, ranks: ThreadRanks, rank: int) -> None:
+        self.ranks, self.rank = ranks, rank
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.ranks.slots[self.rank] = x.clone()
+        self.ranks.barrier.wait()
+        out = [s.clone() for s in self.ranks.slots]
+        self.ranks.barrier.wait()
+        return out
+
+    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        parts = torch.stack(self.all_gather(x))
+        return parts.sum(0) if op == "sum" else parts.amax(0)
+
+
+def _shares(length: int, world: int, chunk: int) -> list[torch.Tensor]:
+    """Tokens dealt to ranks in chunks of `chunk` (round robin), shuffled within each rank."""
+    owner = (torch.arange(length) // chunk) % world
+    g = torch.Generator().manual_seed(world)
+    return [
+        t[torch.randperm(t.numel(), generator=g)] for t in (torch.nonzero(owner == r).flatten() for r in range(world))
+    ]
+
+
+SELECTIONS = [
+    # (spec, params, bindings): every scorer, per-head and shared routes, query regions of one token
+    ("moba", {"b": 24, "topk": 2}, {}),
+    ('causal & route(topk = 3, block = 20, score = "max", causal = true, own = true)', {}, {}),
+    # key regions fewer than heads x dim or not: logits or query means cross ranks
+    ("sparge", {"bq": 32, "bk": 40, "tau": 0.5}, {}),
+    ("route(topk = 3, block = 40)", {}, {}),
+    ('route(topk = 5, block = 8, score = "max", shared = false)', {}, {}),
+    ("quest", {"page": 16, "pages": 3}, {}),
+    ('route(topk = 4, block = 16, query_block = 1, score = "minmax", shared = false)', {}, {}),
+    ("xattention", {"b": 24, "s": 8, "tau": 0.6}, {}),
+    ('route(cdf = 0.7, block = 30, score = "antidiagonal", stride = 5)', {}, {}),
+    ("seer", {"b": 32, "t": 0.2}, {"gate": torch.rand(2, 4, 7, 7, generator=torch.Generator().manual_seed(2))}),
+    ("causal & vertical_slash(9, 12, last = 20, sink = 3, local = 4)", {}, {}),
+    ("vertical_slash(6, 10, last = 7, sink = 2, local = 3, causal = false) | window(3)", {}, {}),
+]
+
+
+@pytest.mark.parametrize("spec,params,bindings", SELECTIONS, ids=[c[0][:40] for c in SELECTIONS])
+def test_selections_from_shares_match_one_process(spec, params, bindings):
+    """Route (every scorer, scores = NAME) and vertical_slash selected from each fake rank's
+    own tokens (dealt in chunks of 13 tokens, so strided groups and regions straddle ranks;
+    GQA; lq = 201, no multiple of anything) give every rank one process's tables and schedule."""
+    check_shares(maskc.compile(spec, **params), 201, 201, bindings, (2, 3))
+
+
+@pytest.mark.parametrize("lq,lk", [(40, 130), (130, 40)])
+def test_selections_from_shares_with_lq_ne_lk(lq, lk):
+    """Queries at an offset (lq < lk) and queries past the keys (lq > lk)."""
+    for spec in (
+        "causal & vertical_slash(5, 7, last = 9, sink = 1, local = 2)",
+        'causal & route(topk = 2, block = 16, score = "minmax", causal = true, own = true)',
+        'causal & route(mass = 0.5, block = 12, score = "antidiagonal", stride = 4, causal = true, shared = false)',
+    ):
+        check_shares(maskc.compile(spec), lq, lk, {}, (3,))
+
+
+def check_shares(program, lq: int, lk: int, bindings: dict, worlds) -> None:
+    heads, kv_heads = 4, 2
+    g = torch.Generator().manual_seed(lq + lk)
+    q = torch.randn(2, heads, lq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, lk, 8, generator=g, dtype=torch.float64)
+    kw = dict(heads=heads, dtype=torch.float64, head_dim=8, **bindings)
+    one = prepare_blockset(program, lq, lk, q=q, k=k, **kw)
+    whole = one.schedule.to_dense()
+    cache = one.prepared.tensors.cache  # one process's selection tables, filled by the schedule
+    for world in worlds:
+        q_shares, k_shares = _shares(lq, world, 13), _shares(lk, world, 11)
+
+        def share(r, coll, qs=q_shares, ks=k_shares):
+            return route_tables(program, lq, lk, q[:, :, qs[r]], k[:, :, ks[r]], qs[r], ks[r], coll, **bindings)
+
+        tables = ThreadRanks(world).run(share)
+        for table in tables:
+            assert bool(table) != ("gate" in bindings)  # scores = NAME: read from the bindings
+            for key, selected in table.items():
+                pairs = zip(*(x if isinstance(x, tuple) else (x,) for x in (selected, cache[key])), strict=True)
+                for got, want in pairs:
+                    assert torch.equal(got, want), key
+                    assert 0 < int(want.sum()) < want.numel()  # a selection, not everything or nothing
+            assert torch.equal(prepare_blockset(program, lq, lk, routes=table, **kw).schedule.to_dense(), whole)
 
 
 def test_remote_only_keys_and_empty_rows():

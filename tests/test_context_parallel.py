@@ -160,6 +160,7 @@ def _ids(lengths: list[int]) -> torch.Tensor:
 
 
 CENTROIDS = torch.randn(1, 2, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+GATE = torch.rand(1, 2, 5, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 PER_HEAD = "heads { 0 .. 1: causal & window(5); 1 .. 2: ~causal } with alibi"
 # (name, spec, params, lq, lk, heads, kv_heads, block, plan bindings, balance)
 CASES = [
@@ -177,6 +178,12 @@ CASES = [
     ("split rows", "window(3) | queries(0 .. 4)", {}, 60, None, 2, 1, 4, {}, "blocks"),
     ("split rows, lq != lk", "window(3) | queries(52 .. 56)", {}, 61, 57, 1, 1, 4, {}, "blocks"),
     ("cluster", "routing_causal", {"n": 2, "w": 9}, 30, None, 1, 1, 4, {"centroids": CENTROIDS}, "blocks"),
+    # selections from every rank's share (dsl/sharded.py): Quest's minmax bounds (GQA), XAttention's
+    # antidiagonal (groups of 3 cut by blocks of 4), a bound score tensor, MInference
+    ("quest", "quest", {"page": 4, "pages": 2}, 45, None, 2, 1, 4, {}, "zigzag"),
+    ("xattention", "xattention", {"b": 9, "s": 3, "tau": 0.6}, 50, None, 1, 1, 4, {}, "blocks"),
+    ("seer", "seer", {"b": 8, "t": 0.3}, 40, None, 2, 2, 4, {"gate": GATE}, "blocks"),
+    ("vslash", "causal & vertical_slash(5, 6, last = 9, sink = 1, local = 3)", {}, 47, None, 2, 1, 4, {}, "zigzag"),
 ]
 
 

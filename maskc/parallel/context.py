@@ -12,11 +12,14 @@ Data-dependent patterns: everything is bound at `plan` time.  Segment ids are
 full length ([batch, lk]: they are small) and folded into the plan's
 fingerprint, so ranks that disagree are caught.  Patterns that read q and k
 build their schedule at each call, the same on every rank, and move only the
-key blocks it visits: `route` adds up every rank's region sums of q and k (one
-all-reduce of [regions, dim] per route atom, `runtime.blockset.route_partials`);
-`cluster` all-gathers q and k (detached) to find the clusters, then attends
-with dense tiles over the visited blocks (maskc/parallel/local.py: exact,
-slow), as maskc's kernels run clusters gathered by cluster, not by block.
+key blocks it visits: `route` (every scorer) and `vertical_slash` select from
+what each rank's own q and k contribute, combined with a few small collectives
+(`runtime.blockset.route_tables`, `dsl/sharded.py`: region sums or extrema for
+route, all-gathered keys for the antidiagonal scorer, the last queries and
+softmax statistics for vertical_slash); `cluster` all-gathers q and k
+(detached) to find the clusters, then attends with dense tiles over the
+visited blocks (maskc/parallel/local.py: exact, slow), as maskc's kernels run
+clusters gathered by cluster, not by block.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from maskc.codegen import plan as codegen_plan
 from maskc.dsl import ir
 from maskc.dsl.errors import MaskError
 from maskc.runtime.autograd import exchange
-from maskc.runtime.blockset import GlobalSchedule, attend_block_subset, prepare_blockset, route_partials
+from maskc.runtime.blockset import GlobalSchedule, attend_block_subset, prepare_blockset, route_tables
 from maskc.runtime.merge import merge_partials
 from maskc.runtime.prepare import Prepared, instantiate
 from maskc.runtime.tuning import Tiles
 
 from . import local
+from .collective import GroupCollective
 from .local import token_ranges
 from .plan import Plan, make_plan
 
@@ -134,15 +138,10 @@ class ContextParallel:
         "triton", or "reference" (dense attention on the visited tiles: slow, exact;
         what `cluster` patterns run)."""
         self._check(q, k, v, plan)
-        route_sums = None
         if plan.schedule is None and _clustered(self.program, plan):
             return self._clustered_call(plan, q, k, v, scale)
-        if plan.schedule is None:  # route: the region sums of every rank's q and k, added up
-            tokens = (plan.q_tokens(self.rank), plan.k_tokens(self.rank))
-            route_sums = route_partials(self.program, plan.lq, plan.lk, q.detach(), k.detach(), *tokens,
-                                        **plan.bindings)  # fmt: skip
-            dist.all_reduce(route_sums, group=self.group)
-        glob = self.global_schedule(plan, backend, q, v, route_sums)
+        routes = None if plan.schedule is not None else self._selections(plan, q, k)
+        glob = self.global_schedule(plan, backend, q, v, routes)
         if plan.schedule is None:
             plan = plan.with_schedule(glob.schedule)
         k_buf, v_buf = self.gather_kv(plan, k, v)
@@ -198,6 +197,14 @@ class ContextParallel:
         inverse[order] = torch.arange(order.numel(), device=q.device)
         return torch.cat([out_whole, merged], dim=2).index_select(2, inverse)
 
+    def _selections(self, plan: Plan, q: torch.Tensor, k: torch.Tensor) -> dict:
+        """This call's `route` and `vertical_slash` selections over the whole sequence, the
+        same on every rank, from each rank's own q and k (a few small collectives,
+        dsl/sharded.py)."""
+        tokens = (plan.q_tokens(self.rank), plan.k_tokens(self.rank))
+        return route_tables(self.program, plan.lq, plan.lk, q.detach(), k.detach(), *tokens,
+                            GroupCollective(self.group), **plan.bindings)  # fmt: skip
+
     def _clustered_call(self, plan: Plan, q, k, v, scale: float | None) -> torch.Tensor:
         """`cluster` patterns: q and k all-gathered (detached) to find the clusters, then the
         blocks they visit exchanged and attended with dense tiles."""
@@ -212,17 +219,17 @@ class ContextParallel:
         return _joined(out, k_buf, v_buf)
 
     def global_schedule(self, plan: Plan, backend: str, q: torch.Tensor, v: torch.Tensor,
-                        route_sums: torch.Tensor | None = None):  # fmt: skip
+                        routes: dict | None = None):  # fmt: skip
         """The program prepared for the whole sequence over the plan's schedule and blocks
-        (runtime/blockset.py), kept on the plan for static patterns.  Route patterns build
-        the schedule here, from the summed region sums."""
+        (runtime/blockset.py), kept on the plan for static patterns.  Patterns that select
+        from q and k build the schedule here, from this call's `routes` (`_selections`)."""
         key = (backend, q.dtype, q.shape[-1], v.shape[-1], str(q.device))
-        if route_sums is None and key in plan.kernels:
+        if routes is None and key in plan.kernels:
             return plan.kernels[key]
         base = prepare_blockset(self.program, plan.lq, plan.lk, heads=plan.heads,
                                 backend="cpu" if backend == "reference" else backend, dtype=q.dtype,
                                 head_dim=q.shape[-1], head_dim_v=v.shape[-1], device=q.device,
-                                route_sums=route_sums, **plan.bindings)  # fmt: skip
+                                routes=routes, **plan.bindings)  # fmt: skip
         p = base.prepared
         schedule = plan.schedule
         if schedule is None:
@@ -232,7 +239,7 @@ class ContextParallel:
         tiles = Tiles(plan.block, plan.block, p.tiles.kernel if base.block == plan.block else None)
         glob = GlobalSchedule(Prepared.with_schedule(p.instance, p.forms, p.tensors, p.title, schedule, tiles),
                               base.backend)  # fmt: skip
-        if route_sums is None:  # static pattern: the same for every call with this plan
+        if routes is None:  # static pattern: the same for every call with this plan
             plan.kernels[key] = glob
         return glob
 
