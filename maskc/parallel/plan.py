@@ -227,18 +227,8 @@ def _run_rows(runs) -> np.ndarray:
 def block_cost(schedule: BlockSchedule) -> tuple[np.ndarray, np.ndarray]:
     """Per query block, (weighted cost, visited blocks), summed over heads (run by run, never
     expanding runs into blocks)."""
-    heads_per_group = np.bincount(np.asarray(schedule.head_group), minlength=len(schedule.groups))
-    cost = np.zeros(schedule.num_q_blocks)
-    visited = np.zeros(schedule.num_q_blocks)
-    for runs, n in zip(schedule.groups, heads_per_group, strict=True):
-        if n == 0:
-            continue
-        rows = _run_rows(runs)
-        length = (runs.end - runs.start).numpy().astype(np.float64) * n
-        weight = np.where(runs.full.numpy(), FULL_BLOCK_COST, PARTIAL_BLOCK_COST)
-        cost += np.bincount(rows, weights=length * weight, minlength=cost.size)
-        visited += np.bincount(rows, weights=length, minlength=cost.size)
-    return cost, visited
+    reach = reach_of(schedule)
+    return reach.cost, reach.visited
 
 
 @dataclass(frozen=True)
@@ -255,13 +245,19 @@ class Reach:
 
 
 def reach_of(schedule: BlockSchedule) -> Reach:
-    cost, visited = block_cost(schedule)
+    heads_per_group = np.bincount(np.asarray(schedule.head_group), minlength=len(schedule.groups))
+    cost = np.zeros(schedule.num_q_blocks)
+    visited = np.zeros(schedule.num_q_blocks)
     rows, starts, ends = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-    for runs in schedule.groups:
+    for runs, n in zip(schedule.groups, heads_per_group, strict=True):
         row = _run_rows(runs)
         start, end = runs.start.numpy().astype(np.int64), runs.end.numpy().astype(np.int64)
-        if row.size == 0:
+        if row.size == 0 or n == 0:
             continue
+        length = (end - start).astype(np.float64) * n
+        weight = np.where(runs.full.numpy(), FULL_BLOCK_COST, PARTIAL_BLOCK_COST)
+        cost += np.bincount(row, weights=length * weight, minlength=cost.size)
+        visited += np.bincount(row, weights=length, minlength=cost.size)
         first = np.ones(row.size, dtype=bool)  # a run that does not continue the previous one
         first[1:] = (row[1:] != row[:-1]) | (start[1:] != end[:-1])
         at = np.flatnonzero(first)
@@ -294,10 +290,10 @@ def _by_owner(blocks: np.ndarray, owner: np.ndarray) -> np.ndarray:
     return blocks[np.argsort(owner[blocks], kind="stable")].astype(np.int64)
 
 
-def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.ndarray, world: int,
-                   split: np.ndarray | None = None, reach: Reach | None = None):  # fmt: skip
-    """(remote key blocks per rank, guest split blocks per rank, both in (owner, block) order;
-    weighted cost per rank, visited blocks per rank).
+def exchange(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.ndarray, world: int,
+             split: np.ndarray | None = None, reach: Reach | None = None):  # fmt: skip
+    """(which remote key blocks each rank needs, bool [world, key blocks]; guest split blocks
+    per rank in (owner, block) order; weighted cost per rank; visited blocks per rank).
 
     A rank's needed key blocks are the union of its unsplit rows' intervals, found with one
     difference array per rank ([world, key blocks + 1]) rather than block by block.  A split
@@ -317,7 +313,6 @@ def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.nda
     diff = np.bincount(at + start, minlength=world * width) - np.bincount(at + end, minlength=world * width)
     needed = np.cumsum(diff.reshape(world, width), axis=1)[:, :nkb] > 0
     needed &= k_owner[None, :] != np.arange(world)[:, None]
-    recv = [_by_owner(np.flatnonzero(needed[r]), k_owner) for r in range(world)]
     cost, visited = reach.cost, reach.visited
     per_rank = np.bincount(q_owner[~is_split], weights=cost[~is_split], minlength=world)
     visited_per_rank = np.bincount(q_owner[~is_split], weights=visited[~is_split], minlength=world)
@@ -331,7 +326,16 @@ def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.nda
         helper, rows = pairs // nqb, pairs % nqb
         remote = helper != q_owner[rows]
         guests = [_by_owner(rows[remote & (helper == r)], q_owner) for r in range(world)]
-    return recv, guests, per_rank, visited_per_rank
+    return needed, guests, per_rank, visited_per_rank
+
+
+def exchange_lists(schedule: BlockSchedule, q_owner: np.ndarray, k_owner: np.ndarray, world: int,
+                   split: np.ndarray | None = None, reach: Reach | None = None):  # fmt: skip
+    """(remote key blocks per rank, guest split blocks per rank, both in (owner, block) order;
+    weighted cost per rank, visited blocks per rank); see `exchange`."""
+    needed, guests, per_rank, visited = exchange(schedule, q_owner, k_owner, world, split, reach)
+    recv = [_by_owner(np.flatnonzero(needed[r]), k_owner) for r in range(world)]
+    return recv, guests, per_rank, visited
 
 
 def split_heavy_rows(schedule: BlockSchedule, cost: np.ndarray, q_owner: np.ndarray, k_owner: np.ndarray,
@@ -406,13 +410,12 @@ def grid_orders(program, lq: int, lk: int, heads: int, block: int, world: int, s
     return orders
 
 
-def _received_tokens(plan: Plan) -> float:
+def _received_tokens(needed: np.ndarray, guests: list[np.ndarray], q_owner: np.ndarray, q_len: np.ndarray,
+                     k_len: np.ndarray) -> float:  # fmt: skip
     """Tokens the busiest rank receives: keys and values, and split rows' queries and pieces."""
-    q_len = plan.block_lengths(np.arange(plan.num_q_blocks), plan.lq)
-    k_len = plan.block_lengths(np.arange(plan.num_k_blocks), plan.lk)
-    per_rank = np.array([k_len[r].sum() + q_len[g].sum() for r, g in zip(plan.recv, plan.guests, strict=True)])
-    guests = np.concatenate(plan.guests)  # each (split block, helper) pair sends a piece to the block's owner
-    per_rank += np.bincount(plan.q_owner[guests], weights=q_len[guests], minlength=plan.world).astype(np.int64)
+    per_rank = needed.astype(np.float64) @ k_len + np.array([q_len[g].sum() for g in guests])
+    every = np.concatenate(guests)  # each (split block, helper) pair sends a piece to the block's owner
+    per_rank += np.bincount(q_owner[every], weights=q_len[every], minlength=len(guests))
     return float(per_rank.max())
 
 
@@ -437,22 +440,25 @@ def choose_dealing(program, schedule: BlockSchedule, reach: Reach, lq: int, lk: 
     """The "blocks" dealing: of the candidates (see the module docstring), the one within
     BALANCE_TOLERANCE whose busiest rank receives least, else the best balanced; as a plan
     without schedule, bindings or rank."""
+    q_len = np.minimum(block, lq - np.arange(-(-lq // block)) * block).astype(np.float64)
+    k_len = np.minimum(block, lk - np.arange(-(-lk // block)) * block).astype(np.float64)
     scored, seen = [], set()
     for q_owner, k_owner, split in _dealings(program, schedule, reach.cost, lq, lk, heads, block, world, sizes):
         key = (q_owner.tobytes(), k_owner.tobytes(), split.tobytes())
         if key in seen:
             continue
         seen.add(key)
-        recv, guests, per_rank, visited = exchange_lists(schedule, q_owner, k_owner, world, split, reach)
+        needed, guests, per_rank, visited = exchange(schedule, q_owner, k_owner, world, split, reach)
         mean = per_rank.mean()
         score = float(per_rank.max() / mean) if mean > 0 else 1.0
-        trial = Plan(lq, lk, block, world, heads, "blocks", q_owner, k_owner, None, {}, "", recv=recv, split=split,
-                     guests=guests, cost=per_rank, visited=visited)  # fmt: skip
-        scored.append((score, _received_tokens(trial), trial))
+        received = _received_tokens(needed, guests, q_owner, q_len, k_len)
+        scored.append((score, received, (q_owner, k_owner, split, needed, guests, per_rank, visited)))
     balanced = [s for s in scored if s[0] <= balancing.BALANCE_TOLERANCE]
-    if balanced:
-        return min(balanced, key=lambda s: s[1])[2]  # the first of equals: sequence order
-    return min(scored, key=lambda s: s[0])[2]
+    best = min(balanced, key=lambda s: s[1]) if balanced else min(scored, key=lambda s: s[0])  # first of equals
+    q_owner, k_owner, split, needed, guests, per_rank, visited = best[2]
+    recv = [_by_owner(np.flatnonzero(needed[r]), k_owner) for r in range(world)]
+    return Plan(lq, lk, block, world, heads, "blocks", q_owner, k_owner, None, {}, "", recv=recv, split=split,
+                guests=guests, cost=per_rank, visited=visited)  # fmt: skip
 
 
 def plan_schedule(program, lq: int, lk: int, heads: int, block: int, bindings: dict,
