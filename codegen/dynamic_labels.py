@@ -166,7 +166,7 @@ def _apply_rows(incidence: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """incidence [m, n] (sparse) applied to the second-last dim of x [B, n, c]: [B, m, c]."""
     b, n, c = x.shape
     out = torch.sparse.mm(incidence, x.permute(1, 0, 2).reshape(n, b * c))
-    return out.reshape(-1, b, c).permute(1, 0, 2)
+    return out.reshape(incidence.shape[0], b, c).permute(1, 0, 2)
 
 
 def _route(node: ir.Route, r) -> torch.Tensor:

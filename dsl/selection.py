@@ -138,7 +138,7 @@ def antidiagonal_mass(
     region_of_k[groups_k] = rk
     key_groups = torch.arange(ngk, device=q.device)
     scale = 1.0 / (math.sqrt(d) * stride)
-    chunk = max(1, _SCORES_PER_CHUNK // (b * h * ngk))  # rows of [B, H, rows, ngk] logits at a time
+    chunk = max(1, _SCORES_PER_CHUNK // max(1, b * h * ngk))  # rows of [B, H, rows, ngk] logits at a time
     present_rows = torch.nonzero(q_present).flatten()  # a context-parallel rank holds a few groups
     for s in range(0, present_rows.numel(), chunk):
         rows = present_rows[s : s + chunk]

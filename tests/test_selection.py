@@ -378,6 +378,10 @@ def test_batch_zero_and_lq_not_lk():
     program = maskc.compile("xattention(b = 8, s = 4)")
     q = torch.randn(0, 2, 16, 8)
     assert program(q, q, q).shape == (0, 2, 16, 8)
+    # the schedule of a batch of no sequences visits nothing (it crashed reshaping and dividing by 0)
+    empty = torch.randn(0, 2, 300, 8)
+    for spec in ("xattention", "quest", "moba", "sparge", "minference_vs(v = 4, s = 4)"):
+        assert maskc.compile(spec).schedule(300, q=empty, k=empty, heads=2).visited_blocks() == 0
     q, k = _qk(1, 2, 40, 8, seed=2)
     v = torch.randn(1, 2, 40, 8, dtype=torch.float64)
     out = program(q[:, :, 24:], k, v, backend="cpu")
