@@ -261,6 +261,18 @@ def _compiled_case(rank: int) -> list[str]:
     return errors + ([] if plan.split.size else ["compiled: no split rows"])
 
 
+def _batch_zero_case(rank: int) -> list[str]:
+    """A batch of no sequences through split rows' three exchanges: empty outputs and gradients."""
+    cp = maskc.ContextParallel(maskc.compile("window(3) | queries(0 .. 4)"))
+    plan = cp.plan(60, heads=2, block=4)
+    local = [plan.shard(torch.zeros(0, 2, 60, 8)).requires_grad_() for _ in range(3)]
+    out = cp(*local, plan=plan)
+    out.sum().backward()
+    n = plan.local_positions.numel()
+    ok = out.shape == (0, 2, n, 8) and all(t.grad is not None and t.grad.shape == t.shape for t in local)
+    return [] if ok else [f"batch 0 with split rows: out {tuple(out.shape)}"]
+
+
 def _error_cases(cp_cls, rank: int) -> list[str]:
     errors = []
     program = maskc.compile("causal & window(4)")
@@ -297,6 +309,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         for case in (CASES[1], CASES[6], CASES[8], *split):  # dense tiles (what cluster patterns run)
             errors += _run_case(maskc.ContextParallel, case, rank, backend="reference")
         errors += _error_cases(maskc.ContextParallel, rank)
+        errors += _batch_zero_case(rank)
         if world == 2:
             errors += _compiled_case(rank)
     except Exception:
