@@ -103,6 +103,15 @@ def test_automatic_dynamic_shapes_serve_every_later_length():
     check_compiled_training(attn, data, dynamic=None, compiled_steps=3)
 
 
+@pytest.mark.parametrize("spec", ["xattention(b = 16, s = 4)", "vertical_slash(8, 8, last = 16, sink = 4, local = 16)"])
+def test_selections_from_q_and_k_train_compiled(spec):
+    """Patterns that select blocks from q and k at each call (XAttention's antidiagonal
+    scores, MInference's vertical-slash) train compiled as eagerly, at a length that is not a
+    multiple of the block; the selections themselves carry no gradient."""
+    attn = maskc.SparseAttention(spec, backend="cpu")
+    check_compiled_training(attn, batches([200, 200], [{}] * 2), dynamic=None, compiled_steps=1)
+
+
 def test_eager_gradients_are_laid_out_like_their_inputs():
     """Not views into the backend's padded buffers (196 tokens pad to 256): the strides of
     `torch.empty_like` of each permuted input, in storage of their own size."""
