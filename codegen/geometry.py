@@ -16,6 +16,12 @@ from maskc.dsl import ir
 from maskc.dsl.evaluate import coordinate
 
 
+def ramp(counts: torch.Tensor) -> torch.Tensor:
+    """0, 1, ..., c-1 for each count c, concatenated: the offsets inside runs of blocks
+    expanded block by block."""
+    return torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+
+
 class Geometry:
     def __init__(self, length: int, block: int, offset: int = 0, perm: torch.Tensor | None = None) -> None:
         self.length = length

@@ -13,7 +13,7 @@ import torch
 from maskc.dsl import ir
 from maskc.dsl.random_blocks import draw
 
-from .geometry import Geometry
+from .geometry import Geometry, ramp
 
 # Drawn (query block, key block) pairs listed at most; beyond, the plain builder runs.
 MAX_DRAWN = 1 << 24
@@ -60,7 +60,7 @@ def _atom_blocks(atom: ir.RandomBlocks, q: Geometry, k: Geometry):
     if int(per_block.sum()) * max(atom.count, 1) > MAX_DRAWN:
         return None
     rows = torch.repeat_interleave(blocks, per_block)
-    coords = torch.repeat_interleave(lo, per_block) + _ramp(per_block)
+    coords = torch.repeat_interleave(lo, per_block) + ramp(per_block)
     drawn = draw(coords, atom.count, atom.seed, atom.head, atom.lo, atom.hi, atom.skip)
     rows = rows[:, None].expand_as(drawn)[drawn >= 0]
     drawn = drawn[drawn >= 0]
@@ -72,9 +72,4 @@ def _atom_blocks(atom: ir.RandomBlocks, q: Geometry, k: Geometry):
     count = torch.where(last >= first, count, 0)
     if int(count.sum()) > MAX_DRAWN:
         return None
-    return torch.repeat_interleave(rows, count), torch.repeat_interleave(kb0, count) + _ramp(count)
-
-
-def _ramp(counts: torch.Tensor) -> torch.Tensor:
-    """0, 1, ..., c-1 for each count c, concatenated."""
-    return torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return torch.repeat_interleave(rows, count), torch.repeat_interleave(kb0, count) + ramp(count)

@@ -24,7 +24,7 @@ import torch
 from maskc.dsl import evaluate, ir
 
 from . import labels, periodic, random_part
-from .geometry import Geometry
+from .geometry import Geometry, ramp
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Block pairs evaluated at once when the predicate settles undecided blocks.
@@ -149,7 +149,7 @@ def _punch(rows, start, end, full, holes: torch.Tensor, width: int):
     first = torch.searchsorted(holes, rows * width + start)
     count = torch.searchsorted(holes, rows * width + end) - first
     owner = torch.repeat_interleave(torch.arange(rows.numel()), count + 1)
-    piece = _ramp(count + 1)  # piece j runs from after hole j - 1 to before hole j
+    piece = ramp(count + 1)  # piece j runs from after hole j - 1 to before hole j
     column = holes % width
     at = first[owner] + piece
     left = torch.where(piece == 0, start[owner], column[(at - 1).clamp(min=0)] + 1)
@@ -202,7 +202,7 @@ def _label_rect(mask, q: Geometry, k: Geometry, q0: int, q1: int, k0: int, k1: i
     rows, starts, ends, fulls = [], [], [], []
     for a0, a1, c0, c1, is_full in kept:
         counts = a1 - a0
-        rows.append(torch.repeat_interleave(a0, counts) + _ramp(counts))
+        rows.append(torch.repeat_interleave(a0, counts) + ramp(counts))
         starts.append(torch.repeat_interleave(c0, counts))
         ends.append(torch.repeat_interleave(c1, counts))
         fulls.append(torch.full((int(counts.sum()),), is_full, dtype=torch.bool))
@@ -215,12 +215,6 @@ def _label_rect(mask, q: Geometry, k: Geometry, q0: int, q1: int, k0: int, k1: i
     ends.append(u_cols[keep] + 1)
     fulls.append(state[keep] == FULL)
     return torch.cat(rows), torch.cat(starts), torch.cat(ends), torch.cat(fulls)
-
-
-def _ramp(counts: torch.Tensor) -> torch.Tensor:
-    """0, 1, ..., c-1 for each count c, concatenated."""
-    total = int(counts.sum())
-    return torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
 
 
 def _split(qb0, qb1, kb0, kb1):

@@ -84,13 +84,13 @@ from dataclasses import dataclass, field
 
 import torch
 from maskc.codegen import plan
-from maskc.codegen.geometry import Geometry
+from maskc.codegen.geometry import Geometry, ramp
 from maskc.codegen.schedule import BlockSchedule, Runs, runs_from_blocks
 from maskc.dsl import ir, sharded
 from maskc.dsl.errors import MaskTypeError
 
 from .dispatch import empty_attention
-from .execute import backend_function
+from .execute import backend_function, inverse_permutation
 from .inputs import backend_for, check_inputs, check_scale
 from .prepare import Prepared, instantiate, source_text
 from .tuning import POLICY, Tiles
@@ -279,8 +279,7 @@ def attend_block_subset(glob: GlobalSchedule, q_local: torch.Tensor, k_buf: torc
     else:
         out, lse = backend_function(glob.backend)(q_run, k_run, v_run, local, scale)
     if q_order is not None:
-        inverse = torch.empty_like(q_order[1])
-        inverse[q_order[1]] = torch.arange(q_order[1].numel())
+        inverse = inverse_permutation(q_order[1])
         out, lse = out[:, :, inverse], lse[:, :, inverse]
     return (out, lse) if return_lse else out
 
@@ -347,18 +346,12 @@ def _row_blocks(runs: Runs, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """Every visited block of the listed rows as (position in `rows`, key block, full)."""
     ptr = runs.row_ptr.long()
     counts = ptr[rows + 1] - ptr[rows]
-    run = torch.repeat_interleave(ptr[rows], counts) + _ramp(counts)
+    run = torch.repeat_interleave(ptr[rows], counts) + ramp(counts)
     owner = torch.repeat_interleave(torch.arange(rows.numel()), counts)
     lengths = (runs.end[run] - runs.start[run]).long()
     first = torch.repeat_interleave(runs.start[run].long(), lengths)
-    cols = first + _ramp(lengths)
+    cols = first + ramp(lengths)
     return torch.repeat_interleave(owner, lengths), cols, torch.repeat_interleave(runs.full[run], lengths)
-
-
-def _ramp(counts: torch.Tensor) -> torch.Tensor:
-    """0 .. c-1 for each count c, concatenated."""
-    total = int(counts.sum())
-    return torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
 
 
 def _local_geometry(geometry: Geometry, blocks: torch.Tensor) -> Geometry:
