@@ -12,6 +12,7 @@ from maskc.dsl.dynamic import expand_kv_heads
 
 from . import op
 from .call import Call, joined
+from .cpu.layout import compute_dtype
 from .dropout import draw_seed
 from .inputs import check_dropout, check_inputs, check_scale, resolve_backend
 from .reference import pattern_reference
@@ -21,8 +22,7 @@ def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """Attention when a dimension is 0 (batch, lq or lk), as SDPA gives it: empty output,
     or rows of zeros when there are no keys; (out, lse), differentiable."""
     k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
-    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    logits = torch.matmul(q, k.transpose(-1, -2)).to(wide) * scale  # [B, H, lq, 0] or empty
+    logits = torch.matmul(q, k.transpose(-1, -2)).to(compute_dtype(q.dtype)) * scale  # [B, H, lq, 0] or empty
     return torch.matmul(logits.to(v.dtype), v), torch.logsumexp(logits, -1)
 
 

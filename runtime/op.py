@@ -48,6 +48,7 @@ import torch
 from . import autograd, cpu, execute
 from .autograd import Graph
 from .call import Call
+from .cpu.layout import compute_dtype
 from .dropout import draw_seed
 from .prepare import Prepared, prepared_for
 from .registry import program_for
@@ -74,18 +75,14 @@ def prepare(call: Call, q, k, v, tensors) -> Prepared:
     return prepared_for(program_for(call.program), call.backend, q, k, v, call.q_offset, call.bindings(tensors))
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The log-sum-exp's dtype: float32, float64 for float64 inputs (as FlexAttention's)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def forward(call: Call, q, k, v, tensors, prepared: Prepared | None = None):
-    """(out, lse) without a graph, contiguous and typed like the fake kernel's."""
+    """(out, lse) without a graph, contiguous and typed like the fake kernel's (the log-sum-exp
+    in float32, float64 for float64 inputs, as FlexAttention's)."""
     if prepared is None:
         prepared = prepare(call, q, k, v, tensors)
     with torch.no_grad():
         out, lse = execute.run_prepared(call.backend, q, k, v, prepared, call.scale, call.dropout)
-    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+    return out.contiguous(), lse.to(compute_dtype(q.dtype)).contiguous()
 
 
 def flex_has_backward(device: torch.device) -> bool:
@@ -189,7 +186,7 @@ def attention_op(
 @attention_op.register_fake
 def _(q, k, v, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes):
     batch, heads, lq, _ = q.shape
-    return q.new_empty(batch, heads, lq, v.shape[-1]), q.new_empty(batch, heads, lq, dtype=lse_dtype(q.dtype))
+    return q.new_empty(batch, heads, lq, v.shape[-1]), q.new_empty(batch, heads, lq, dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("maskc::attention_backward", mutates_args=())
@@ -280,7 +277,7 @@ def attention_dropout_op(
 def _(q, k, v, program, backend, scale, q_offset, tensor_names, tensors, size_names, sizes, dropout_p):
     batch, heads, lq, _ = q.shape
     out = q.new_empty(batch, heads, lq, v.shape[-1])
-    return out, q.new_empty(batch, heads, lq, dtype=lse_dtype(q.dtype)), torch.empty((), dtype=torch.int64)
+    return out, q.new_empty(batch, heads, lq, dtype=compute_dtype(q.dtype)), torch.empty((), dtype=torch.int64)
 
 
 def _setup_dropout_context(ctx, inputs, output):

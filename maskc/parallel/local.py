@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from maskc.dsl import evaluate
+from maskc.runtime.cpu.layout import compute_dtype
 from maskc.runtime.reference import reference_attention
 
 from .plan import Plan
@@ -101,7 +102,7 @@ def attend(plan: Plan, instance, tensors, q: torch.Tensor, k_buf: torch.Tensor, 
         if blocks.size == 0:
             keep = (q_s.sum() + k_buf.sum() + v_buf.sum()) * 0  # zeros that stay in the graph
             outs.append(q_s.new_zeros((*q_s.shape[:-1], dv)) + keep)
-            lses.append(torch.full(q_s.shape[:-1], -math.inf, dtype=_wide(q), device=q.device))
+            lses.append(torch.full(q_s.shape[:-1], -math.inf, dtype=compute_dtype(q.dtype), device=q.device))
             continue
         index = torch.as_tensor(token_ranges(blocks, start_of, plan))
         qp = plan.block_tokens(q_blocks[first:last], plan.lq) + offset
@@ -110,13 +111,8 @@ def attend(plan: Plan, instance, tensors, q: torch.Tensor, k_buf: torch.Tensor, 
         k_s, v_s = k_buf.index_select(2, index.to(k_buf.device)), v_buf.index_select(2, index.to(v_buf.device))
         out, lse = reference_attention(q_s, k_s, v_s, mask, score_mod, scale, return_lse=True)
         outs.append(out)
-        lses.append(lse.to(_wide(q)))
+        lses.append(lse)
     if not outs:  # no query rows
         none = torch.zeros((1, 1, q.shape[2], 0), dtype=torch.bool)
-        out, lse = reference_attention(q, k_buf[:, :, :0], v_buf[:, :, :0], none, None, scale, return_lse=True)
-        return out, lse.to(_wide(q))
+        return reference_attention(q, k_buf[:, :, :0], v_buf[:, :, :0], none, None, scale, return_lse=True)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
-
-def _wide(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
