@@ -33,6 +33,8 @@ from maskc.dsl import ir
 from maskc.dsl.errors import MaskError
 from maskc.runtime.autograd import exchange
 from maskc.runtime.blockset import GlobalSchedule, attend_block_subset, prepare_blockset, route_tables
+from maskc.runtime.cpu.layout import compute_dtype
+from maskc.runtime.execute import inverse_permutation
 from maskc.runtime.merge import merge_partials
 from maskc.runtime.prepare import Prepared, instantiate
 from maskc.runtime.tuning import Tiles
@@ -51,12 +53,19 @@ def _clustered(program, plan: Plan) -> bool:
     return any(isinstance(n, ir.Cluster) for p in instance.patterns for n in ir.walk(p.mask))
 
 
+def _tied(x: torch.Tensor, *received: torch.Tensor) -> torch.Tensor:
+    """`x` plus a zero that depends on each received tensor (its empty slice summed), so
+    that the tensor's reverse exchange runs in this rank's backward even when `x` does not
+    otherwise depend on it: the other ranks run theirs."""
+    return x + sum(t[..., :0].sum() for t in received).to(x.dtype)
+
+
 def _joined(out: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
     """`out`, made to depend on the buffers when it does not (a rank whose queries visit no
     key at all), so that its backward still joins the reverse exchange the other ranks run."""
     if out.grad_fn is not None or not (k_buf.requires_grad or v_buf.requires_grad):
         return out
-    return out + (k_buf[..., :0].sum() + v_buf[..., :0].sum()).to(out.dtype)
+    return _tied(out, k_buf, v_buf)
 
 
 def _local_attention(plan: Plan, glob: GlobalSchedule, backend: str, scale: float | None):
@@ -176,12 +185,12 @@ class ContextParallel:
         recv = [int(plan.block_lengths(guests[plan.q_owner[guests] == s], plan.lq).sum()) for s in range(self.world)]
         q_guest = exchange(q.index_select(2, send_idx).permute(2, 0, 1, 3), send, recv, group).permute(1, 2, 0, 3)
         out_whole, _ = attend(whole, q.index_select(2, whole_idx), k_buf, v_buf, plan.buffer_blocks(rank), False)
-        out_whole = out_whole + (k_buf[..., :0].sum() + v_buf[..., :0].sum()).to(out_whole.dtype)
+        out_whole = _tied(out_whole, k_buf, v_buf)
         n = heavy_idx.numel()
         q_pieces = torch.cat([q.index_select(2, heavy_idx), q_guest], dim=2)
         out_p, lse_p = attend(np.concatenate([heavy, guests]), q_pieces, k, v, plan.k_blocks(rank), True)
-        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out_p = out_p.to(wide) + q_guest[..., :0].sum().to(wide)
+        wide = compute_dtype(q.dtype)  # the pieces travel and merge in float32 (float64 for float64)
+        out_p = _tied(out_p.to(wide), q_guest)
         lse_p = lse_p.to(wide)
         packed = torch.cat([out_p[:, :, n:], lse_p[:, :, n:, None]], dim=-1).permute(2, 0, 1, 3)
         back = exchange(packed, recv, send, group).permute(1, 2, 0, 3)
@@ -192,9 +201,7 @@ class ContextParallel:
         pieces_lse = torch.cat([lse_p[:, :, :n], back[..., -1]], dim=2)
         merged, _ = merge_partials(pieces_out.flatten(0, 1), pieces_lse.flatten(0, 1), rows, n)
         merged = merged.view(*q.shape[:2], n, v.shape[-1]).to(q.dtype)
-        order = torch.cat([whole_idx, heavy_idx])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=q.device)
+        inverse = inverse_permutation(torch.cat([whole_idx, heavy_idx]))
         return torch.cat([out_whole, merged], dim=2).index_select(2, inverse)
 
     def _selections(self, plan: Plan, q: torch.Tensor, k: torch.Tensor) -> dict:
