@@ -21,10 +21,10 @@ other ranks whose piece rank r computes, in (owner, block) order.
 Which dealing: "blocks" tries a few and keeps, among those within
 BALANCE_TOLERANCE, the one whose busiest rank receives least (else the best
 balanced): whole runs of blocks in sequence order (and split rows), contiguous
-and zigzag shards, and on a row-major grid the same dealing along each inner
-axis — a video's frames cut by position within the frame, not by frame, so
-that radial attention's query blocks find the bands they visit in other
-frames at home.
+and zigzag shards, and on a row-major grid the same dealing in block orders
+whose runs are boxes of the grid — a range of one inner axis across the outer
+ones, or m x n tiles of two axes (a video cut by time and by position within
+the frame), so that neighborhoods and bands in other frames stay at home.
 
 Patterns that read q and k (route, cluster) have no schedule until called: their
 plan shards blocks contiguously (uniform cost) and each call lists the blocks to
@@ -57,6 +57,11 @@ FULL_BLOCK_COST = 1.0
 SPLIT_OUTLIER = 4.0
 # Tokens per block when the plan is not told: the CPU executor's tile (runtime/tuning.py).
 DEFAULT_BLOCK = 64
+
+
+def block_lengths(blocks: np.ndarray, length: int, block: int) -> np.ndarray:
+    """Tokens in each listed block of a side of `length` tokens (the last block may be short)."""
+    return np.minimum(block, length - np.asarray(blocks) * block)
 
 
 def reads_qk(program, lq: int, lk: int, heads: int, sizes: dict) -> bool:
@@ -137,7 +142,7 @@ class Plan:
         return self.block_tokens(self.k_blocks(rank), self.lk)
 
     def block_lengths(self, blocks: np.ndarray, length: int) -> np.ndarray:
-        return np.minimum(self.block, length - blocks * self.block)
+        return block_lengths(blocks, length, self.block)
 
     def _this_rank(self) -> int:
         if self.rank is None:
@@ -369,10 +374,11 @@ def split_heavy_rows(schedule: BlockSchedule, cost: np.ndarray, q_owner: np.ndar
     return q_owner, k_owner, none
 
 
-def _block_coordinates(grid: tuple[int, ...], block: int, num_blocks: int) -> list[tuple[np.ndarray, int]]:
+def _block_coordinates(grid: tuple[int, ...], block: int, num_blocks: int) -> list[tuple[int, np.ndarray, int]]:
     """Per grid axis whose ranges blocks never straddle (a block covers one value of it, or
-    a whole number of values within one row of the axis before): each block's coordinate
-    along it, counted in blocks, and the number of such coordinates (axes with one are left out)."""
+    a whole number of values within one row of the axis before): the axis, each block's
+    coordinate along it, counted in blocks, and the number of such coordinates (axes with
+    one are left out)."""
     first = np.arange(num_blocks) * block  # each block's first token
     axes = []
     for axis in range(len(grid)):
@@ -381,7 +387,7 @@ def _block_coordinates(grid: tuple[int, ...], block: int, num_blocks: int) -> li
         if (block % stride and stride % block) or (grid[axis] * stride) % block:
             continue
         if grid[axis] // span > 1:
-            axes.append(((first // stride) % grid[axis] // span, grid[axis] // span))
+            axes.append((axis, (first // stride) % grid[axis] // span, grid[axis] // span))
     return axes
 
 
@@ -400,9 +406,10 @@ def grid_orders(program, lq: int, lk: int, heads: int, block: int, world: int, s
     num_blocks = -(-lq // block)
     first = np.arange(num_blocks)
     axes = _block_coordinates(grids[0], block, num_blocks)
-    orders = [np.lexsort((first, c)) for c, _ in axes[1:] if axes[0][1] > 1] if axes else []
-    for i, (ci, ei) in enumerate(axes):
-        for cj, ej in axes[i + 1 :]:
+    # sorted by the outermost axis, blocks keep the sequence's own order (dealt already)
+    orders = [np.lexsort((first, c)) for axis, c, _ in axes if axis > 0]
+    for i, (_, ci, ei) in enumerate(axes):
+        for _, cj, ej in axes[i + 1 :]:
             for m in range(2, min(ei, world // 2) + 1):
                 n = world // m
                 if m * n == world and n <= ej:
@@ -440,8 +447,8 @@ def choose_dealing(program, schedule: BlockSchedule, reach: Reach, lq: int, lk: 
     """The "blocks" dealing: of the candidates (see the module docstring), the one within
     BALANCE_TOLERANCE whose busiest rank receives least, else the best balanced; as a plan
     without schedule, bindings or rank."""
-    q_len = np.minimum(block, lq - np.arange(-(-lq // block)) * block).astype(np.float64)
-    k_len = np.minimum(block, lk - np.arange(-(-lk // block)) * block).astype(np.float64)
+    q_len = block_lengths(np.arange(-(-lq // block)), lq, block).astype(np.float64)
+    k_len = block_lengths(np.arange(-(-lk // block)), lk, block).astype(np.float64)
     scored, seen = [], set()
     for q_owner, k_owner, split in _dealings(program, schedule, reach.cost, lq, lk, heads, block, world, sizes):
         key = (q_owner.tobytes(), k_owner.tobytes(), split.tobytes())
